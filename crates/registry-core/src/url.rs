@@ -1,0 +1,751 @@
+//! The URL type that carries everything: registry addresses, providers, consumers (subscriptions)
+//! and `empty://` markers (CONTRACT §1).
+//!
+//! ```text
+//! protocol://[username[:password]@]host[:port]/path?key=value&key=value
+//! ```
+//!
+//! The parser is Dubbo's `URL.valueOf`, not RFC 3986: Dubbo URLs are written without escaping
+//! their values (`?methods=a,b&anyhost=true`), may list several hosts
+//! (`zookeeper://h1:2181,h2:2181`), and must round-trip byte for byte through
+//! [`Url::to_full_string`] so node names match what Dubbo Java and Dubbo Go write.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// Parameter `interface`.
+pub const INTERFACE_KEY: &str = "interface";
+/// Parameter `group`.
+pub const GROUP_KEY: &str = "group";
+/// Parameter `version`.
+pub const VERSION_KEY: &str = "version";
+/// Parameter `classifier`.
+pub const CLASSIFIER_KEY: &str = "classifier";
+/// Parameter `category`.
+pub const CATEGORY_KEY: &str = "category";
+/// Parameter `dynamic`.
+pub const DYNAMIC_KEY: &str = "dynamic";
+/// Parameter `check`.
+pub const CHECK_KEY: &str = "check";
+/// Parameter `enabled`.
+pub const ENABLED_KEY: &str = "enabled";
+/// Parameter `timestamp` (ignored by equality).
+pub const TIMESTAMP_KEY: &str = "timestamp";
+/// Parameter `backup`: more addresses of the same cluster.
+pub const BACKUP_KEY: &str = "backup";
+/// Parameter `anyhost`.
+pub const ANYHOST_KEY: &str = "anyhost";
+/// The wildcard value `*`.
+pub const ANY_VALUE: &str = "*";
+/// The prefix that excludes a value from a list (`-routers`).
+pub const REMOVE_VALUE_PREFIX: &str = "-";
+/// The prefix of parameters that supply a default (`default.version=1.0`).
+pub const DEFAULT_KEY_PREFIX: &str = "default.";
+/// Protocol of the marker URL notified for an empty category.
+pub const EMPTY_PROTOCOL: &str = "empty";
+/// The address that means "any host"; not a valid registry address.
+pub const ANYHOST_VALUE: &str = "0.0.0.0";
+
+/// Category `providers` (the default).
+pub const PROVIDERS_CATEGORY: &str = "providers";
+/// Category `consumers`.
+pub const CONSUMERS_CATEGORY: &str = "consumers";
+/// Category `routers`.
+pub const ROUTERS_CATEGORY: &str = "routers";
+/// Category `configurators`.
+pub const CONFIGURATORS_CATEGORY: &str = "configurators";
+/// The default category.
+pub const DEFAULT_CATEGORY: &str = PROVIDERS_CATEGORY;
+/// The four categories, in the order `category=*` expands to.
+pub const ALL_CATEGORIES: [&str; 4] = [
+    PROVIDERS_CATEGORY,
+    CONSUMERS_CATEGORY,
+    ROUTERS_CATEGORY,
+    CONFIGURATORS_CATEGORY,
+];
+
+/// A Dubbo-style URL: protocol, optional credentials, host, port, path and sorted parameters.
+///
+/// Parameters are kept sorted by key. Equality and hashing cover everything but the
+/// `timestamp` parameter. Parsing never panics: bad input is [`Error::InvalidUrl`] quoting it.
+///
+/// ```
+/// use registry_core::Url;
+///
+/// let url: Url = "dubbo://10.0.0.1:20880/com.foo.Bar?version=1.0&application=demo".parse()?;
+/// assert_eq!(url.host(), "10.0.0.1");
+/// assert_eq!(url.port(), 20880);
+/// assert_eq!(url.service_interface(), "com.foo.Bar");
+/// assert_eq!(url.service_key(), "com.foo.Bar:1.0");
+/// assert_eq!(
+///     url.to_full_string(),
+///     "dubbo://10.0.0.1:20880/com.foo.Bar?application=demo&version=1.0"
+/// );
+/// # Ok::<(), registry_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Url {
+    protocol: String,
+    username: Option<String>,
+    password: Option<String>,
+    host: String,
+    port: u16,
+    path: String,
+    params: BTreeMap<String, String>,
+}
+
+impl Url {
+    /// A URL with the given protocol, host, port (0 for none) and path (without leading `/`).
+    pub fn new(
+        protocol: impl Into<String>,
+        host: impl Into<String>,
+        port: u16,
+        path: impl Into<String>,
+    ) -> Url {
+        let path: String = path.into();
+        Url {
+            protocol: protocol.into(),
+            username: None,
+            password: None,
+            host: host.into(),
+            port,
+            path: path.trim_start_matches('/').to_owned(),
+            params: BTreeMap::new(),
+        }
+    }
+
+    /// Parses a URL in Dubbo's form; see the module documentation.
+    ///
+    /// Several hosts (`zookeeper://h1:2181,h2:2181`) become the first host plus a `backup`
+    /// parameter listing the others, which is Dubbo's own form.
+    pub fn parse(input: &str) -> Result<Url> {
+        let invalid = |reason: &str| Error::invalid_url(input, reason);
+        let mut rest = input.trim();
+        if rest.is_empty() {
+            return Err(invalid("the URL is empty"));
+        }
+        let mut params = BTreeMap::new();
+        if let Some(q) = rest.find('?') {
+            for part in rest[q + 1..].split('&') {
+                let part = part.trim();
+                if part.is_empty() {
+                    continue;
+                }
+                let (k, v) = match part.split_once('=') {
+                    Some((k, v)) => (k.trim(), v.trim()),
+                    None => (part, part),
+                };
+                if !k.is_empty() {
+                    params.insert(k.to_owned(), v.to_owned());
+                }
+            }
+            rest = &rest[..q];
+        }
+        let protocol = match rest.find("://") {
+            Some(0) => return Err(invalid("missing protocol")),
+            Some(i) => {
+                let p = &rest[..i];
+                rest = &rest[i + 3..];
+                p
+            }
+            None => return Err(invalid("missing protocol (expected `protocol://...`)")),
+        };
+        if !protocol
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.' | '_'))
+        {
+            return Err(invalid(
+                "the protocol may only hold letters, digits, `+`, `-`, `.` and `_`",
+            ));
+        }
+        let mut path = "";
+        if let Some(i) = rest.find('/') {
+            path = &rest[i + 1..];
+            rest = &rest[..i];
+        }
+        let (mut username, mut password) = (None, None);
+        if let Some(i) = rest.rfind('@') {
+            let creds = &rest[..i];
+            rest = &rest[i + 1..];
+            match creds.split_once(':') {
+                Some((u, p)) => {
+                    username = Some(u.to_owned());
+                    password = Some(p.to_owned());
+                }
+                None => username = Some(creds.to_owned()),
+            }
+        }
+        let mut hosts = rest.split(',').map(str::trim).filter(|h| !h.is_empty());
+        let (host, port) = match hosts.next() {
+            Some(first) => split_host_port(first).map_err(|r| invalid(&r))?,
+            None => (String::new(), 0),
+        };
+        let others: Vec<&str> = hosts.collect();
+        if !others.is_empty() {
+            for h in &others {
+                split_host_port(h).map_err(|r| invalid(&r))?;
+            }
+            let mut backup: Vec<String> = others.iter().map(|s| (*s).to_owned()).collect();
+            if let Some(existing) = params.get(BACKUP_KEY) {
+                backup.extend(
+                    existing
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+            params.insert(BACKUP_KEY.to_owned(), backup.join(","));
+        }
+        Ok(Url {
+            protocol: protocol.to_owned(),
+            username: username.filter(|u| !u.is_empty()),
+            password: password.filter(|p| !p.is_empty()),
+            host,
+            port,
+            path: path.to_owned(),
+            params,
+        })
+    }
+
+    /// Decodes a node name (`encode(url.to_full_string())`) and parses it.
+    pub fn from_encoded(encoded: &str) -> Result<Url> {
+        Url::parse(&crate::codec::decode(encoded)?)
+    }
+
+    /// The full string: protocol, credentials, host, `:port` when set, `/path`, then every
+    /// parameter as `?k=v&...` in key order. Values are written as they are.
+    pub fn to_full_string(&self) -> String {
+        let mut s = String::with_capacity(64 + self.params.len() * 24);
+        self.write_base(&mut s, true);
+        let mut first = true;
+        for (k, v) in &self.params {
+            s.push(if first { '?' } else { '&' });
+            first = false;
+            s.push_str(k);
+            s.push('=');
+            s.push_str(v);
+        }
+        s
+    }
+
+    /// `protocol://[user[:pass]@]host[:port][/path]`, without parameters.
+    pub fn to_identity_string(&self) -> String {
+        let mut s = String::new();
+        self.write_base(&mut s, true);
+        s
+    }
+
+    /// `protocol://[user@]host[:port][/path]`: the identity without password or parameters, for
+    /// messages and logs.
+    pub fn to_identity_string_redacted(&self) -> String {
+        let mut s = String::new();
+        if let Some(u) = &self.username {
+            s.push_str(&self.protocol);
+            s.push_str("://");
+            s.push_str(u);
+            s.push('@');
+            let mut rest = String::new();
+            self.write_base(&mut rest, false);
+            s.push_str(rest.split_once("://").map_or("", |(_, r)| r));
+        } else {
+            self.write_base(&mut s, false);
+        }
+        s
+    }
+
+    fn write_base(&self, s: &mut String, credentials: bool) {
+        s.push_str(&self.protocol);
+        s.push_str("://");
+        if credentials && let Some(u) = &self.username {
+            s.push_str(u);
+            if let Some(p) = &self.password {
+                s.push(':');
+                s.push_str(p);
+            }
+            s.push('@');
+        }
+        s.push_str(&self.host);
+        if self.port != 0 {
+            s.push(':');
+            s.push_str(&self.port.to_string());
+        }
+        if !self.path.is_empty() {
+            s.push('/');
+            s.push_str(&self.path);
+        }
+    }
+
+    /// The protocol (scheme).
+    pub fn protocol(&self) -> &str {
+        &self.protocol
+    }
+    /// The user name, if any.
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+    /// The password, if any.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+    /// The host (empty when none).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+    /// The port; 0 when none was given.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// The path, without the leading `/`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// `host:port`, or `host` when there is no port.
+    pub fn address(&self) -> String {
+        if self.port == 0 {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+    /// The main address followed by every `backup` address, as `host[:port]` strings.
+    pub fn addresses(&self) -> Vec<String> {
+        let mut all = Vec::new();
+        if !self.host.is_empty() {
+            all.push(self.address());
+        }
+        if let Some(b) = self.params.get(BACKUP_KEY) {
+            all.extend(
+                b.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        all
+    }
+
+    /// Whether the host is `0.0.0.0` or `anyhost=true` is set.
+    pub fn is_anyhost(&self) -> bool {
+        self.host == ANYHOST_VALUE || self.parameter_bool(ANYHOST_KEY, false)
+    }
+
+    /// The parameters, sorted by key.
+    pub fn parameters(&self) -> &BTreeMap<String, String> {
+        &self.params
+    }
+
+    /// The value of `key`; when absent, the value of `default.<key>`.
+    pub fn parameter(&self, key: &str) -> Option<&str> {
+        if let Some(v) = self.params.get(key) {
+            return Some(v);
+        }
+        if key.starts_with(DEFAULT_KEY_PREFIX) {
+            return None;
+        }
+        let mut dk = String::with_capacity(DEFAULT_KEY_PREFIX.len() + key.len());
+        dk.push_str(DEFAULT_KEY_PREFIX);
+        dk.push_str(key);
+        self.params.get(&dk).map(String::as_str)
+    }
+
+    /// The value of `key` (or `default.<key>`), or `default` when absent or empty.
+    pub fn parameter_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
+        match self.parameter(key) {
+            Some(v) if !v.is_empty() => v,
+            _ => default,
+        }
+    }
+
+    /// A boolean parameter: `true` (any case) is true, any other present value false,
+    /// absent or empty gives `default`.
+    pub fn parameter_bool(&self, key: &str, default: bool) -> bool {
+        match self.parameter(key) {
+            Some(v) if !v.is_empty() => v.eq_ignore_ascii_case("true"),
+            _ => default,
+        }
+    }
+
+    /// A numeric parameter; absent gives `Ok(default)`, a value that is not a number an
+    /// [`Error::InvalidParameter`] naming the key and the value.
+    pub fn parameter_num<T: FromStr>(&self, key: &str, default: T) -> Result<T> {
+        match self.parameter(key) {
+            None => Ok(default),
+            Some(v) if v.is_empty() => Ok(default),
+            Some(v) => v.parse().map_err(|_| Error::InvalidParameter {
+                key: key.to_owned(),
+                value: v.to_owned(),
+                reason: format!("expected a number of type {}", std::any::type_name::<T>()),
+            }),
+        }
+    }
+
+    /// The service interface: parameter `interface`, else the path.
+    pub fn service_interface(&self) -> &str {
+        match self.parameter(INTERFACE_KEY) {
+            Some(i) if !i.is_empty() => i,
+            _ => &self.path,
+        }
+    }
+    /// Parameter `group`.
+    pub fn group(&self) -> Option<&str> {
+        self.parameter(GROUP_KEY).filter(|g| !g.is_empty())
+    }
+    /// Parameter `version`.
+    pub fn version(&self) -> Option<&str> {
+        self.parameter(VERSION_KEY).filter(|v| !v.is_empty())
+    }
+    /// Parameter `classifier`.
+    pub fn classifier(&self) -> Option<&str> {
+        self.parameter(CLASSIFIER_KEY).filter(|v| !v.is_empty())
+    }
+    /// The category this URL is stored under (`category`, default `providers`). For a list
+    /// this is the whole raw value; see [`Url::categories`].
+    pub fn category(&self) -> &str {
+        self.parameter_or(CATEGORY_KEY, DEFAULT_CATEGORY)
+    }
+    /// The categories a subscription asks for, in order, without duplicates: the comma list
+    /// of `category` (default `providers`); `*` expands to all four; `-x` entries remove `x`
+    /// from all four.
+    pub fn categories(&self) -> Vec<String> {
+        let raw = self.category();
+        let tokens: Vec<&str> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        let mut out: Vec<String> = Vec::new();
+        let has_any = tokens.contains(&ANY_VALUE);
+        let has_removal = tokens.iter().any(|t| t.starts_with(REMOVE_VALUE_PREFIX));
+        if has_any || has_removal {
+            for c in ALL_CATEGORIES {
+                if !tokens
+                    .iter()
+                    .any(|t| t.strip_prefix(REMOVE_VALUE_PREFIX) == Some(c))
+                {
+                    out.push(c.to_owned());
+                }
+            }
+            return out;
+        }
+        for t in tokens {
+            if !out.iter().any(|o| o == t) {
+                out.push(t.to_owned());
+            }
+        }
+        if out.is_empty() {
+            out.push(DEFAULT_CATEGORY.to_owned());
+        }
+        out
+    }
+    /// `dynamic` (default true): whether the entry disappears when its registrant dies.
+    pub fn is_dynamic(&self) -> bool {
+        self.parameter_bool(DYNAMIC_KEY, true)
+    }
+    /// `check` (default true).
+    pub fn check(&self) -> bool {
+        self.parameter_bool(CHECK_KEY, true)
+    }
+    /// `enabled` (default true).
+    pub fn is_enabled(&self) -> bool {
+        self.parameter_bool(ENABLED_KEY, true)
+    }
+
+    /// `[group/]interface[:version]`.
+    pub fn service_key(&self) -> String {
+        build_service_key(self.service_interface(), self.group(), self.version())
+    }
+
+    /// Whether this is an `empty://` marker.
+    pub fn is_empty_marker(&self) -> bool {
+        self.protocol == EMPTY_PROTOCOL
+    }
+
+    /// The marker notified for an empty category: this subscription URL with protocol
+    /// `empty` and `category=<category>` (what Dubbo's registries notify).
+    pub fn to_empty_marker(&self, category: &str) -> Url {
+        self.clone()
+            .with_protocol(EMPTY_PROTOCOL)
+            .with_parameter(CATEGORY_KEY, category)
+    }
+
+    /// Replaces the protocol.
+    #[must_use]
+    pub fn with_protocol(mut self, protocol: impl Into<String>) -> Url {
+        self.protocol = protocol.into();
+        self
+    }
+    /// Replaces the credentials (`None` removes them).
+    #[must_use]
+    pub fn with_credentials(mut self, username: Option<&str>, password: Option<&str>) -> Url {
+        self.username = username.filter(|s| !s.is_empty()).map(str::to_owned);
+        self.password = password.filter(|s| !s.is_empty()).map(str::to_owned);
+        self
+    }
+    /// Replaces the host.
+    #[must_use]
+    pub fn with_host(mut self, host: impl Into<String>) -> Url {
+        self.host = host.into();
+        self
+    }
+    /// Replaces the port (0 for none).
+    #[must_use]
+    pub fn with_port(mut self, port: u16) -> Url {
+        self.port = port;
+        self
+    }
+    /// Replaces the path (a leading `/` is dropped).
+    #[must_use]
+    pub fn with_path(mut self, path: impl Into<String>) -> Url {
+        let p: String = path.into();
+        self.path = p.trim_start_matches('/').to_owned();
+        self
+    }
+    /// Sets a parameter. An empty key is ignored, as the parser drops it.
+    #[must_use]
+    pub fn with_parameter(mut self, key: impl Into<String>, value: impl Into<String>) -> Url {
+        let key: String = key.into();
+        if !key.is_empty() {
+            self.params.insert(key, value.into().trim().to_owned());
+        }
+        self
+    }
+    /// Sets a parameter unless it is already present.
+    #[must_use]
+    pub fn with_parameter_if_absent(self, key: &str, value: impl Into<String>) -> Url {
+        if self.params.contains_key(key) {
+            self
+        } else {
+            self.with_parameter(key, value)
+        }
+    }
+    /// Sets several parameters.
+    #[must_use]
+    pub fn with_parameters<K, V>(mut self, params: impl IntoIterator<Item = (K, V)>) -> Url
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        for (k, v) in params {
+            self = self.with_parameter(k, v);
+        }
+        self
+    }
+    /// Removes a parameter.
+    #[must_use]
+    pub fn without_parameter(mut self, key: &str) -> Url {
+        self.params.remove(key);
+        self
+    }
+    /// Removes several parameters.
+    #[must_use]
+    pub fn without_parameters<'k>(mut self, keys: impl IntoIterator<Item = &'k str>) -> Url {
+        for k in keys {
+            self.params.remove(k);
+        }
+        self
+    }
+
+    fn eq_key(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.params
+            .iter()
+            .filter(|(k, _)| k.as_str() != TIMESTAMP_KEY)
+    }
+}
+
+/// `[group/]interface[:version]`.
+pub fn build_service_key(interface: &str, group: Option<&str>, version: Option<&str>) -> String {
+    let mut s = String::with_capacity(interface.len() + 16);
+    if let Some(g) = group.filter(|g| !g.is_empty()) {
+        s.push_str(g);
+        s.push('/');
+    }
+    s.push_str(interface);
+    if let Some(v) = version.filter(|v| !v.is_empty()) {
+        s.push(':');
+        s.push_str(v);
+    }
+    s
+}
+
+fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
+    // IPv6 literal: [::1]:2181
+    if let Some(stripped) = s.strip_prefix('[') {
+        let Some(end) = stripped.find(']') else {
+            return Err(format!("unclosed `[` in host `{s}`"));
+        };
+        let host = &s[..end + 2];
+        let after = &stripped[end + 1..];
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((host.to_owned(), parse_port(p, s)?)),
+            None if after.is_empty() => Ok((host.to_owned(), 0)),
+            None => Err(format!("unexpected `{after}` after the host `{host}`")),
+        };
+    }
+    match s.rfind(':') {
+        // A bare IPv6 address with several colons and no brackets: keep it as the host.
+        Some(i) if s[..i].contains(':') => Ok((s.to_owned(), 0)),
+        Some(i) => Ok((s[..i].to_owned(), parse_port(&s[i + 1..], s)?)),
+        None => Ok((s.to_owned(), 0)),
+    }
+}
+
+fn parse_port(p: &str, whole: &str) -> std::result::Result<u16, String> {
+    if p.is_empty() {
+        return Ok(0);
+    }
+    p.parse::<u16>()
+        .map_err(|_| format!("the port `{p}` in `{whole}` is not a number from 0 to 65535"))
+}
+
+impl PartialEq for Url {
+    fn eq(&self, other: &Url) -> bool {
+        self.protocol == other.protocol
+            && self.username == other.username
+            && self.password == other.password
+            && self.host == other.host
+            && self.port == other.port
+            && self.path == other.path
+            && self.eq_key().eq(other.eq_key())
+    }
+}
+impl Eq for Url {}
+
+impl Hash for Url {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.protocol.hash(state);
+        self.username.hash(state);
+        self.password.hash(state);
+        self.host.hash(state);
+        self.port.hash(state);
+        self.path.hash(state);
+        for (k, v) in self.eq_key() {
+            k.hash(state);
+            v.hash(state);
+        }
+    }
+}
+
+impl FromStr for Url {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Url> {
+        Url::parse(s)
+    }
+}
+
+impl TryFrom<&str> for Url {
+    type Error = Error;
+    fn try_from(s: &str) -> Result<Url> {
+        Url::parse(s)
+    }
+}
+
+impl fmt::Display for Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_full_string())
+    }
+}
+
+impl fmt::Debug for Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the password in logs.
+        let shown = if self.password.is_some() {
+            self.clone()
+                .with_credentials(self.username.as_deref(), Some("***"))
+        } else {
+            self.clone()
+        };
+        write!(f, "Url({})", shown.to_full_string())
+    }
+}
+
+impl serde::Serialize for Url {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_full_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Url {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Url, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Url::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_part() {
+        let u = Url::parse("dubbo://admin:hello1234@10.20.130.230:20880/context/path?version=1.0.0&application=morgan").unwrap();
+        assert_eq!(u.protocol(), "dubbo");
+        assert_eq!(u.username(), Some("admin"));
+        assert_eq!(u.password(), Some("hello1234"));
+        assert_eq!(u.host(), "10.20.130.230");
+        assert_eq!(u.port(), 20880);
+        assert_eq!(u.path(), "context/path");
+        assert_eq!(u.parameter("version"), Some("1.0.0"));
+        assert_eq!(u.parameter("application"), Some("morgan"));
+    }
+
+    #[test]
+    fn several_hosts_become_backup() {
+        let u = Url::parse("zookeeper://h1:2181,h2:2181,h3:2181?backup=h4:2181").unwrap();
+        assert_eq!(u.host(), "h1");
+        assert_eq!(u.port(), 2181);
+        assert_eq!(u.parameter(BACKUP_KEY), Some("h2:2181,h3:2181,h4:2181"));
+        assert_eq!(
+            u.addresses(),
+            vec!["h1:2181", "h2:2181", "h3:2181", "h4:2181"]
+        );
+        assert_eq!(Url::parse(&u.to_full_string()).unwrap(), u);
+    }
+
+    #[test]
+    fn ipv6_hosts() {
+        let u = Url::parse("dubbo://[::1]:20880/a.B").unwrap();
+        assert_eq!(u.host(), "[::1]");
+        assert_eq!(u.port(), 20880);
+        assert_eq!(u.to_full_string(), "dubbo://[::1]:20880/a.B");
+        assert!(Url::parse("dubbo://[::1:20880/a.B").is_err());
+    }
+
+    #[test]
+    fn bad_ports_are_errors_that_quote_the_input() {
+        for bad in ["dubbo://h:99999/x", "dubbo://h:abc/x", "dubbo://h:-1"] {
+            let e = Url::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+            assert!(e.contains("port"), "{e}");
+        }
+    }
+
+    #[test]
+    fn categories_expand() {
+        let c = |s: &str| {
+            Url::parse(&format!("consumer://h/x?category={s}"))
+                .unwrap()
+                .categories()
+        };
+        assert_eq!(c("*"), ALL_CATEGORIES.map(String::from).to_vec());
+        assert_eq!(
+            c("-routers"),
+            vec!["providers", "consumers", "configurators"]
+        );
+        assert_eq!(c("routers,providers,routers"), vec!["routers", "providers"]);
+        assert_eq!(
+            Url::parse("consumer://h/x").unwrap().categories(),
+            vec!["providers"]
+        );
+    }
+
+    #[test]
+    fn debug_hides_password() {
+        let u = Url::parse("zookeeper://u:secret@h:2181").unwrap();
+        let d = format!("{u:?}");
+        assert!(!d.contains("secret"), "{d}");
+    }
+}
