@@ -60,6 +60,11 @@ pub use url::Url;
 #[doc(hidden)]
 pub use inventory as __inventory;
 
+/// The README's Rust examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
+
 /// Checks a URL against the registry URL's `accepts` parameter: an allow-list (`dubbo,tri`)
 /// or a deny-list (`-rest,-http`) of protocols that may be registered.
 pub fn check_accepts(registry: &Url, url: &Url) -> Result<()> {

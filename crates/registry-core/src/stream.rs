@@ -43,12 +43,15 @@ impl NotifyListener for Shared {
     }
 }
 
+/// What dropping the stream unsubscribes.
+type Subscription = (Arc<dyn Registry>, Url, Arc<dyn NotifyListener>);
+
 /// The notifications of one subscription as a [`Stream`]. Dropping it unsubscribes (in the
 /// background, on the runtime it was created on). A consumer slower than the changes gets
 /// the latest list of each category, not every intermediate one.
 pub struct NotificationStream {
     shared: Arc<Shared>,
-    subscription: Option<(Arc<dyn Registry>, Url, Arc<dyn NotifyListener>)>,
+    subscription: Option<Subscription>,
     runtime: Option<tokio::runtime::Handle>,
 }
 

@@ -373,8 +373,7 @@ impl Url {
     /// [`Error::InvalidParameter`] naming the key and the value.
     pub fn parameter_num<T: FromStr>(&self, key: &str, default: T) -> Result<T> {
         match self.parameter(key) {
-            None => Ok(default),
-            Some(v) if v.is_empty() => Ok(default),
+            None | Some("") => Ok(default),
             Some(v) => v.parse().map_err(|_| Error::InvalidParameter {
                 key: key.to_owned(),
                 value: v.to_owned(),
