@@ -93,7 +93,8 @@ pub fn is_service_key_match(pattern: &Url, value: &Url) -> bool {
 }
 
 /// Dubbo's `isMatchGlobPattern`: a pattern with at most one `*`; a pattern starting with `$`
-/// names a parameter of `param` whose value is the pattern.
+/// names a parameter of `param` whose value is the pattern. One difference: the prefix and
+/// suffix around `*` may not overlap (`ab*ba` does not match `aba`; Dubbo says it does).
 pub fn is_match_glob_pattern(pattern: &str, value: Option<&str>, param: Option<&Url>) -> bool {
     if let (Some(u), Some(key)) = (param, pattern.strip_prefix('$')) {
         return is_match_glob_pattern(u.parameter_or(key, ""), value, None);
@@ -101,7 +102,8 @@ pub fn is_match_glob_pattern(pattern: &str, value: Option<&str>, param: Option<&
     if pattern == ANY_VALUE {
         return true;
     }
-    let value = match value {
+    // As in Dubbo, an empty value counts as a missing one.
+    let value = match value.filter(|v| !v.is_empty()) {
         None => return pattern.is_empty(),
         Some(v) => v,
     };

@@ -145,6 +145,10 @@ impl Url {
             }
             rest = &rest[..q];
         }
+        // A fragment before the parameters is not part of the URL (Dubbo drops it).
+        if let Some(h) = rest.find('#') {
+            rest = &rest[..h];
+        }
         let protocol = match rest.find("://") {
             Some(0) => return Err(invalid("missing protocol")),
             Some(i) => {
@@ -260,8 +264,8 @@ impl Url {
     fn write_base(&self, s: &mut String, credentials: bool) {
         s.push_str(&self.protocol);
         s.push_str("://");
-        if credentials && let Some(u) = &self.username {
-            s.push_str(u);
+        if credentials && (self.username.is_some() || self.password.is_some()) {
+            s.push_str(self.username.as_deref().unwrap_or(""));
             if let Some(p) = &self.password {
                 s.push(':');
                 s.push_str(p);
@@ -585,8 +589,16 @@ fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
         };
     }
     match s.rfind(':') {
-        // A bare IPv6 address with several colons and no brackets: keep it as the host.
-        Some(i) if s[..i].contains(':') => Ok((s.to_owned(), 0)),
+        // A bare IPv6 address (several colons, no brackets). Dubbo writes `host:port` even
+        // then and splits at the last colon; do the same when what follows is a port and what
+        // precedes is still an address (`::1` and `fe80::1` stay whole).
+        Some(i) if s[..i].contains(':') => {
+            let (host, port) = (&s[..i], &s[i + 1..]);
+            match port.parse::<u16>() {
+                Ok(p) if !host.ends_with(':') && !port.is_empty() => Ok((host.to_owned(), p)),
+                _ => Ok((s.to_owned(), 0)),
+            }
+        }
         Some(i) => Ok((s[..i].to_owned(), parse_port(&s[i + 1..], s)?)),
         None => Ok((s.to_owned(), 0)),
     }
