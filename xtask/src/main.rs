@@ -2,7 +2,9 @@
 //! (matklad's xtask pattern; the alias is in `.cargo/config.toml`).
 //!
 //! - `demo`: runs `examples/quickstart` on `memory://` (or on `REGISTRY_URL` when set).
-//! - `test`: runs every test of the workspace.
+//! - `test`: starts ZooKeeper and etcd (installing Debian's packages when missing and running
+//!   as root), exports their addresses, runs every test of the workspace, stops them.
+//! - `servers`: starts ZooKeeper and etcd, prints their addresses, runs until Ctrl-C.
 //! - `clippy`: `cargo clippy --workspace --all-targets -- -D warnings` (with `PROTOC` set).
 //! - `ci`: `cargo fmt --check`, `clippy`, then `test`.
 
@@ -10,10 +12,13 @@ use std::env;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
+use registry_test_servers::{ETCD_ENV, Kind, REQUIRE_ENV, Server, ZOOKEEPER_ENV, ensure_installed};
+
 const USAGE: &str = "usage: cargo xtask <demo|test|ci> [args passed on to cargo]
 
   demo   run examples/quickstart on memory:// (set REGISTRY_URL to use another backend)
-  test   run every test of the workspace
+  test   start ZooKeeper and etcd, run every test of the workspace against them, stop them
+  servers  start ZooKeeper and etcd on free loopback ports until Ctrl-C
   clippy cargo clippy on every target, warnings as errors
   ci     cargo fmt --check, cargo clippy -D warnings, then test";
 
@@ -24,6 +29,7 @@ fn main() -> ExitCode {
     let result = match task.as_deref() {
         Some("demo") => demo(&rest),
         Some("test") => test(&rest),
+        Some("servers") => servers(),
         Some("ci") => ci(&rest),
         Some("clippy") => clippy(&rest),
         Some("-h" | "--help" | "help") => {
@@ -90,11 +96,51 @@ fn demo(rest: &[String]) -> Result<(), String> {
     run(cmd)
 }
 
+/// Starts both servers, installing them first when needed.
+fn start_servers() -> Result<(Server, Server), String> {
+    ensure_installed(&[Kind::Zookeeper, Kind::Etcd])?;
+    let zk = Server::zookeeper()?;
+    let etcd = Server::etcd()?;
+    eprintln!(
+        "xtask: ZooKeeper on {} and etcd on {} (data in {} and {})",
+        zk.address(),
+        etcd.address(),
+        zk.dir().display(),
+        etcd.dir().display()
+    );
+    Ok((zk, etcd))
+}
+
 fn test(rest: &[String]) -> Result<(), String> {
+    let (zk, etcd) = start_servers()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--all-features"])
-        .args(rest);
-    run(cmd)
+        .args(rest)
+        .env(ZOOKEEPER_ENV, zk.address())
+        .env(ETCD_ENV, etcd.address())
+        .env(REQUIRE_ENV, "1");
+    let result = run(cmd);
+    drop((zk, etcd));
+    result
+}
+
+fn servers() -> Result<(), String> {
+    let (zk, etcd) = start_servers()?;
+    println!("export {ZOOKEEPER_ENV}={}", zk.address());
+    println!("export {ETCD_ENV}={}", etcd.address());
+    println!(
+        "# REGISTRY_URL=zookeeper://{} or etcd://{}; Ctrl-C stops both",
+        zk.address(),
+        etcd.address()
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })
+    .map_err(|e| format!("cannot catch Ctrl-C: {e}"))?;
+    let _ = rx.recv();
+    drop((zk, etcd));
+    Ok(())
 }
 
 fn ci(rest: &[String]) -> Result<(), String> {
