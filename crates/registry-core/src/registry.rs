@@ -192,3 +192,36 @@ pub trait RegistryFactory: Send + Sync + 'static {
     /// an error; with `check=false` the registry is returned and connects in the background.
     async fn create(&self, url: &Url) -> Result<Arc<dyn Registry>>;
 }
+
+/// An `Arc` of a registry is a registry, so layers such as the reliability layer can wrap an
+/// `Arc<dyn Registry>` or a shared instance.
+#[async_trait]
+impl<T: Registry + ?Sized> Registry for Arc<T> {
+    fn url(&self) -> &Url {
+        (**self).url()
+    }
+    fn is_available(&self) -> bool {
+        (**self).is_available()
+    }
+    async fn register(&self, url: &Url) -> Result<()> {
+        (**self).register(url).await
+    }
+    async fn unregister(&self, url: &Url) -> Result<()> {
+        (**self).unregister(url).await
+    }
+    async fn subscribe(&self, url: &Url, listener: Arc<dyn NotifyListener>) -> Result<()> {
+        (**self).subscribe(url, listener).await
+    }
+    async fn unsubscribe(&self, url: &Url, listener: &Arc<dyn NotifyListener>) -> Result<()> {
+        (**self).unsubscribe(url, listener).await
+    }
+    async fn lookup(&self, url: &Url) -> Result<Vec<Url>> {
+        (**self).lookup(url).await
+    }
+    async fn destroy(&self) {
+        (**self).destroy().await
+    }
+    fn events(&self) -> broadcast::Receiver<RegistryEvent> {
+        (**self).events()
+    }
+}

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::error::{Error, Result};
-use crate::registry::{NotifyListener, Registry, RegistryEvent, listener_id};
+use crate::registry::{Notification, NotifyListener, Registry, RegistryEvent, listener_id};
 use crate::url::Url;
 
 /// An operation of [`Registry`].
@@ -140,6 +140,19 @@ impl FaultyRegistry {
         self.emit(RegistryEvent::SessionLost);
         self.down.store(false, Ordering::SeqCst);
         self.emit(RegistryEvent::NewSession);
+    }
+
+    /// Hands `notification` to every listener subscribed through the wrapper, as a backend
+    /// would when it delivers a late or duplicated snapshot.
+    pub fn deliver_to_subscribers(&self, notification: Notification) {
+        let listeners: Vec<Arc<dyn NotifyListener>> = lock(&self.passed)
+            .subscriptions
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect();
+        for l in listeners {
+            l.notify(notification.clone());
+        }
     }
 
     /// The URLs registered through the wrapper and still in place.

@@ -1,0 +1,102 @@
+//! Backoff and the keys of the retry queue.
+//!
+//! One pending task per (operation, key): a register and an unregister of the same URL cancel
+//! each other, as do a subscribe and an unsubscribe of the same (URL, listener). Each pending
+//! task is a tokio task sleeping on a tokio timer; it leaves the queue when it succeeds, gives up
+//! or is cancelled, so an exhausted key can be retried again later (Dubbo #6810, #7665).
+
+use std::time::Duration;
+
+use registry_core::Url;
+
+/// What a retry task retries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum TaskKey {
+    Register(Url),
+    Unregister(Url),
+    Subscribe(Url, usize),
+    Unsubscribe(Url, usize),
+}
+
+impl TaskKey {
+    /// The task this one cancels.
+    pub(crate) fn opposite(&self) -> TaskKey {
+        match self {
+            TaskKey::Register(u) => TaskKey::Unregister(u.clone()),
+            TaskKey::Unregister(u) => TaskKey::Register(u.clone()),
+            TaskKey::Subscribe(u, l) => TaskKey::Unsubscribe(u.clone(), *l),
+            TaskKey::Unsubscribe(u, l) => TaskKey::Subscribe(u.clone(), *l),
+        }
+    }
+
+    pub(crate) fn operation(&self) -> &'static str {
+        match self {
+            TaskKey::Register(_) => "register",
+            TaskKey::Unregister(_) => "unregister",
+            TaskKey::Subscribe(..) => "subscribe",
+            TaskKey::Unsubscribe(..) => "unsubscribe",
+        }
+    }
+
+    pub(crate) fn url(&self) -> &Url {
+        match self {
+            TaskKey::Register(u)
+            | TaskKey::Unregister(u)
+            | TaskKey::Subscribe(u, _)
+            | TaskKey::Unsubscribe(u, _) => u,
+        }
+    }
+}
+
+/// The ceiling of the wait before retry number `attempt` (1-based): `base`, doubling each
+/// attempt, capped at `period`.
+pub(crate) fn backoff_ceiling(attempt: u32, base: Duration, period: Duration) -> Duration {
+    let shift = attempt.saturating_sub(1).min(30);
+    base.saturating_mul(1u32 << shift).min(period)
+}
+
+/// Full jitter: a uniformly random wait between zero and the ceiling, so a fleet that lost
+/// the same server does not retry in step (Dubbo #10181, Curator-441). Exponential backoff
+/// with full jitter is a few lines; the randomness comes from `rand`.
+pub(crate) fn backoff(attempt: u32, base: Duration, period: Duration) -> Duration {
+    let ceiling = backoff_ceiling(attempt, base, period);
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::random_range(0..=nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_doubles_up_to_the_period() {
+        let (b, p) = (Duration::from_millis(100), Duration::from_millis(5000));
+        let c: Vec<u128> = (1..=8)
+            .map(|a| backoff_ceiling(a, b, p).as_millis())
+            .collect();
+        assert_eq!(c, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(backoff_ceiling(u32::MAX, b, p), p);
+    }
+
+    #[test]
+    fn jitter_stays_under_the_ceiling_and_varies() {
+        let (b, p) = (Duration::from_millis(100), Duration::from_millis(5000));
+        let waits: Vec<Duration> = (0..200).map(|_| backoff(3, b, p)).collect();
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(400)));
+        let distinct: std::collections::HashSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 100, "full jitter spreads the waits");
+    }
+
+    #[test]
+    fn opposites_pair_up() {
+        let u: Url = "dubbo://h:1/S".parse().unwrap();
+        assert_eq!(
+            TaskKey::Register(u.clone()).opposite(),
+            TaskKey::Unregister(u.clone())
+        );
+        assert_eq!(
+            TaskKey::Unsubscribe(u.clone(), 7).opposite(),
+            TaskKey::Subscribe(u, 7)
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! The memory backend behind FailbackRegistry passes the whole conformance suite.
+
+use std::sync::Arc;
+
+use registry_core::testkit::{self, Harness};
+use registry_core::{MemoryRegistry, Registry};
+use registry_failback::FailbackRegistry;
+
+struct FailbackOverMemory;
+
+#[async_trait::async_trait]
+impl Harness for FailbackOverMemory {
+    async fn registry(&self) -> Arc<dyn Registry> {
+        let url = "memory://failback-conformance?file=false".parse().expect("url");
+        FailbackRegistry::new(MemoryRegistry::new(url)).expect("failback registry")
+    }
+}
+
+macro_rules! cases {
+    ($($f:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $f() {
+            testkit::$f(&FailbackOverMemory).await;
+        }
+    )*};
+}
+
+cases!(
+    register_is_idempotent,
+    urls_differing_in_parameters_coexist,
+    first_notification_covers_all_categories_in_order,
+    empty_category_is_a_marker,
+    categories_are_filtered,
+    group_version_classifier_matching,
+    wildcard_interface_sees_later_services,
+    same_listener_twice_is_one_subscription,
+    unsubscribe_stops_notifications,
+    lookup_is_a_pull_without_subscription,
+    unregister_of_missing_url_is_ok,
+    destroy_removes_dynamic_keeps_persistent,
+    notifications_are_ordered_under_a_burst,
+);
