@@ -11,7 +11,9 @@ struct FailbackOverMemory;
 #[async_trait::async_trait]
 impl Harness for FailbackOverMemory {
     async fn registry(&self) -> Arc<dyn Registry> {
-        let url = "memory://failback-conformance?file=false".parse().expect("url");
+        let url = "memory://failback-conformance?file=false"
+            .parse()
+            .expect("url");
         FailbackRegistry::new(MemoryRegistry::new(url)).expect("failback registry")
     }
 }
