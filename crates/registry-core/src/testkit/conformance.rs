@@ -509,6 +509,41 @@ pub async fn lookup_is_a_pull_without_subscription(h: &dyn Harness) {
     r.destroy().await;
 }
 
+/// §3 lookup with `interface=*`: one pull over every service (what `registryctl list` uses);
+/// other services on a shared server may appear too.
+pub async fn wildcard_lookup_finds_every_service(h: &dyn Harness) {
+    let s1 = unique_service("wlook");
+    let s2 = unique_service("wlook");
+    let r = h.registry().await;
+    let p1 = provider(&s1, 1, "group=a&version=1.0");
+    let p2 = provider(&s2, 2, "");
+    let c2 = parse(&format!(
+        "consumer://10.0.0.7/{s2}?category=consumers&interface={s2}&side=consumer"
+    ));
+    for u in [&p1, &p2, &c2] {
+        ok("register", r.register(u).await);
+    }
+    let all = parse(
+        "consumer://10.0.0.250/*?interface=*&group=*&version=*&classifier=*&category=providers,consumers",
+    );
+    let found = ok("lookup", r.lookup(&all).await);
+    for u in [&p1, &p2, &c2] {
+        assert!(found.contains(u), "interface=* lookup misses {u}");
+    }
+    assert!(
+        found.iter().all(|u| !u.is_empty_marker()),
+        "no markers in a lookup"
+    );
+    let providers_only =
+        parse("consumer://10.0.0.250/*?interface=*&group=*&version=*&classifier=*");
+    let found = ok("lookup", r.lookup(&providers_only).await);
+    assert!(found.contains(&p1) && found.contains(&p2) && !found.contains(&c2));
+    for u in [&p1, &p2, &c2] {
+        ok("unregister", r.unregister(u).await);
+    }
+    r.destroy().await;
+}
+
 /// §3 unregister: removing what is not there is not an error.
 pub async fn unregister_of_missing_url_is_ok(h: &dyn Harness) {
     let s = unique_service("missing");
@@ -682,6 +717,7 @@ pub async fn run_all(h: &dyn Harness) {
         same_listener_twice_is_one_subscription,
         unsubscribe_stops_notifications,
         lookup_is_a_pull_without_subscription,
+        wildcard_lookup_finds_every_service,
         unregister_of_missing_url_is_ok,
         destroy_removes_dynamic_keeps_persistent,
         notifications_are_ordered_under_a_burst,
