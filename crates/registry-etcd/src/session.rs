@@ -67,18 +67,21 @@ struct Streams {
 }
 
 /// Where the session stands, for the events it reports.
-#[derive(Default)]
 struct Flags {
     ever_up: bool,
     down: bool,
     lost: bool,
+    /// When the lease was last granted or renewed.
+    renewed: Instant,
 }
 
 pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut flags = Flags {
         ever_up: inner.available.load(Ordering::Acquire),
-        ..Flags::default()
+        down: false,
+        lost: false,
+        renewed: Instant::now(),
     };
     let mut generation: u64 = 0;
     let mut backoff = BACKOFF_MIN;
@@ -99,6 +102,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                     if sleep_or_shutdown(&mut shutdown, backoff).await {
                         return;
                     }
+                    check_expiry(&inner, &mut flags);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
@@ -114,13 +118,23 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 }
                 flags.lost = false;
                 flags.down = false;
-                match connected(&inner, &mut streams, &mut cmds, &mut shutdown, generation).await {
+                match connected(
+                    &inner,
+                    &mut streams,
+                    &mut cmds,
+                    &mut shutdown,
+                    generation,
+                    &mut flags,
+                )
+                .await
+                {
                     Exit::Shutdown => return,
                     Exit::Down(reason) => {
                         down(&inner, &mut flags, &reason);
                         if sleep_or_shutdown(&mut shutdown, backoff).await {
                             return;
                         }
+                        check_expiry(&inner, &mut flags);
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                     Exit::LeaseLost => lease_lost(&inner, &mut flags),
@@ -136,6 +150,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 if sleep_or_shutdown(&mut shutdown, backoff).await {
                     return;
                 }
+                check_expiry(&inner, &mut flags);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
@@ -163,6 +178,28 @@ fn down(inner: &Inner, flags: &mut Flags, reason: &str) {
         inner.emit(RegistryEvent::Disconnected);
     } else {
         tracing::debug!(registry = %inner.label, reason, "etcd still unreachable");
+    }
+}
+
+/// While etcd cannot be reached: once the lease's TTL has passed since its last renewal, the
+/// server has (or, when it comes back, may have) dropped it and its entries. Report the loss
+/// now; the lease is still tried on reconnection (etcd restarts keep leases alive), and either
+/// way `NewSession` follows so every entry is put again.
+fn check_expiry(inner: &Inner, flags: &mut Flags) {
+    let ttl = Duration::from_secs(u64::try_from(inner.opts.ttl_secs).unwrap_or(1));
+    if flags.ever_up
+        && !flags.lost
+        && inner.lease.load(Ordering::Acquire) != 0
+        && flags.renewed.elapsed() > ttl
+        && !inner.destroyed.load(Ordering::Acquire)
+    {
+        tracing::warn!(
+            registry = %inner.label,
+            unrenewed_for = ?flags.renewed.elapsed(),
+            "the etcd lease could not be renewed within its TTL; its entries are presumed gone"
+        );
+        flags.lost = true;
+        inner.emit(RegistryEvent::SessionLost);
     }
 }
 
@@ -227,6 +264,7 @@ async fn establish(
             .await
             .map_err(|e| Step::Down(e.0.to_string(), e.1))?;
         inner.lease.store(lease, Ordering::Release);
+        flags.renewed = Instant::now();
         tracing::info!(registry = %inner.label, lease, ttl = inner.opts.ttl_secs, "granted a lease");
         if flags.ever_up && !flags.lost {
             flags.lost = true;
@@ -242,6 +280,7 @@ async fn establish(
     )
     .await
     .map_err(step_err)?;
+    flags.renewed = Instant::now();
     let anchor = inner.opts.root.clone();
     let mut wc = clients.watch.clone();
     let (watcher, watch) = errors::timed(
@@ -300,6 +339,7 @@ async fn connected(
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     generation: u64,
+    flags: &mut Flags,
 ) -> Exit {
     let period = inner.opts.keep_alive_period;
     let mut keep_alive_tick = tokio::time::interval_at(Instant::now() + period, period);
@@ -332,6 +372,7 @@ async fn connected(
                         return Exit::LeaseLost;
                     }
                     unanswered = None;
+                    flags.renewed = Instant::now();
                 }
                 Ok(None) => return Exit::Down("the keep-alive stream ended".to_owned()),
                 Err(e) => return match errors::kind(&e) {
