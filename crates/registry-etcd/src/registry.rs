@@ -198,7 +198,13 @@ pub(crate) async fn grant(
     let mut lease = clients.lease.clone();
     let resp = errors::timed(
         &inner.label,
-        || format!("granting a lease of {} s", inner.opts.ttl_secs),
+        || {
+            format!(
+                "granting a lease of {} s at {}",
+                inner.opts.ttl_secs,
+                inner.opts.endpoints.join(",")
+            )
+        },
         inner.opts.timeout,
         lease.grant(inner.opts.ttl_secs, None),
     )
@@ -249,6 +255,30 @@ impl EtcdRegistry {
         if inner.opts.check {
             let clients = connect(&inner).await.map_err(|(e, _)| e)?;
             let id = grant(&inner, &clients).await.map_err(|(e, _)| e)?;
+            // Leases need no permission: check that the root can be read too, so missing or
+            // insufficient credentials fail here rather than on the first operation.
+            let mut kv = clients.kv.clone();
+            let root = paths::root_prefix(&inner.opts.root);
+            let probe = errors::timed(
+                &inner.label,
+                || format!("reading {root}"),
+                inner.opts.timeout,
+                kv.get(
+                    root.as_str(),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only()
+                            .with_limit(1),
+                    ),
+                ),
+            )
+            .await;
+            if let Err((e, _)) = probe {
+                let mut lease = clients.lease.clone();
+                let _ = tokio::time::timeout(inner.opts.timeout, lease.revoke(id)).await;
+                return Err(e);
+            }
             *inner.clients.write().unwrap_or_else(|p| p.into_inner()) = Some(clients);
             inner.lease.store(id, Ordering::Release);
             inner.available.store(true, Ordering::Release);

@@ -35,7 +35,7 @@ const ANCHOR_WATCH_ID: i64 = 1;
 pub(crate) const FIRST_WATCH_ID: i64 = 2;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Requests from the registry handle to its session task.
 #[derive(Debug)]
@@ -99,7 +99,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 generation += 1;
                 if let Err(reason) = arm_all(&inner, &mut streams.watcher, generation).await {
                     down(&inner, &mut flags, &reason);
-                    if sleep_or_shutdown(&mut shutdown, backoff).await {
+                    if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
                         return;
                     }
                     check_expiry(&inner, &mut flags);
@@ -131,7 +131,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                     Exit::Shutdown => return,
                     Exit::Down(reason) => {
                         down(&inner, &mut flags, &reason);
-                        if sleep_or_shutdown(&mut shutdown, backoff).await {
+                        if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
                             return;
                         }
                         check_expiry(&inner, &mut flags);
@@ -147,7 +147,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                     reauthenticate = true;
                 }
                 down(&inner, &mut flags, &reason);
-                if sleep_or_shutdown(&mut shutdown, backoff).await {
+                if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
                     return;
                 }
                 check_expiry(&inner, &mut flags);
@@ -163,6 +163,17 @@ async fn sleep_or_shutdown(shutdown: &mut tokio::sync::watch::Receiver<bool>, d:
         _ = tokio::time::sleep(d) => *shutdown.borrow(),
         _ = stopped(shutdown) => true,
     }
+}
+
+/// The pause before the next attempt: the backoff, cut short so a lease that expires
+/// meanwhile is reported on time.
+fn pause(inner: &Inner, flags: &Flags, backoff: Duration) -> Duration {
+    if !flags.ever_up || flags.lost {
+        return backoff;
+    }
+    let ttl = Duration::from_secs(u64::try_from(inner.opts.ttl_secs).unwrap_or(1));
+    let left = ttl.saturating_sub(flags.renewed.elapsed()) + Duration::from_millis(5);
+    backoff.min(left)
 }
 
 /// Resolves when the registry shuts down.

@@ -12,6 +12,17 @@ use registry_core::{Registry, RegistryEvent, RegistryManager};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
+/// Logs of the code under test, filtered by `RUST_LOG` (default: warnings).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A raw etcd client (no registry code) on `address`.
