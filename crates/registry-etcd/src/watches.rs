@@ -118,6 +118,11 @@ pub(crate) fn parse_key(
     };
     match Url::from_encoded(encoded) {
         Ok(u) => Some((service, category.to_owned(), u)),
+        Err(e) if *scope == Scope::Root => {
+            // The root also holds other data (Dubbo's config center, metadata): not entries.
+            tracing::debug!(registry, key, error = %e, "skipped a key that is not a URL");
+            None
+        }
         Err(e) => {
             tracing::warn!(registry, key, error = %e, "skipped a key that is not a URL");
             None
