@@ -146,8 +146,8 @@ async fn lease_revoked_from_outside_gives_a_new_session() {
     );
     assert!(lost <= new);
     assert!(
-        new - revoked < Duration::from_millis(1000 + 500),
-        "NewSession within one keep-alive period (+ slack)"
+        new - revoked < Duration::from_millis(1000 + 1000),
+        "NewSession within one keep-alive period (+ 1 s slack for a loaded machine)"
     );
     // What FailbackRegistry does on NewSession:
     r.register(&p).await.expect("register again");
