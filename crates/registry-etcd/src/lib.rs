@@ -1,0 +1,81 @@
+//! # registry-etcd
+//!
+//! The `etcd://` registry backend (also registered as `etcd3://`, Dubbo's name for it), on the
+//! [`etcd_client`] crate (etcd v3 API).
+//!
+//! ```ignore
+//! use registry_etcd as _; // links the backend, so the schemes are known
+//! let registry = registry_core::get_registry("etcd://127.0.0.1:2379?session=60000").await?;
+//! ```
+//!
+//! Storage (CONTRACT §7), byte-identical to Dubbo Java and Go:
+//!
+//! ```text
+//! /dubbo/<encode(interface)>/<category>/<encode(url.to_full_string())>  =  url.to_full_string()
+//! ```
+//!
+//! - Dynamic entries (`dynamic=true`, the default) are put on one lease per registry, whose TTL
+//!   is `session / 2` (30 s by default), renewed by the registry every TTL/3. When the lease is
+//!   lost (expired or revoked) a new one is granted and [`RegistryEvent::SessionLost`] then
+//!   [`RegistryEvent::NewSession`] are reported, so the reliability layer puts every entry
+//!   again. Persistent entries (`dynamic=false`) carry no lease.
+//! - A subscription is one range read of `category path + "/"` (with the trailing slash, so
+//!   `providersX` never leaks into `providers`), then a watch from the read's revision + 1.
+//!   All watches of a registry share one watch stream; the lists are kept up to date from the
+//!   events, which carry the changed key. After a broken stream every watch resumes from its
+//!   last revision + 1; a compacted watch is read again. A periodic re-read guards against
+//!   events the server loses.
+//! - `interface=*` watches the whole root, so services created later are seen.
+//! - [`Registry::destroy`] revokes the lease: the dynamic entries vanish at once.
+//!
+//! Registry URL parameters: the address plus `backup` (or `etcd://h1:2379,h2:2379`) are the
+//! endpoints; `timeout` (ms, default 5000) is the connect and request timeout; `session` (ms,
+//! default 60000) gives the lease TTL; `username:password@` authenticates; `group` (default
+//! `dubbo`) is the root; `check=false` returns at once and connects in the background;
+//! `etcd.reread.period` (ms, default 180000, 0 disables) and `etcd.max-message-size` (bytes,
+//! default 64 MiB, so a 10,000-provider range reply works) tune the backend.
+//!
+//! [`RegistryEvent::SessionLost`]: registry_core::RegistryEvent::SessionLost
+//! [`RegistryEvent::NewSession`]: registry_core::RegistryEvent::NewSession
+//! [`Registry::destroy`]: registry_core::Registry::destroy
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod errors;
+mod options;
+mod paths;
+mod registry;
+mod session;
+mod watches;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use registry_core::{Registry, RegistryFactory, Result, Url};
+
+pub use options::{
+    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REREAD_PERIOD_MS, MAX_MESSAGE_SIZE_KEY, REREAD_PERIOD_KEY,
+};
+pub use registry::EtcdRegistry;
+
+/// The scheme of this backend.
+pub const ETCD_SCHEME: &str = "etcd";
+/// Dubbo's name for the same backend.
+pub const ETCD3_SCHEME: &str = "etcd3";
+
+/// Builds [`EtcdRegistry`] instances; registered under `etcd` and `etcd3`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EtcdFactory;
+
+#[async_trait]
+impl RegistryFactory for EtcdFactory {
+    async fn create(&self, url: &Url) -> Result<Arc<dyn Registry>> {
+        let raw = EtcdRegistry::new(url.clone()).await?;
+        Ok(Arc::new(raw)) // FAILBACK: Ok(Arc::new(registry_failback::FailbackRegistry::new(raw)))
+    }
+}
+
+registry_core::submit_factory!(ETCD_SCHEME, EtcdFactory);
+registry_core::submit_factory!(ETCD3_SCHEME, EtcdFactory);

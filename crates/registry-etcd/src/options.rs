@@ -1,0 +1,207 @@
+//! The registry URL's parameters (CONTRACT §5) as the etcd backend uses them.
+
+use std::time::Duration;
+
+use registry_core::url::GROUP_KEY;
+use registry_core::{Error, Result, Url};
+
+/// `etcd.reread.period`: how often (ms) every watched prefix is read again, guarding against
+/// events the server loses; `0` disables it.
+pub const REREAD_PERIOD_KEY: &str = "etcd.reread.period";
+/// `etcd.max-message-size`: the largest reply (bytes) the client decodes.
+pub const MAX_MESSAGE_SIZE_KEY: &str = "etcd.max-message-size";
+
+/// The default of [`REREAD_PERIOD_KEY`]: three minutes.
+pub const DEFAULT_REREAD_PERIOD_MS: u64 = 180_000;
+/// The default of [`MAX_MESSAGE_SIZE_KEY`]: 64 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+/// The etcd client port used when an address has none.
+pub const DEFAULT_PORT: u16 = 2379;
+
+const TIMEOUT_KEY: &str = "timeout";
+const SESSION_KEY: &str = "session";
+
+/// Everything the backend takes from the registry URL.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    /// `http://host:port` of every address.
+    pub endpoints: Vec<String>,
+    /// Connect and request timeout.
+    pub timeout: Duration,
+    /// Lease TTL in seconds (session / 2).
+    pub ttl_secs: i64,
+    /// How often the lease is renewed (TTL / 3).
+    pub keep_alive_period: Duration,
+    /// Periodic re-read of every watched prefix.
+    pub reread: Option<Duration>,
+    /// The client's decoding limit.
+    pub max_message_size: usize,
+    /// `/` + group.
+    pub root: String,
+    /// `username`, `password`.
+    pub user: Option<(String, String)>,
+    /// `check`.
+    pub check: bool,
+    /// `enable-empty-protection`.
+    pub empty_protection: bool,
+}
+
+fn invalid(key: &str, value: impl ToString, reason: &str) -> Error {
+    Error::InvalidParameter {
+        key: key.to_owned(),
+        value: value.to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
+impl Options {
+    /// Reads and checks the parameters of `url`.
+    pub fn from_url(url: &Url) -> Result<Options> {
+        registry_core::manager::validate_registry_url(url)?;
+        let addresses = url.addresses();
+        if addresses.is_empty() {
+            return Err(Error::InvalidRegistryUrl {
+                url: url.to_identity_string_redacted(),
+                reason: "no etcd address; write etcd://host:2379".to_owned(),
+            });
+        }
+        let endpoints = addresses
+            .iter()
+            .map(|a| {
+                let has_port = a
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !p.is_empty() && !h.ends_with(':') && !p.contains(']'));
+                if has_port {
+                    format!("http://{a}")
+                } else {
+                    format!("http://{a}:{DEFAULT_PORT}")
+                }
+            })
+            .collect();
+
+        let timeout_ms: u64 = url.parameter_num(TIMEOUT_KEY, 5000)?;
+        if timeout_ms == 0 {
+            return Err(invalid(TIMEOUT_KEY, timeout_ms, "must be more than 0 ms"));
+        }
+        let session_ms: u64 = url.parameter_num(SESSION_KEY, 60_000)?;
+        if session_ms < 2000 {
+            return Err(invalid(
+                SESSION_KEY,
+                session_ms,
+                "must be at least 2000 ms (the etcd lease TTL is session / 2, at least 1 s)",
+            ));
+        }
+        let ttl_ms = session_ms / 2;
+        let ttl_secs = ttl_ms.div_ceil(1000).max(1);
+        let keep_alive_period = Duration::from_millis((ttl_secs * 1000 / 3).max(100));
+
+        let reread_ms: u64 = url.parameter_num(REREAD_PERIOD_KEY, DEFAULT_REREAD_PERIOD_MS)?;
+        let reread = (reread_ms > 0).then(|| Duration::from_millis(reread_ms));
+        let max_message_size: usize =
+            url.parameter_num(MAX_MESSAGE_SIZE_KEY, DEFAULT_MAX_MESSAGE_SIZE)?;
+        if max_message_size < 4096 {
+            return Err(invalid(
+                MAX_MESSAGE_SIZE_KEY,
+                max_message_size,
+                "must be at least 4096 bytes",
+            ));
+        }
+
+        let group = url.parameter_or(GROUP_KEY, "dubbo");
+        let root = if group.starts_with('/') {
+            group.trim_end_matches('/').to_owned()
+        } else {
+            format!("/{}", group.trim_end_matches('/'))
+        };
+        if root.len() < 2 {
+            return Err(invalid(
+                GROUP_KEY,
+                group,
+                "the group must not be empty or `/`",
+            ));
+        }
+
+        let user = match (url.username(), url.password()) {
+            (Some(u), p) => Some((u.to_owned(), p.unwrap_or("").to_owned())),
+            (None, Some(_)) => {
+                return Err(Error::InvalidRegistryUrl {
+                    url: url.to_identity_string_redacted(),
+                    reason: "a password without a user name; write etcd://user:password@host"
+                        .to_owned(),
+                });
+            }
+            (None, None) => None,
+        };
+
+        Ok(Options {
+            endpoints,
+            timeout: Duration::from_millis(timeout_ms),
+            ttl_secs: i64::try_from(ttl_secs).unwrap_or(i64::MAX),
+            keep_alive_period,
+            reread,
+            max_message_size,
+            root,
+            user,
+            check: url.check(),
+            empty_protection: url.parameter_bool("enable-empty-protection", false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(s: &str) -> Result<Options> {
+        Options::from_url(&Url::parse(s).expect("url"))
+    }
+
+    #[test]
+    fn defaults() {
+        let o = opts("etcd://127.0.0.1:2379").expect("options");
+        assert_eq!(o.endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(o.timeout, Duration::from_secs(5));
+        assert_eq!(o.ttl_secs, 30);
+        assert_eq!(o.keep_alive_period, Duration::from_secs(10));
+        assert_eq!(o.reread, Some(Duration::from_secs(180)));
+        assert_eq!(o.max_message_size, 64 * 1024 * 1024);
+        assert_eq!(o.root, "/dubbo");
+        assert!(o.user.is_none());
+        assert!(o.check);
+    }
+
+    #[test]
+    fn addresses_group_and_user() {
+        let o = opts("etcd3://u:p@h1:1,h2?backup=h3:3&group=g&session=10000&etcd.reread.period=0")
+            .expect("options");
+        assert_eq!(
+            o.endpoints,
+            vec!["http://h1:1", "http://h2:2379", "http://h3:3"]
+        );
+        assert_eq!(o.root, "/g");
+        assert_eq!(o.ttl_secs, 5);
+        assert_eq!(o.reread, None);
+        assert_eq!(o.user, Some(("u".to_owned(), "p".to_owned())));
+        assert_eq!(opts("etcd://h?group=/x/").expect("options").root, "/x");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (url, key) in [
+            ("etcd://h?timeout=abc", "timeout"),
+            ("etcd://h?timeout=0", "timeout"),
+            ("etcd://h?session=100", "session"),
+            ("etcd://h?etcd.max-message-size=-1", "etcd.max-message-size"),
+            ("etcd://h?etcd.reread.period=x", "etcd.reread.period"),
+        ] {
+            match opts(url) {
+                Err(Error::InvalidParameter { key: k, .. }) => assert_eq!(k, key, "{url}"),
+                other => panic!("{url}: expected InvalidParameter, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            opts("etcd://0.0.0.0:2379"),
+            Err(Error::InvalidRegistryUrl { .. })
+        ));
+    }
+}

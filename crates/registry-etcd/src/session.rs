@@ -1,0 +1,592 @@
+//! The session task of a registry: it owns the connection, the lease and the one watch stream.
+//!
+//! - The lease is renewed every TTL/3 by sending a keep-alive on the lease's keep-alive stream;
+//!   an answer with TTL 0 (or "not found" when the stream is opened again) means the lease is
+//!   gone: `SessionLost`, a new lease, then `NewSession`.
+//! - Every watch of the registry is created on one watch stream with a watch id of our own, so
+//!   responses are routed by id. The stream is opened with an anchor watch on the root key
+//!   itself (which no entry uses).
+//! - A broken stream (server down, network) is `Disconnected`; the task then reconnects with
+//!   backoff, renews the same lease and re-creates every watch from its last revision + 1, and
+//!   reports `Reconnected` (or `NewSession` when the lease did not survive).
+//! - A watch cancelled for compaction is read again (the full list is notified) and created
+//!   again from the read's revision + 1.
+//! - Every `etcd.reread.period` every watched prefix is read again, in case the server lost an
+//!   event.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use etcd_client::{
+    EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse, WatchStream, Watcher,
+};
+use registry_core::{Error, RegistryEvent};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::errors::{self, Kind};
+use crate::registry::{Inner, connect, grant, lock};
+use crate::watches::{Changed, parse_key};
+
+/// The watch id of the anchor watch that opens the stream.
+const ANCHOR_WATCH_ID: i64 = 1;
+/// The first watch id of subscriptions.
+pub(crate) const FIRST_WATCH_ID: i64 = 2;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Requests from the registry handle to its session task.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// Create every watch not yet created on the current stream.
+    Arm,
+    /// Cancel a watch that was created on stream generation `.1`.
+    Cancel(i64, u64),
+    /// A request said the lease is gone: check it now.
+    CheckLease,
+    /// A request said the auth token is invalid: authenticate again.
+    Reauthenticate,
+}
+
+/// Why the connected loop ended.
+enum Exit {
+    Shutdown,
+    /// Connection trouble; the text says what.
+    Down(String),
+    LeaseLost,
+    Reauthenticate,
+}
+
+struct Streams {
+    keeper: LeaseKeeper,
+    keep_alive: LeaseKeepAliveStream,
+    watcher: Watcher,
+    watch: WatchStream,
+}
+
+/// Where the session stands, for the events it reports.
+struct Flags {
+    ever_up: bool,
+    down: bool,
+    lost: bool,
+    /// When the lease was last granted or renewed.
+    renewed: Instant,
+}
+
+pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut flags = Flags {
+        ever_up: inner.available.load(Ordering::Acquire),
+        down: false,
+        lost: false,
+        renewed: Instant::now(),
+    };
+    let mut generation: u64 = 0;
+    let mut backoff = BACKOFF_MIN;
+    let mut reauthenticate = false;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        // Requests made while disconnected are stale: arming is redone below.
+        while cmds.try_recv().is_ok() {}
+
+        match establish(&inner, &mut flags, reauthenticate).await {
+            Ok(mut streams) => {
+                reauthenticate = false;
+                generation += 1;
+                if let Err(reason) = arm_all(&inner, &mut streams.watcher, generation).await {
+                    down(&inner, &mut flags, &reason);
+                    if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
+                        return;
+                    }
+                    check_expiry(&inner, &mut flags);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+                backoff = BACKOFF_MIN;
+                inner.available.store(true, Ordering::Release);
+                if !flags.ever_up {
+                    flags.ever_up = true;
+                    inner.emit(RegistryEvent::Connected);
+                } else if flags.lost {
+                    inner.emit(RegistryEvent::NewSession);
+                } else if flags.down {
+                    inner.emit(RegistryEvent::Reconnected);
+                }
+                flags.lost = false;
+                flags.down = false;
+                match connected(
+                    &inner,
+                    &mut streams,
+                    &mut cmds,
+                    &mut shutdown,
+                    generation,
+                    &mut flags,
+                )
+                .await
+                {
+                    Exit::Shutdown => return,
+                    Exit::Down(reason) => {
+                        down(&inner, &mut flags, &reason);
+                        if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
+                            return;
+                        }
+                        check_expiry(&inner, &mut flags);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    Exit::LeaseLost => lease_lost(&inner, &mut flags),
+                    Exit::Reauthenticate => reauthenticate = true,
+                }
+            }
+            Err(Step::LeaseLost) => lease_lost(&inner, &mut flags),
+            Err(Step::Down(reason, kind)) => {
+                if kind == Kind::TokenInvalid {
+                    reauthenticate = true;
+                }
+                down(&inner, &mut flags, &reason);
+                if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
+                    return;
+                }
+                check_expiry(&inner, &mut flags);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Sleeps `d`; true when the registry shut down meanwhile.
+async fn sleep_or_shutdown(shutdown: &mut tokio::sync::watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+        _ = stopped(shutdown) => true,
+    }
+}
+
+/// The pause before the next attempt: the backoff, cut short so a lease that expires
+/// meanwhile is reported on time.
+fn pause(inner: &Inner, flags: &Flags, backoff: Duration) -> Duration {
+    if !flags.ever_up || flags.lost {
+        return backoff;
+    }
+    let ttl = Duration::from_secs(u64::try_from(inner.opts.ttl_secs).unwrap_or(1));
+    let left = ttl.saturating_sub(flags.renewed.elapsed()) + Duration::from_millis(5);
+    backoff.min(left)
+}
+
+/// Resolves when the registry shuts down.
+async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+fn down(inner: &Inner, flags: &mut Flags, reason: &str) {
+    inner.available.store(false, Ordering::Release);
+    if flags.ever_up && !flags.down {
+        flags.down = true;
+        tracing::warn!(registry = %inner.label, reason, "lost the connection to etcd");
+        inner.emit(RegistryEvent::Disconnected);
+    } else {
+        tracing::debug!(registry = %inner.label, reason, "etcd still unreachable");
+    }
+}
+
+/// While etcd cannot be reached: once the lease's TTL has passed since its last renewal, the
+/// server has (or, when it comes back, may have) dropped it and its entries. Report the loss
+/// now; the lease is still tried on reconnection (etcd restarts keep leases alive), and either
+/// way `NewSession` follows so every entry is put again.
+fn check_expiry(inner: &Inner, flags: &mut Flags) {
+    let ttl = Duration::from_secs(u64::try_from(inner.opts.ttl_secs).unwrap_or(1));
+    if flags.ever_up
+        && !flags.lost
+        && inner.lease.load(Ordering::Acquire) != 0
+        && flags.renewed.elapsed() > ttl
+        && !inner.destroyed.load(Ordering::Acquire)
+    {
+        tracing::warn!(
+            registry = %inner.label,
+            unrenewed_for = ?flags.renewed.elapsed(),
+            "the etcd lease could not be renewed within its TTL; its entries are presumed gone"
+        );
+        flags.lost = true;
+        inner.emit(RegistryEvent::SessionLost);
+    }
+}
+
+fn lease_lost(inner: &Inner, flags: &mut Flags) {
+    let old = inner.lease.swap(0, Ordering::AcqRel);
+    if inner.destroyed.load(Ordering::Acquire) {
+        return;
+    }
+    tracing::warn!(registry = %inner.label, lease = old, "the etcd lease is gone (expired or revoked); granting a new one");
+    if flags.ever_up && !flags.lost {
+        flags.lost = true;
+        inner.emit(RegistryEvent::SessionLost);
+    }
+}
+
+enum Step {
+    Down(String, Kind),
+    LeaseLost,
+}
+
+fn step_err((e, kind): (Error, Kind)) -> Step {
+    if kind == Kind::LeaseNotFound {
+        Step::LeaseLost
+    } else {
+        Step::Down(e.to_string(), kind)
+    }
+}
+
+/// Connects (when needed), makes sure there is a lease, and opens the keep-alive and watch
+/// streams.
+async fn establish(
+    inner: &Inner,
+    flags: &mut Flags,
+    reauthenticate: bool,
+) -> Result<Streams, Step> {
+    let clients = match inner.clients() {
+        Some(c) => c,
+        None => {
+            let c = connect(inner).await.map_err(step_err)?;
+            *inner.clients.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+            c
+        }
+    };
+    if reauthenticate && let Some((user, password)) = inner.opts.user.clone() {
+        let mut client = clients.client.clone();
+        errors::timed(
+            &inner.label,
+            || "authenticating again".to_owned(),
+            inner.opts.timeout,
+            client.set_client_auth(user, password),
+        )
+        .await
+        .map_err(step_err)?;
+        tracing::info!(registry = %inner.label, "authenticated to etcd again");
+    }
+    let mut lease = inner.lease.load(Ordering::Acquire);
+    if lease == 0 {
+        if inner.destroyed.load(Ordering::Acquire) {
+            return Err(Step::Down("destroyed".to_owned(), Kind::Other));
+        }
+        lease = grant(inner, &clients)
+            .await
+            .map_err(|e| Step::Down(e.0.to_string(), e.1))?;
+        inner.lease.store(lease, Ordering::Release);
+        flags.renewed = Instant::now();
+        tracing::info!(registry = %inner.label, lease, ttl = inner.opts.ttl_secs, "granted a lease");
+        if flags.ever_up && !flags.lost {
+            flags.lost = true;
+            inner.emit(RegistryEvent::SessionLost);
+        }
+    }
+    let mut lc = clients.lease.clone();
+    let (keeper, keep_alive) = errors::timed(
+        &inner.label,
+        || format!("renewing lease {lease:x}"),
+        inner.opts.timeout,
+        lc.keep_alive(lease),
+    )
+    .await
+    .map_err(step_err)?;
+    flags.renewed = Instant::now();
+    let anchor = inner.opts.root.clone();
+    let mut wc = clients.watch.clone();
+    let (watcher, watch) = errors::timed(
+        &inner.label,
+        || "opening the watch stream".to_owned(),
+        inner.opts.timeout,
+        wc.watch(
+            anchor,
+            Some(WatchOptions::new().with_watch_id(ANCHOR_WATCH_ID)),
+        ),
+    )
+    .await
+    .map_err(step_err)?;
+    Ok(Streams {
+        keeper,
+        keep_alive,
+        watcher,
+        watch,
+    })
+}
+
+/// Creates every watch not yet created on stream `generation`, each from its revision + 1.
+async fn arm_all(inner: &Inner, watcher: &mut Watcher, generation: u64) -> Result<(), String> {
+    let requests: Vec<(i64, String, i64)> = {
+        let mut watches = lock(&inner.watches);
+        watches
+            .iter_mut()
+            .filter(|(_, w)| w.armed != generation)
+            .map(|(id, w)| {
+                w.armed = generation;
+                (*id, w.prefix.clone(), w.revision + 1)
+            })
+            .collect()
+    };
+    for (id, prefix, from) in requests {
+        tracing::debug!(registry = %inner.label, id, prefix, from, "watching");
+        watcher
+            .watch(
+                prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(from)
+                        .with_watch_id(id),
+                ),
+            )
+            .await
+            .map_err(|e| format!("creating watch {id}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn connected(
+    inner: &Inner,
+    s: &mut Streams,
+    cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    generation: u64,
+    flags: &mut Flags,
+) -> Exit {
+    let period = inner.opts.keep_alive_period;
+    let mut keep_alive_tick = tokio::time::interval_at(Instant::now() + period, period);
+    keep_alive_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let reread_period = inner
+        .opts
+        .reread
+        .unwrap_or(Duration::from_secs(86_400 * 365));
+    let mut reread_tick = tokio::time::interval_at(Instant::now() + reread_period, reread_period);
+    reread_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut unanswered: Option<Instant> = None;
+
+    loop {
+        tokio::select! {
+            _ = stopped(shutdown) => return Exit::Shutdown,
+            _ = keep_alive_tick.tick() => {
+                if let Some(since) = unanswered
+                    && since.elapsed() > inner.opts.timeout.max(period)
+                {
+                    return Exit::Down(format!("no keep-alive answer for {:?}", since.elapsed()));
+                }
+                if let Err(e) = s.keeper.keep_alive().await {
+                    return Exit::Down(format!("sending a keep-alive: {e}"));
+                }
+                unanswered.get_or_insert_with(Instant::now);
+            }
+            m = s.keep_alive.message() => match m {
+                Ok(Some(r)) => {
+                    if r.ttl() <= 0 {
+                        return Exit::LeaseLost;
+                    }
+                    unanswered = None;
+                    flags.renewed = Instant::now();
+                }
+                Ok(None) => return Exit::Down("the keep-alive stream ended".to_owned()),
+                Err(e) => return match errors::kind(&e) {
+                    Kind::LeaseNotFound => Exit::LeaseLost,
+                    Kind::TokenInvalid => Exit::Reauthenticate,
+                    _ => Exit::Down(format!("keep-alive stream: {e}")),
+                },
+            },
+            m = s.watch.message() => match m {
+                Ok(Some(r)) => {
+                    if let Err(reason) = on_watch_response(inner, s, r, generation).await {
+                        return Exit::Down(reason);
+                    }
+                }
+                Ok(None) => return Exit::Down("the watch stream ended".to_owned()),
+                Err(e) => return match errors::kind(&e) {
+                    Kind::TokenInvalid => Exit::Reauthenticate,
+                    _ => Exit::Down(format!("watch stream: {e}")),
+                },
+            },
+            cmd = cmds.recv() => match cmd {
+                Some(Cmd::Arm) => {
+                    if let Err(reason) = arm_all(inner, &mut s.watcher, generation).await {
+                        return Exit::Down(reason);
+                    }
+                }
+                Some(Cmd::Cancel(id, armed)) => {
+                    if armed == generation && let Err(e) = s.watcher.cancel_by_id(id).await {
+                        return Exit::Down(format!("cancelling watch {id}: {e}"));
+                    }
+                }
+                Some(Cmd::CheckLease) => {
+                    if let Err(e) = s.keeper.keep_alive().await {
+                        return Exit::Down(format!("sending a keep-alive: {e}"));
+                    }
+                    unanswered.get_or_insert_with(Instant::now);
+                }
+                Some(Cmd::Reauthenticate) => {
+                    if inner.opts.user.is_some() {
+                        return Exit::Reauthenticate;
+                    }
+                }
+                None => return Exit::Shutdown,
+            },
+            _ = reread_tick.tick(), if inner.opts.reread.is_some() => {
+                if let Err(reason) = reread_all(inner).await {
+                    tracing::warn!(registry = %inner.label, reason, "periodic re-read failed");
+                }
+            }
+        }
+    }
+}
+
+/// Routes one watch response by its watch id.
+async fn on_watch_response(
+    inner: &Inner,
+    s: &mut Streams,
+    r: WatchResponse,
+    generation: u64,
+) -> Result<(), String> {
+    let id = r.watch_id();
+    if id == ANCHOR_WATCH_ID {
+        if r.canceled() {
+            return Err(format!(
+                "the anchor watch was cancelled: {}",
+                r.cancel_reason()
+            ));
+        }
+        return Ok(());
+    }
+    if r.compact_revision() > 0 || (r.canceled() && !r.created()) {
+        let known = lock(&inner.watches).contains_key(&id);
+        if known {
+            tracing::info!(
+                registry = %inner.label,
+                id,
+                compact_revision = r.compact_revision(),
+                reason = r.cancel_reason(),
+                "watch cancelled by the server; reading the prefix again"
+            );
+            resync(inner, s, id, generation).await?;
+        }
+        return Ok(());
+    }
+    if r.created() {
+        if r.canceled() {
+            tracing::error!(
+                registry = %inner.label,
+                id,
+                reason = r.cancel_reason(),
+                "etcd refused a watch; the list is kept fresh by the periodic re-read only"
+            );
+        }
+        return Ok(());
+    }
+    if r.events().is_empty() {
+        return Ok(());
+    }
+    let mut watches = lock(&inner.watches);
+    let Some(w) = watches.get_mut(&id) else {
+        return Ok(());
+    };
+    let mut changed = Changed::new();
+    let mut latest = w.revision;
+    for ev in r.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let rev = kv.mod_revision();
+        if rev <= w.revision {
+            continue; // already in the state (read at a later revision)
+        }
+        latest = latest.max(rev);
+        let Ok(key) = kv.key_str() else { continue };
+        let url = match ev.event_type() {
+            EventType::Put => match parse_key(&inner.label, &w.prefix, &w.scope, key) {
+                Some((_, _, u)) => Some(u),
+                None => continue,
+            },
+            EventType::Delete => None,
+        };
+        changed.extend(w.apply(key, url));
+    }
+    w.revision = latest;
+    if !changed.is_empty() {
+        w.notify_changed(&changed);
+    }
+    Ok(())
+}
+
+/// Reads the prefix of watch `id` again, notifies what changed, and creates the watch again
+/// (under a new id) from the read's revision + 1.
+async fn resync(inner: &Inner, s: &mut Streams, id: i64, generation: u64) -> Result<(), String> {
+    let Some((prefix, scope)) = lock(&inner.watches)
+        .get(&id)
+        .map(|w| (w.prefix.clone(), w.scope.clone()))
+    else {
+        return Ok(());
+    };
+    let Some(clients) = inner.clients() else {
+        return Err("no client".to_owned());
+    };
+    let (entries, revision) = inner
+        .read(&clients, &prefix, &scope)
+        .await
+        .map_err(|(e, _)| e.to_string())?;
+    let new_id = {
+        let mut watches = lock(&inner.watches);
+        let Some(mut w) = watches.remove(&id) else {
+            return Ok(());
+        };
+        if revision > w.revision {
+            let changed = w.replace(entries);
+            w.revision = revision;
+            w.notify_changed(&changed);
+        }
+        w.armed = generation;
+        let new_id = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
+        let from = w.revision + 1;
+        watches.insert(new_id, w);
+        (new_id, from)
+    };
+    s.watcher
+        .watch(
+            prefix,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(new_id.1)
+                    .with_watch_id(new_id.0),
+            ),
+        )
+        .await
+        .map_err(|e| format!("creating watch {}: {e}", new_id.0))
+}
+
+/// Reads every watched prefix again and notifies any difference (events the server lost).
+async fn reread_all(inner: &Inner) -> Result<(), String> {
+    let Some(clients) = inner.clients() else {
+        return Ok(());
+    };
+    let targets: Vec<(i64, String, crate::watches::Scope)> = lock(&inner.watches)
+        .iter()
+        .map(|(id, w)| (*id, w.prefix.clone(), w.scope.clone()))
+        .collect();
+    for (id, prefix, scope) in targets {
+        let (entries, revision) = inner
+            .read(&clients, &prefix, &scope)
+            .await
+            .map_err(|(e, _)| e.to_string())?;
+        let mut watches = lock(&inner.watches);
+        if let Some(w) = watches.get_mut(&id)
+            && revision > w.revision
+        {
+            let changed = w.replace(entries);
+            w.revision = revision;
+            if !changed.is_empty() {
+                tracing::warn!(
+                    registry = %inner.label,
+                    prefix,
+                    "the periodic re-read found changes no watch event reported; notifying them"
+                );
+                w.notify_changed(&changed);
+            }
+        }
+    }
+    Ok(())
+}
