@@ -73,7 +73,7 @@ pub struct EtcdFactory;
 impl RegistryFactory for EtcdFactory {
     async fn create(&self, url: &Url) -> Result<Arc<dyn Registry>> {
         let raw = EtcdRegistry::new(url.clone()).await?;
-        Ok(Arc::new(raw)) // FAILBACK: Ok(Arc::new(registry_failback::FailbackRegistry::new(raw)))
+        Ok(registry_failback::FailbackRegistry::new(raw)?)
     }
 }
 

@@ -4,12 +4,13 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{DEADLINE, EventLog, keys_under, lease_of, raw, registry};
-use registry_core::testkit::{Recorder, consumer, provider, unique_service};
+use registry_core::testkit::{Recorder, consumer, provider, unique_service, wait_until};
 use registry_core::url::PROVIDERS_CATEGORY;
-use registry_core::{Error, RegistryEvent, encode};
+use registry_core::{Error, RegistryEvent, Url, encode};
 use registry_etcd as _;
 use registry_test_servers::{Kind, shared_address};
 
@@ -161,6 +162,74 @@ async fn lease_revoked_from_outside_gives_a_new_session() {
     assert!(r.is_available());
     r.destroy().await;
     assert_eq!(lease_of(&mut raw, &key).await, None);
+}
+
+/// With the reliability layer in the factory, a lease revoked from outside heals by itself:
+/// every dynamic entry is put again on the new lease and every subscription sees changes
+/// made afterwards, within about one keep-alive period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_lease_entries_come_back_by_themselves() {
+    let Some(addr) = shared_address(Kind::Etcd, "revoked_lease_entries_come_back") else {
+        return;
+    };
+    let s = unique_service("heal");
+    // TTL 3 s, renewed every second.
+    let r = registry(&format!("etcd://{addr}?session=6000&file=false")).await;
+    let ps: Vec<Url> = (1..=10).map(|i| provider(&s, i, "")).collect();
+    for p in &ps {
+        r.register(p).await.expect("register");
+    }
+    let recs: Vec<Arc<Recorder>> = (0..3).map(|_| Recorder::new()).collect();
+    for rec in &recs {
+        r.subscribe(&consumer(&s, ""), rec.listener())
+            .await
+            .expect("subscribe");
+    }
+    let mut raw = raw(&addr).await;
+    let key = |u: &Url| {
+        format!(
+            "/dubbo/{}/providers/{}",
+            encode(&s),
+            encode(&u.to_full_string())
+        )
+    };
+    let old = lease_of(&mut raw, &key(&ps[0])).await.expect("entry");
+    let revoked = Instant::now();
+    raw.lease_revoke(old).await.expect("revoke from outside");
+    wait_until("every entry back on a new lease", DEADLINE, || {
+        let keys: Vec<String> = ps.iter().map(key).collect();
+        let addr = addr.clone();
+        async move {
+            let mut raw = common::raw(&addr).await;
+            for k in &keys {
+                match lease_of(&mut raw, k).await {
+                    Some(l) if l != 0 && l != old => {}
+                    _ => return false,
+                }
+            }
+            true
+        }
+    })
+    .await;
+    let restored = revoked.elapsed();
+    let later = provider(&s, 50, "");
+    r.register(&later).await.expect("register after recovery");
+    let mut want = ps.clone();
+    want.push(later.clone());
+    for rec in &recs {
+        rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &want, DEADLINE)
+            .await;
+    }
+    eprintln!(
+        "lease revoked from outside: 10 entries back on a new lease after {restored:?}, \
+         3 subscriptions current after {:?} (keep-alive period 1 s)",
+        revoked.elapsed()
+    );
+    assert!(
+        restored < Duration::from_secs(3),
+        "restored within the keep-alive period plus slack"
+    );
+    r.destroy().await;
 }
 
 /// Keys of a sibling category (`providersX`), the category path itself and deeper keys,

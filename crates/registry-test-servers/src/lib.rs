@@ -146,10 +146,27 @@ fn find_program(name: &str) -> Option<PathBuf> {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free loopback port: {e}"))
+    Ok(free_ports::<1>()?[0])
+}
+
+/// `N` distinct free TCP ports on 127.0.0.1 (all sockets are held until every port is chosen,
+/// so the same port cannot come back twice).
+pub fn free_ports<const N: usize>() -> Result<[u16; N], String> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for p in &mut ports {
+        let l =
+            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free loopback port: {e}"))?;
+        *p = l.local_addr().map_err(|e| e.to_string())?.port();
+        held.push(l);
+    }
+    Ok(ports)
+}
+
+/// Whether a server's log says its port was taken between choosing and binding it.
+fn port_taken(log: &str) -> bool {
+    let l = log.to_ascii_lowercase();
+    l.contains("address already in use") || l.contains("bindexception")
 }
 
 /// A running (or stopped) server process with its own directory.
@@ -198,19 +215,31 @@ impl Server {
             .prefix(&format!("registry-test-{kind:?}-").to_lowercase())
             .tempdir()
             .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+        let [client_port, peer_port] = free_ports::<2>()?;
         let mut s = Server {
             kind,
             dir,
-            client_port: free_port()?,
-            peer_port: free_port()?,
+            client_port,
+            peer_port,
             child: None,
             tick_ms,
         };
-        if kind == Kind::Zookeeper {
-            s.write_zoo_cfg()?;
+        // Another process may take a chosen port before the server binds it: choose again.
+        let mut tries = 0;
+        loop {
+            if kind == Kind::Zookeeper {
+                s.write_zoo_cfg()?;
+            }
+            match s.start() {
+                Ok(()) => return Ok(s),
+                Err(e) if tries < 4 && port_taken(&e) => {
+                    tries += 1;
+                    s.stop();
+                    [s.client_port, s.peer_port] = free_ports::<2>()?;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        s.start()?;
-        Ok(s)
     }
 
     fn write_zoo_cfg(&self) -> Result<(), String> {
