@@ -225,11 +225,17 @@ mod tests {
         assert!(!is_alive(&dead, &ME));
         let reused = EntryFile { start: me.start.map(|s| s + 1), ..me.clone() };
         assert!(!is_alive(&reused, &ME), "same pid, other start time: pid reused");
-        let rebooted = EntryFile { boot: Some("another-boot".into()), ..me.clone() };
-        assert!(!is_alive(&rebooted, &ME));
-        let elsewhere = EntryFile { host: Some("another-host".into()), pid: Some(pid), start: None, ..me.clone() };
-        assert!(is_alive(&elsewhere, &ME), "another host: cannot tell, alive");
-        let container = EntryFile { pidns: Some("pid:[1]".into()), pid: Some(pid), start: None, ..me };
-        assert!(is_alive(&container, &ME), "another pid namespace: cannot tell, alive");
+        if ME.boot.is_some() {
+            let rebooted = EntryFile { boot: Some("another-boot".into()), ..me.clone() };
+            assert!(!is_alive(&rebooted, &ME));
+        }
+        if ME.host.is_some() {
+            let elsewhere = EntryFile { host: Some("another-host".into()), pid: Some(pid), start: None, ..me.clone() };
+            assert!(is_alive(&elsewhere, &ME), "another host: cannot tell, alive");
+        }
+        if ME.pidns.is_some() {
+            let container = EntryFile { pidns: Some("pid:[1]".into()), pid: Some(pid), start: None, ..me };
+            assert!(is_alive(&container, &ME), "another pid namespace: cannot tell, alive");
+        }
     }
 }
