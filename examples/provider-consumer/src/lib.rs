@@ -78,8 +78,8 @@ pub async fn registry_from_config(config: Option<&Path>) -> Result<Arc<dyn Regis
 
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called, so call it
 /// before announcing anything a supervisor may react to.
-pub fn shutdown_signal()
--> Result<impl std::future::Future<Output = ()> + Send + 'static, Failure> {
+pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, Failure>
+{
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -125,7 +125,9 @@ mod tests {
             providers_line(&n),
             "providers: 2 [127.0.0.1:50051, 127.0.0.1:50052] (live)"
         );
-        let marker: Url = "empty://10.0.0.1/S?category=providers".parse().expect("url");
+        let marker: Url = "empty://10.0.0.1/S?category=providers"
+            .parse()
+            .expect("url");
         let n = Notification::new("S", "providers", vec![marker], 2, Source::Cache);
         assert_eq!(providers_line(&n), "providers: 0 [] (cache)");
     }

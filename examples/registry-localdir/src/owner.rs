@@ -144,7 +144,8 @@ pub(crate) fn is_alive(entry: &EntryFile, me: &Identity) -> bool {
         // No /proc to look at: cannot tell.
         return true;
     }
-    let differs = |a: &Option<String>, b: &Option<String>| matches!((a, b), (Some(a), Some(b)) if a != b);
+    let differs =
+        |a: &Option<String>, b: &Option<String>| matches!((a, b), (Some(a), Some(b)) if a != b);
     if differs(&entry.host, &me.host) {
         return true; // another host (or UTS namespace): cannot tell
     }
@@ -198,7 +199,8 @@ mod tests {
 
     #[test]
     fn start_time_is_read_after_the_command_name() {
-        let stat = "4242 (a b) c)) S 1 4242 4242 0 -1 4194304 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        let stat =
+            "4242 (a b) c)) S 1 4242 4242 0 -1 4194304 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
         assert_eq!(parse_start(stat), Some(98765));
         assert_eq!(parse_start("garbage"), None);
     }
@@ -217,25 +219,58 @@ mod tests {
     fn this_process_is_alive_and_a_reaped_child_is_not() {
         let me = ME.entry("dubbo://h:1/s".into(), "me");
         assert!(is_alive(&me, &ME));
-        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
         let pid = child.id();
         child.wait().expect("wait");
-        let dead = EntryFile { pid: Some(pid), ..me.clone() };
-        let dead = EntryFile { start: None, ..dead };
+        let dead = EntryFile {
+            pid: Some(pid),
+            ..me.clone()
+        };
+        let dead = EntryFile {
+            start: None,
+            ..dead
+        };
         assert!(!is_alive(&dead, &ME));
-        let reused = EntryFile { start: me.start.map(|s| s + 1), ..me.clone() };
-        assert!(!is_alive(&reused, &ME), "same pid, other start time: pid reused");
+        let reused = EntryFile {
+            start: me.start.map(|s| s + 1),
+            ..me.clone()
+        };
+        assert!(
+            !is_alive(&reused, &ME),
+            "same pid, other start time: pid reused"
+        );
         if ME.boot.is_some() {
-            let rebooted = EntryFile { boot: Some("another-boot".into()), ..me.clone() };
+            let rebooted = EntryFile {
+                boot: Some("another-boot".into()),
+                ..me.clone()
+            };
             assert!(!is_alive(&rebooted, &ME));
         }
         if ME.host.is_some() {
-            let elsewhere = EntryFile { host: Some("another-host".into()), pid: Some(pid), start: None, ..me.clone() };
-            assert!(is_alive(&elsewhere, &ME), "another host: cannot tell, alive");
+            let elsewhere = EntryFile {
+                host: Some("another-host".into()),
+                pid: Some(pid),
+                start: None,
+                ..me.clone()
+            };
+            assert!(
+                is_alive(&elsewhere, &ME),
+                "another host: cannot tell, alive"
+            );
         }
         if ME.pidns.is_some() {
-            let container = EntryFile { pidns: Some("pid:[1]".into()), pid: Some(pid), start: None, ..me };
-            assert!(is_alive(&container, &ME), "another pid namespace: cannot tell, alive");
+            let container = EntryFile {
+                pidns: Some("pid:[1]".into()),
+                pid: Some(pid),
+                start: None,
+                ..me
+            };
+            assert!(
+                is_alive(&container, &ME),
+                "another pid namespace: cannot tell, alive"
+            );
         }
     }
 }

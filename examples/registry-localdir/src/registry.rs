@@ -151,7 +151,11 @@ impl Settings {
         }
         let raw_group = url.parameter_or(GROUP_KEY, "dubbo");
         let group = raw_group.trim_matches('/');
-        if group.is_empty() || group.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        if group.is_empty()
+            || group
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
             return Err(Error::InvalidParameter {
                 key: GROUP_KEY.to_owned(),
                 value: raw_group.to_owned(),
@@ -365,10 +369,8 @@ impl Inner {
             .values()
             .map(|s| (s.url.clone(), s.categories.clone(), s.wildcard))
             .collect();
-        let refs: Vec<(&Url, &[String], bool)> = subs
-            .iter()
-            .map(|(u, c, w)| (u, c.as_slice(), *w))
-            .collect();
+        let refs: Vec<(&Url, &[String], bool)> =
+            subs.iter().map(|(u, c, w)| (u, c.as_slice(), *w)).collect();
         let keys = self.wanted(&refs).await?;
         let reads = self.read(&keys).await?;
         let hot = apply(&mut st, reads, false);

@@ -21,7 +21,9 @@ async fn open(dir: &Path, extra: &str) -> registry_core::Result<Arc<dyn Registry
 }
 
 fn category_dir(dir: &Path, service: &str) -> PathBuf {
-    dir.join("dubbo").join(encode(service)).join(PROVIDERS_CATEGORY)
+    dir.join("dubbo")
+        .join(encode(service))
+        .join(PROVIDERS_CATEGORY)
 }
 
 /// The pid of a process that has exited and been reaped.
@@ -220,7 +222,9 @@ async fn undecodable_names_are_skipped() {
         .parse()
         .expect("url");
     let all = Recorder::new();
-    r.subscribe(&wild, all.listener()).await.expect("subscribe *");
+    r.subscribe(&wild, all.listener())
+        .await
+        .expect("subscribe *");
     assert_eq!(all.latest_entries(&s, PROVIDERS_CATEGORY), Some(vec![p]));
     r.destroy().await;
 }
@@ -247,17 +251,23 @@ async fn bad_urls_give_clear_errors() {
         "{e}"
     );
     let base = format!("localdir://{}", dir.path().display());
-    let e = err(RegistryManager::new().get_registry(format!("{base}?poll=soon")).await);
+    let e = err(RegistryManager::new()
+        .get_registry(format!("{base}?poll=soon"))
+        .await);
     assert!(
         matches!(&e, Error::InvalidParameter { key, .. } if key == "poll"),
         "{e}"
     );
-    let e = err(RegistryManager::new().get_registry(format!("{base}?poll=0")).await);
+    let e = err(RegistryManager::new()
+        .get_registry(format!("{base}?poll=0"))
+        .await);
     assert!(
         matches!(&e, Error::InvalidParameter { key, .. } if key == "poll"),
         "{e}"
     );
-    let e = err(RegistryManager::new().get_registry(format!("{base}?group=../x")).await);
+    let e = err(RegistryManager::new()
+        .get_registry(format!("{base}?group=../x"))
+        .await);
     assert!(
         matches!(&e, Error::InvalidParameter { key, .. } if key == "group"),
         "{e}"
@@ -281,7 +291,11 @@ async fn bad_urls_give_clear_errors() {
     r.register(&p)
         .await
         .expect("check=false on the registry: the write is retried in the background");
-    assert!(r.lookup(&consumer(p.service_interface(), "")).await.is_err());
+    assert!(
+        r.lookup(&consumer(p.service_interface(), ""))
+            .await
+            .is_err()
+    );
     r.destroy().await;
 
     // A URL that cannot name a directory entry.
@@ -289,13 +303,18 @@ async fn bad_urls_give_clear_errors() {
         .get_registry(format!("{base}?file=false"))
         .await
         .expect("registry");
-    let bad: Url = "tri://10.0.0.1:1/..?category=providers".parse().expect("url");
+    let bad: Url = "tri://10.0.0.1:1/..?category=providers"
+        .parse()
+        .expect("url");
     assert!(ok.register(&bad).await.is_err(), "`..` is not a service");
     let bad = provider("com.x.Y", 1, "category=../../etc");
     assert!(
         matches!(ok.register(&bad).await, Err(Error::InvalidParameter { .. })),
         "a category cannot leave the directory"
     );
-    assert!(!dir.path().join("etc").exists(), "nothing was written outside");
+    assert!(
+        !dir.path().join("etc").exists(),
+        "nothing was written outside"
+    );
     ok.destroy().await;
 }

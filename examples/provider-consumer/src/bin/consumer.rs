@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use futures_util::StreamExt;
 use provider_consumer::{
-    DEFAULT_SERVICE, Failure, fail, init_logging, parse_args, providers_line,
-    registry_from_config, shutdown_signal,
+    DEFAULT_SERVICE, Failure, fail, init_logging, parse_args, providers_line, registry_from_config,
+    shutdown_signal,
 };
 use registry_core::Url;
 
@@ -44,7 +44,12 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
-        Err(e) => return fail("consumer", &Failure(format!("cannot start the runtime: {e}"))),
+        Err(e) => {
+            return fail(
+                "consumer",
+                &Failure(format!("cannot start the runtime: {e}")),
+            );
+        }
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,

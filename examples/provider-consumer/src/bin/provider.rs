@@ -9,8 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use provider_consumer::{
-    DEFAULT_SERVICE, Failure, fail, init_logging, parse_args, registry_from_config,
-    shutdown_signal,
+    DEFAULT_SERVICE, Failure, fail, init_logging, parse_args, registry_from_config, shutdown_signal,
 };
 use registry_core::Url;
 
@@ -43,7 +42,12 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
-        Err(e) => return fail("provider", &Failure(format!("cannot start the runtime: {e}"))),
+        Err(e) => {
+            return fail(
+                "provider",
+                &Failure(format!("cannot start the runtime: {e}")),
+            );
+        }
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
