@@ -323,4 +323,24 @@ mod tests {
         let other = format!("{long}&x=1");
         assert_ne!(entry_name(&other), name);
     }
+
+    #[test]
+    fn a_read_of_a_directory_that_just_changed_is_not_stable() {
+        let dir = std::env::temp_dir().join(format!("localdir-settle-{}", std::process::id()));
+        let store = Store::new(dir.clone());
+        let url: Url = "tri://10.0.0.1:1/a.B?side=provider".parse().expect("url");
+        let path = store.entry_path(&url);
+        store.write(&path, b"{}").expect("write");
+        let cat = path.parent().expect("category dir").to_owned();
+        let first = store.read_category(&cat).expect("read");
+        assert!(
+            !first.stable,
+            "changed a moment ago: may have changed during the read"
+        );
+        std::thread::sleep(SETTLE * 2);
+        let later = store.read_category(&cat).expect("read");
+        assert!(later.stable);
+        assert_eq!(later.entries.values().collect::<Vec<_>>(), vec![&url]);
+        let _ = fs::remove_dir_all(dir);
+    }
 }
