@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
+// Link every built-in backend, so each scheme is in the table (see the README's rule).
 use registry_core::{Notification, Registry, Url};
+use registry_etcd as _;
+use registry_localdir as _;
 
 /// Register, look up and watch services in a registry.
 #[derive(Debug, Parser)]

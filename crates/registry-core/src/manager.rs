@@ -15,16 +15,24 @@ const REGISTRY_SERVICE: &str = "org.apache.dubbo.registry.RegistryService";
 
 /// The cache key of a registry URL: `protocol://[user[:pass]@]host[:port]/[group/]RegistryService`
 /// (Dubbo's `createRegistryCacheKey`). The same address and group give the same registry; a
-/// different group or different credentials give another.
+/// different group or different credentials give another. Beyond Dubbo: a registry URL with a
+/// path of its own (a path-addressed backend such as `localdir:///srv/registry`) keeps it in
+/// the key, so two directories are two registries.
 pub fn registry_key(url: &Url) -> String {
-    let mut u = Url::new(url.protocol(), url.host(), url.port(), "")
-        .with_credentials(url.username(), url.password());
-    if let Some(g) = url.parameter(GROUP_KEY).filter(|g| !g.is_empty()) {
-        u = u.with_path(format!("{g}/{REGISTRY_SERVICE}"));
-    } else {
-        u = u.with_path(REGISTRY_SERVICE);
+    let mut path = String::new();
+    let own_path = url.path().trim_matches('/');
+    if !own_path.is_empty() && own_path != REGISTRY_SERVICE {
+        path.push_str(own_path);
+        path.push('/');
     }
-    u.to_full_string()
+    if let Some(g) = url.parameter(GROUP_KEY).filter(|g| !g.is_empty()) {
+        path.push_str(g);
+        path.push('/');
+    }
+    path.push_str(REGISTRY_SERVICE);
+    Url::new(url.protocol(), url.host(), url.port(), path)
+        .with_credentials(url.username(), url.password())
+        .to_full_string()
 }
 
 /// Something that names a registry URL: a `&str`, `String` or [`Url`].

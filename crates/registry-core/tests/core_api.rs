@@ -82,6 +82,11 @@ fn registry_key_follows_address_group_and_credentials() {
         "zookeeper://u:p@h:2181/g/org.apache.dubbo.registry.RegistryService"
     );
     assert_ne!(k("zookeeper://u:p@h:2181"), k("zookeeper://u:q@h:2181"));
+    assert_ne!(k("localdir:///srv/a"), k("localdir:///srv/b"));
+    assert_eq!(
+        k("zookeeper://h:2181/org.apache.dubbo.registry.RegistryService"),
+        k("zookeeper://h:2181")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

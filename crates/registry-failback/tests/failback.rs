@@ -150,12 +150,9 @@ async fn a_new_session_restores_everything_at_once() {
         fb.subscribe(&consumer(&s, ""), r.listener()).await.unwrap();
     }
     let start = Instant::now();
+    // The wrapper drops every subscription with the session; recovery may already be
+    // re-subscribing by now, so only the end state is checked.
     faulty.expire_session().await;
-    assert_eq!(
-        faulty.subscription_count(),
-        0,
-        "the session took the subscriptions with it"
-    );
     wait_until("every registration back", DEADLINE, || {
         holds(&inner, &s, &all)
     })

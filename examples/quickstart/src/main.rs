@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+// Every backend this program can reach through REGISTRY_URL must be linked by name.
 use registry_core::{Notification, NotificationStream, RegistryConfig, Url};
+use registry_etcd as _;
+use registry_localdir as _;
 
 const SERVICE: &str = "org.apache.dubbo.demo.GreetingService";
 

@@ -16,9 +16,9 @@ use provider_consumer::{
 use registry_core::Url;
 
 // Every backend this binary can use, linked so that its scheme is known.
+use registry_etcd as _;
 use registry_localdir as _;
-// linked when those crates land:
-// use registry_etcd as _;
+// linked when that crate lands:
 // use registry_zookeeper as _;
 
 /// Prints every change of a service's providers.
