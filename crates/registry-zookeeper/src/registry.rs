@@ -131,6 +131,21 @@ struct Session {
 enum Cmd {
     /// Read the list again, push it, then answer.
     Reread(oneshot::Sender<Result<()>>),
+    /// Drop the watch and add it again, then re-read (after a reconnect of the same session).
+    ///
+    /// zookeeper-client 0.11.2 re-sends persistent watches with the old `SetWatches` request,
+    /// which cannot carry them (`resend_watches` computes `index.max(index)` where it means
+    /// `index.max(i)`), so after a reconnect the server no longer knows them. Adding them
+    /// again ourselves works with any client version.
+    Rearm(oneshot::Sender<Result<()>>),
+}
+
+impl Cmd {
+    fn into_ack(self) -> oneshot::Sender<Result<()>> {
+        match self {
+            Cmd::Reread(a) | Cmd::Rearm(a) => a,
+        }
+    }
 }
 
 struct TaskRef {
@@ -350,8 +365,8 @@ async fn arm(
 
 fn refuse_all(rx: &mut mpsc::UnboundedReceiver<Cmd>, make: impl Fn() -> Error) {
     rx.close();
-    while let Ok(Cmd::Reread(ack)) = rx.try_recv() {
-        let _ = ack.send(Err(make()));
+    while let Ok(cmd) = rx.try_recv() {
+        let _ = cmd.into_ack().send(Err(make()));
     }
 }
 
@@ -363,63 +378,99 @@ async fn run_watch(
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     ctx: Ctx,
 ) {
-    let mut watcher =
-        match arm(&ctx, &client, &watch.path, zk::AddWatchMode::PersistentRecursive).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(registry = %ctx.label, path = %watch.path, error = %e, "cannot watch");
-                let msg = e.to_string();
-                refuse_all(&mut rx, || Error::Unavailable {
-                    registry: ctx.label.clone(),
-                    reason: msg.clone(),
-                });
-                return;
-            }
-        };
-    loop {
-        tokio::select! {
-            ev = watcher.changed() => {
-                let mut batch = vec![ev];
-                drain(&mut watcher, &mut batch);
-                watch.apply_batch(generation, &batch);
-                if batch.last().is_some_and(is_terminal) {
-                    break;
-                }
-            }
-            cmd = rx.recv() => match cmd {
-                None => break,
-                Some(Cmd::Reread(ack)) => {
-                    let read = ctx.call(client.get_children(&watch.path)).await;
-                    // Events that came before the reply are already in the read; applying
-                    // them again on top of it leaves the same list once all are applied.
-                    let mut batch = Vec::new();
-                    drain(&mut watcher, &mut batch);
-                    let result = match read {
-                        Ok((names, stat)) => {
-                            watch.replace(generation, Some((names, stat.pzxid)), &batch);
-                            Ok(())
-                        }
-                        Err(Fail::Zk(zk::Error::NoNode)) => {
-                            watch.replace(generation, None, &batch);
-                            Ok(())
-                        }
-                        Err(f) => {
-                            watch.apply_batch(generation, &batch);
-                            Err(ctx.error("list children of", &watch.path, f))
-                        }
+    // A re-arm request waiting for its answer (given after the re-read).
+    let mut rearmed: Option<oneshot::Sender<Result<()>>> = None;
+    'arm: loop {
+        // The previous watcher (if any) was dropped when the last iteration ended, so its
+        // removal reaches the server before this new watch.
+        let mut watcher =
+            match arm(&ctx, &client, &watch.path, zk::AddWatchMode::PersistentRecursive).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(registry = %ctx.label, path = %watch.path, error = %e, "cannot watch");
+                    let msg = e.to_string();
+                    let refuse = || Error::Unavailable {
+                        registry: ctx.label.clone(),
+                        reason: msg.clone(),
                     };
-                    if let Err(e) = &result {
-                        tracing::warn!(registry = %ctx.label, path = %watch.path, error = %e, "cannot read the child list");
+                    if let Some(ack) = rearmed.take() {
+                        let _ = ack.send(Err(refuse()));
                     }
-                    let _ = ack.send(result);
+                    refuse_all(&mut rx, refuse);
+                    return;
+                }
+            };
+        if let Some(ack) = rearmed.take() {
+            let (result, end) = reread_watch(&watch, &client, generation, &mut watcher, &ctx).await;
+            let _ = ack.send(result);
+            if end {
+                break;
+            }
+        }
+        loop {
+            tokio::select! {
+                ev = watcher.changed() => {
+                    let mut batch = vec![ev];
+                    drain(&mut watcher, &mut batch);
+                    watch.apply_batch(generation, &batch);
                     if batch.last().is_some_and(is_terminal) {
-                        break;
+                        break 'arm;
+                    }
+                }
+                cmd = rx.recv() => match cmd {
+                    None => break 'arm,
+                    Some(Cmd::Rearm(ack)) => {
+                        rearmed = Some(ack);
+                        continue 'arm;
+                    }
+                    Some(Cmd::Reread(ack)) => {
+                        let (result, end) =
+                            reread_watch(&watch, &client, generation, &mut watcher, &ctx).await;
+                        let _ = ack.send(result);
+                        if end {
+                            break 'arm;
+                        }
                     }
                 }
             }
         }
     }
     tracing::debug!(registry = %ctx.label, path = %watch.path, "watch task ended");
+}
+
+/// Reads the list, applies the events that came meanwhile, pushes. Returns the result and
+/// whether the session ended.
+async fn reread_watch(
+    watch: &Watch,
+    client: &zk::Client,
+    generation: u64,
+    watcher: &mut zk::PersistentWatcher,
+    ctx: &Ctx,
+) -> (Result<()>, bool) {
+    let read = ctx.call(client.get_children(&watch.path)).await;
+    // Events that came before the reply are already in the read; applying them again on
+    // top of it leaves the same list once all of them are applied, which `drain` ensures
+    // (they are all queued by the time the reply is seen).
+    let mut batch = Vec::new();
+    drain(watcher, &mut batch);
+    let result = match read {
+        Ok((names, stat)) => {
+            watch.replace(generation, Some((names, stat.pzxid)), &batch);
+            Ok(())
+        }
+        Err(Fail::Zk(zk::Error::NoNode)) => {
+            watch.replace(generation, None, &batch);
+            Ok(())
+        }
+        Err(f) => {
+            watch.apply_batch(generation, &batch);
+            Err(ctx.error("list children of", &watch.path, f))
+        }
+    };
+    if let Err(e) = &result {
+        tracing::warn!(registry = %ctx.label, path = %watch.path, error = %e, "cannot read the child list");
+    }
+    (result, batch.last().is_some_and(is_terminal))
 }
 
 /// The root watch of `interface=*` subscriptions.
@@ -446,37 +497,52 @@ async fn run_root(
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     ctx: Ctx,
 ) {
-    let mut watcher = match arm(&ctx, &client, &ctx.root, zk::AddWatchMode::Persistent).await {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(registry = %ctx.label, path = %ctx.root, error = %e, "cannot watch the root");
-            let msg = e.to_string();
-            refuse_all(&mut rx, || Error::Unavailable {
-                registry: ctx.label.clone(),
-                reason: msg.clone(),
-            });
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            ev = watcher.changed() => {
-                let mut batch = vec![ev];
-                drain(&mut watcher, &mut batch);
-                if batch.iter().any(|e| e.event_type != zk::EventType::Session)
-                    && let Err(e) = relist(&registry, &root, &client, generation, &ctx).await
-                {
-                    tracing::warn!(registry = %ctx.label, error = %e, "cannot list the services");
+    let mut rearmed: Option<oneshot::Sender<Result<()>>> = None;
+    'arm: loop {
+        let mut watcher = match arm(&ctx, &client, &ctx.root, zk::AddWatchMode::Persistent).await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(registry = %ctx.label, path = %ctx.root, error = %e, "cannot watch the root");
+                let msg = e.to_string();
+                let refuse = || Error::Unavailable {
+                    registry: ctx.label.clone(),
+                    reason: msg.clone(),
+                };
+                if let Some(ack) = rearmed.take() {
+                    let _ = ack.send(Err(refuse()));
                 }
-                if batch.last().is_some_and(is_terminal) {
-                    break;
-                }
+                refuse_all(&mut rx, refuse);
+                return;
             }
-            cmd = rx.recv() => match cmd {
-                None => break,
-                Some(Cmd::Reread(ack)) => {
-                    let r = relist(&registry, &root, &client, generation, &ctx).await;
-                    let _ = ack.send(r);
+        };
+        if let Some(ack) = rearmed.take() {
+            let _ = ack.send(relist(&registry, &root, &client, generation, &ctx).await);
+        }
+        loop {
+            tokio::select! {
+                ev = watcher.changed() => {
+                    let mut batch = vec![ev];
+                    drain(&mut watcher, &mut batch);
+                    if batch.iter().any(|e| e.event_type != zk::EventType::Session)
+                        && let Err(e) = relist(&registry, &root, &client, generation, &ctx).await
+                    {
+                        tracing::warn!(registry = %ctx.label, error = %e, "cannot list the services");
+                    }
+                    if batch.last().is_some_and(is_terminal) {
+                        break 'arm;
+                    }
+                }
+                cmd = rx.recv() => match cmd {
+                    None => break 'arm,
+                    Some(Cmd::Rearm(ack)) => {
+                        rearmed = Some(ack);
+                        continue 'arm;
+                    }
+                    Some(Cmd::Reread(ack)) => {
+                        let r = relist(&registry, &root, &client, generation, &ctx).await;
+                        let _ = ack.send(r);
+                    }
                 }
             }
         }
@@ -539,12 +605,13 @@ async fn relist(
 /// categories of a service are notified in order.
 async fn reread_in_order(targets: Vec<(String, Option<mpsc::UnboundedSender<Cmd>>)>) -> Result<()> {
     for (path, tx) in targets {
-        wait_reread(&path, tx).await?;
+        wait_reread(&path, tx, false).await?;
     }
     Ok(())
 }
 
-async fn wait_reread(path: &str, tx: Option<mpsc::UnboundedSender<Cmd>>) -> Result<()> {
+/// Sends a re-read (or, with `rearm`, a re-arm and re-read) and waits for the answer.
+async fn wait_reread(path: &str, tx: Option<mpsc::UnboundedSender<Cmd>>, rearm: bool) -> Result<()> {
     let stopped = || Error::Unavailable {
         registry: String::new(),
         reason: format!("the watch on {path} is not running (no session)"),
@@ -553,7 +620,8 @@ async fn wait_reread(path: &str, tx: Option<mpsc::UnboundedSender<Cmd>>) -> Resu
         return Err(stopped());
     };
     let (ack, answer) = oneshot::channel();
-    if tx.send(Cmd::Reread(ack)).is_err() {
+    let cmd = if rearm { Cmd::Rearm(ack) } else { Cmd::Reread(ack) };
+    if tx.send(cmd).is_err() {
         return Err(stopped());
     }
     answer.await.unwrap_or_else(|_| Err(stopped()))
@@ -823,8 +891,10 @@ impl Inner {
         }
     }
 
-    /// Re-arms (on a new session) and re-reads every watch, pushing the lists.
-    async fn reread_all(self: &Arc<Self>) {
+    /// Re-reads every watch and pushes the lists. Watches of a new session are armed by
+    /// their new tasks; with `rearm` (a reconnect of the same session) the existing watches
+    /// are dropped and added again first (see [`Cmd::Rearm`]).
+    async fn reread_all(self: &Arc<Self>, rearm: bool) {
         let (targets, root) = {
             let mut st = lock(&self.state);
             let st = &mut *st;
@@ -838,14 +908,14 @@ impl Inner {
         };
         let jobs = targets
             .into_iter()
-            .map(|(path, tx)| async move { (wait_reread(&path, tx).await, path) });
+            .map(|(path, tx)| async move { (wait_reread(&path, tx, rearm).await, path) });
         for (r, path) in futures_util::future::join_all(jobs).await {
             if let Err(e) = r {
                 tracing::warn!(registry = %self.cfg.label, path, error = %e, "re-read failed");
             }
         }
         if let Some(tx) = root
-            && let Err(e) = wait_reread(&self.cfg.root, tx).await
+            && let Err(e) = wait_reread(&self.cfg.root, tx, rearm).await
         {
             tracing::warn!(registry = %self.cfg.label, error = %e, "re-listing the services failed");
         }
@@ -889,7 +959,7 @@ async fn monitor(registry: Weak<Inner>, mut states: zk::StateWatcher, generation
             zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                 inner.available.store(true, Ordering::Release);
                 tracing::info!(registry = %inner.cfg.label, "reconnected to ZooKeeper with the same session; re-reading every watched list");
-                inner.reread_all().await;
+                inner.reread_all(true).await;
                 inner.emit(RegistryEvent::Reconnected);
             }
             other => {
@@ -927,7 +997,7 @@ async fn connector_loop(registry: Weak<Inner>) {
                     return;
                 }
                 inner.install(client);
-                inner.reread_all().await;
+                inner.reread_all(false).await;
                 let first = !inner.ever_connected.swap(true, Ordering::AcqRel);
                 tracing::info!(registry = %inner.cfg.label, after_ms = started.elapsed().as_millis() as u64, first, "ZooKeeper session ready");
                 inner.emit(if first {
@@ -1161,7 +1231,7 @@ impl Registry for ZookeeperRegistry {
                 lock(&entry.root.data).subs.push(sub.clone());
                 inner.root_task(entry)
             };
-            wait_reread(&inner.cfg.root, tx).await
+            wait_reread(&inner.cfg.root, tx, false).await
         } else {
             let targets = inner.attach_service(&sub, url.service_interface());
             reread_in_order(targets).await

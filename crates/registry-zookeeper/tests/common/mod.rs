@@ -83,3 +83,21 @@ pub async fn wait_event(
         }
     }
 }
+
+/// A private ZooKeeper with `tick_ms` ticks, for tests that stop it or expire sessions.
+/// Skips (returns `None`) when it cannot be started, unless `REGISTRY_TEST_REQUIRE=1`.
+pub fn private_zookeeper(test: &str, tick_ms: u32) -> Option<registry_test_servers::Server> {
+    let started = tokio::task::block_in_place(|| {
+        registry_test_servers::Server::zookeeper_with(registry_test_servers::ZookeeperOptions {
+            tick_ms,
+        })
+    });
+    match started {
+        Ok(s) => Some(s),
+        Err(e) if !registry_test_servers::required() => {
+            eprintln!("{test}: skipped, no private ZooKeeper: {e}");
+            None
+        }
+        Err(e) => panic!("{test}: cannot start a private ZooKeeper: {e}"),
+    }
+}
