@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use registry_core::url::{ANY_VALUE, GROUP_KEY};
+use registry_core::url::GROUP_KEY;
 use registry_core::{Error, Result, Url, encode};
 
 /// Default `session` (ms).
@@ -72,7 +72,7 @@ impl Config {
             }
         }
         let group = url.parameter_or(GROUP_KEY, DEFAULT_GROUP).trim();
-        let group = if group.is_empty() || group == ANY_VALUE {
+        let group = if group.is_empty() {
             DEFAULT_GROUP
         } else {
             group

@@ -52,7 +52,10 @@ struct Ctx {
 }
 
 impl Ctx {
-    async fn call<T>(&self, fut: impl Future<Output = std::result::Result<T, zk::Error>>) -> Result<T, Fail>
+    async fn call<T>(
+        &self,
+        fut: impl Future<Output = std::result::Result<T, zk::Error>>,
+    ) -> Result<T, Fail>
     where
         T: Send,
     {
@@ -164,8 +167,11 @@ struct Sub {
     /// Services attached (wildcard: every service seen) and the watched paths it is on.
     attached: Mutex<(HashSet<String>, Vec<String>)>,
     /// The last list pushed per (service, category), so an unchanged list is not pushed again.
-    last: Mutex<HashMap<(String, String), Arc<[Url]>>>,
+    last: Mutex<LastPushed>,
 }
+
+/// (service, category) -> the list last pushed.
+type LastPushed = HashMap<(String, String), Arc<[Url]>>;
 
 impl Sub {
     fn push(&self, service: &str, category: &str, data: &WatchData) {
@@ -383,23 +389,29 @@ async fn run_watch(
     'arm: loop {
         // The previous watcher (if any) was dropped when the last iteration ended, so its
         // removal reaches the server before this new watch.
-        let mut watcher =
-            match arm(&ctx, &client, &watch.path, zk::AddWatchMode::PersistentRecursive).await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!(registry = %ctx.label, path = %watch.path, error = %e, "cannot watch");
-                    let msg = e.to_string();
-                    let refuse = || Error::Unavailable {
-                        registry: ctx.label.clone(),
-                        reason: msg.clone(),
-                    };
-                    if let Some(ack) = rearmed.take() {
-                        let _ = ack.send(Err(refuse()));
-                    }
-                    refuse_all(&mut rx, refuse);
-                    return;
+        let mut watcher = match arm(
+            &ctx,
+            &client,
+            &watch.path,
+            zk::AddWatchMode::PersistentRecursive,
+        )
+        .await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(registry = %ctx.label, path = %watch.path, error = %e, "cannot watch");
+                let msg = e.to_string();
+                let refuse = || Error::Unavailable {
+                    registry: ctx.label.clone(),
+                    reason: msg.clone(),
+                };
+                if let Some(ack) = rearmed.take() {
+                    let _ = ack.send(Err(refuse()));
                 }
-            };
+                refuse_all(&mut rx, refuse);
+                return;
+            }
+        };
         if let Some(ack) = rearmed.take() {
             let (result, end) = reread_watch(&watch, &client, generation, &mut watcher, &ctx).await;
             let _ = ack.send(result);
@@ -499,8 +511,7 @@ async fn run_root(
 ) {
     let mut rearmed: Option<oneshot::Sender<Result<()>>> = None;
     'arm: loop {
-        let mut watcher = match arm(&ctx, &client, &ctx.root, zk::AddWatchMode::Persistent).await
-        {
+        let mut watcher = match arm(&ctx, &client, &ctx.root, zk::AddWatchMode::Persistent).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(registry = %ctx.label, path = %ctx.root, error = %e, "cannot watch the root");
@@ -591,7 +602,10 @@ async fn relist(
             .iter()
             .map(|svc| inner.attach_service(&sub, svc))
             .collect();
-        let results = futures_util::future::join_all(jobs.into_iter().map(reread_in_order)).await;
+        let results = futures_util::future::join_all(
+            jobs.into_iter().map(|j| reread_in_order(&ctx.label, j)),
+        )
+        .await;
         for r in results {
             if let Err(e) = r {
                 first_error.get_or_insert(e);
@@ -603,24 +617,36 @@ async fn relist(
 
 /// Asks each watch task in turn to re-read and push, waiting for each answer, so the
 /// categories of a service are notified in order.
-async fn reread_in_order(targets: Vec<(String, Option<mpsc::UnboundedSender<Cmd>>)>) -> Result<()> {
+async fn reread_in_order(
+    label: &str,
+    targets: Vec<(String, Option<mpsc::UnboundedSender<Cmd>>)>,
+) -> Result<()> {
     for (path, tx) in targets {
-        wait_reread(&path, tx, false).await?;
+        wait_reread(label, &path, tx, false).await?;
     }
     Ok(())
 }
 
 /// Sends a re-read (or, with `rearm`, a re-arm and re-read) and waits for the answer.
-async fn wait_reread(path: &str, tx: Option<mpsc::UnboundedSender<Cmd>>, rearm: bool) -> Result<()> {
+async fn wait_reread(
+    label: &str,
+    path: &str,
+    tx: Option<mpsc::UnboundedSender<Cmd>>,
+    rearm: bool,
+) -> Result<()> {
     let stopped = || Error::Unavailable {
-        registry: String::new(),
+        registry: label.to_owned(),
         reason: format!("the watch on {path} is not running (no session)"),
     };
     let Some(tx) = tx else {
         return Err(stopped());
     };
     let (ack, answer) = oneshot::channel();
-    let cmd = if rearm { Cmd::Rearm(ack) } else { Cmd::Reread(ack) };
+    let cmd = if rearm {
+        Cmd::Rearm(ack)
+    } else {
+        Cmd::Reread(ack)
+    };
     if tx.send(cmd).is_err() {
         return Err(stopped());
     }
@@ -724,8 +750,7 @@ impl Inner {
 
     async fn connect_once(&self) -> Result<zk::Client> {
         let connector = self.connector();
-        match tokio::time::timeout(self.cfg.timeout, connector.connect(&self.cfg.connect)).await
-        {
+        match tokio::time::timeout(self.cfg.timeout, connector.connect(&self.cfg.connect)).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(Error::Unavailable {
                 registry: self.cfg.label.clone(),
@@ -830,20 +855,23 @@ impl Inner {
         let mut out = Vec::new();
         for category in &sub.categories {
             let path = self.cfg.category_path(service, category);
-            let entry = st.watches.entry(path.clone()).or_insert_with(|| WatchEntry {
-                watch: Arc::new(Watch {
-                    path: path.clone(),
-                    service: service.to_owned(),
-                    category: category.clone(),
-                    data: Mutex::new(WatchData {
-                        children: BTreeMap::new(),
-                        revision: 0,
-                        generation: 0,
-                        subs: Vec::new(),
+            let entry = st
+                .watches
+                .entry(path.clone())
+                .or_insert_with(|| WatchEntry {
+                    watch: Arc::new(Watch {
+                        path: path.clone(),
+                        service: service.to_owned(),
+                        category: category.clone(),
+                        data: Mutex::new(WatchData {
+                            children: BTreeMap::new(),
+                            revision: 0,
+                            generation: 0,
+                            subs: Vec::new(),
+                        }),
                     }),
-                }),
-                task: None,
-            });
+                    task: None,
+                });
             lock(&entry.watch.data).subs.push(sub.clone());
             attached.1.push(path.clone());
             let tx = self.watch_task(entry);
@@ -906,16 +934,16 @@ impl Inner {
             let root = st.root.as_mut().map(|r| self.root_task(r));
             (targets, root)
         };
-        let jobs = targets
-            .into_iter()
-            .map(|(path, tx)| async move { (wait_reread(&path, tx, rearm).await, path) });
+        let jobs = targets.into_iter().map(|(path, tx)| async move {
+            (wait_reread(&self.cfg.label, &path, tx, rearm).await, path)
+        });
         for (r, path) in futures_util::future::join_all(jobs).await {
             if let Err(e) = r {
                 tracing::warn!(registry = %self.cfg.label, path, error = %e, "re-read failed");
             }
         }
         if let Some(tx) = root
-            && let Err(e) = wait_reread(&self.cfg.root, tx, rearm).await
+            && let Err(e) = wait_reread(&self.cfg.label, &self.cfg.root, tx, rearm).await
         {
             tracing::warn!(registry = %self.cfg.label, error = %e, "re-listing the services failed");
         }
@@ -1103,7 +1131,9 @@ impl ZookeeperRegistry {
         let inner = &self.inner;
         let ctx = inner.ctx();
         let path = inner.cfg.entry_path(url);
-        let parent = inner.cfg.category_path(url.service_interface(), url.category());
+        let parent = inner
+            .cfg
+            .category_path(url.service_interface(), url.category());
         let dynamic = url.is_dynamic();
         let mode = if dynamic {
             zk::CreateMode::Ephemeral
@@ -1114,10 +1144,7 @@ impl ZookeeperRegistry {
         let options = mode.with_acls(acls);
         let ours = session.client.session_id().0;
         for _ in 0..4 {
-            match ctx
-                .call(session.client.create(&path, &[], &options))
-                .await
-            {
+            match ctx.call(session.client.create(&path, &[], &options)).await {
                 Ok(_) => return Ok(()),
                 Err(Fail::Zk(zk::Error::NoNode)) => {
                     let dir = zk::CreateMode::Persistent.with_acls(acls);
@@ -1231,20 +1258,14 @@ impl Registry for ZookeeperRegistry {
                 lock(&entry.root.data).subs.push(sub.clone());
                 inner.root_task(entry)
             };
-            wait_reread(&inner.cfg.root, tx, false).await
+            wait_reread(&inner.cfg.label, &inner.cfg.root, tx, false).await
         } else {
             let targets = inner.attach_service(&sub, url.service_interface());
-            reread_in_order(targets).await
+            reread_in_order(&inner.cfg.label, targets).await
         };
         if let Err(e) = result {
             inner.remove_sub(&key).await;
-            return Err(match e {
-                Error::Unavailable { reason, .. } => Error::Unavailable {
-                    registry: inner.cfg.label.clone(),
-                    reason: format!("subscribe {}: {reason}", url.service_interface()),
-                },
-                other => other,
-            });
+            return Err(e);
         }
         sub.delivery.flush_handle().await;
         Ok(())

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -103,7 +104,9 @@ async fn session_expiry_is_reported_and_recovered() {
     rec.wait_for_entries(&s, "providers", &[theirs.clone(), later.clone()], DEADLINE)
         .await;
     // Register works on the new session, and the entry is owned by it.
-    r.register(&mine).await.expect("register on the new session");
+    r.register(&mine)
+        .await
+        .expect("register on the new session");
     rec.wait_for_entries(
         &s,
         "providers",
@@ -121,9 +124,15 @@ async fn session_expiry_is_reported_and_recovered() {
 /// Collects the events of a raw persistent recursive watch on `path` (an independent
 /// observer). zookeeper-client 0.11.2 does not restore persistent watches after a reconnect,
 /// so the observer adds its watch again on every reconnect.
-async fn observe(client: zk::Client, path: String) -> Arc<Mutex<Vec<zk::WatchedEvent>>> {
+/// Also returns how many times the watch was added.
+async fn observe(
+    client: zk::Client,
+    path: String,
+) -> (Arc<Mutex<Vec<zk::WatchedEvent>>>, Arc<AtomicUsize>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let out = seen.clone();
+    let armed = Arc::new(AtomicUsize::new(1));
+    let armed2 = armed.clone();
     let mut watcher = client
         .watch(&path, zk::AddWatchMode::PersistentRecursive)
         .await
@@ -140,14 +149,18 @@ async fn observe(client: zk::Client, path: String) -> Arc<Mutex<Vec<zk::WatchedE
             }
             if reconnected {
                 drop(watcher);
-                watcher = match client.watch(&path, zk::AddWatchMode::PersistentRecursive).await {
+                watcher = match client
+                    .watch(&path, zk::AddWatchMode::PersistentRecursive)
+                    .await
+                {
                     Ok(w) => w,
                     Err(e) => panic!("observer cannot watch again: {e}"),
                 };
+                armed2.fetch_add(1, Ordering::AcqRel);
             }
         }
     });
-    seen
+    (seen, armed)
 }
 
 /// The server is killed and restarted within the session timeout: the session survives,
@@ -179,13 +192,16 @@ async fn restart_within_session_timeout_keeps_the_session() {
         .await;
     let raw = raw_client(&addr).await;
     let category = r.category_path(&s, "providers");
-    let observed = observe(raw.clone(), category.clone()).await;
+    let (observed, armed) = observe(raw.clone(), category.clone()).await;
     let (_, before) = raw.get_data(&r.entry_path(&mine)).await.expect("entry");
     let session = r.session_id();
 
     let down = Instant::now();
     tokio::task::block_in_place(|| server.stop());
     wait_event(&mut events, RegistryEvent::Disconnected, DEADLINE).await;
+    // An outage of a few seconds, well within the 10 s session (this sleep is the fault's
+    // length, not a wait for a condition).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     tokio::task::block_in_place(|| server.start()).expect("restart the server");
     let up = Instant::now();
     let seen = wait_event(&mut events, RegistryEvent::Reconnected, DEADLINE).await;
@@ -200,6 +216,12 @@ async fn restart_within_session_timeout_keeps_the_session() {
     );
     assert_eq!(r.session_id(), session);
 
+    // The observer's own client reconnects too; it must watch again before the change.
+    wait_until("the observer to watch again", DEADLINE, || {
+        let armed = armed.clone();
+        async move { armed.load(Ordering::Acquire) >= 2 }
+    })
+    .await;
     let later = provider(&s, 2, "");
     wait_until("the writer to reconnect and register", DEADLINE, || async {
         w.register(&later).await.is_ok()
@@ -284,7 +306,9 @@ async fn outage_longer_than_session_timeout_makes_a_new_session() {
     w.register(&theirs).await.expect("register");
     rec.wait_for_entries(&s, "providers", std::slice::from_ref(&theirs), DEADLINE)
         .await;
-    r.register(&mine).await.expect("register on the new session");
+    r.register(&mine)
+        .await
+        .expect("register on the new session");
     rec.wait_for_entries(&s, "providers", &[mine.clone(), theirs.clone()], DEADLINE)
         .await;
     r.destroy().await;
@@ -304,18 +328,31 @@ async fn check_false_connects_in_the_background() {
     let url = format!("zookeeper://{addr}?timeout=1000&check=false");
     let started = Instant::now();
     let r = registry(&url).await;
-    assert!(started.elapsed() < Duration::from_secs(1), "returned at once");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "returned at once"
+    );
     assert!(!r.is_available());
     let s = unique_service("check");
     assert!(
-        r.register(&provider(&s, 1, "")).await.is_err_and(|e| e.is_retryable()),
+        r.register(&provider(&s, 1, ""))
+            .await
+            .is_err_and(|e| e.is_retryable()),
         "a retryable error while there is no session"
     );
-    let strict = ZookeeperRegistry::new(format!("zookeeper://{addr}?timeout=500").parse().expect("url")).await;
+    let strict = ZookeeperRegistry::new(
+        format!("zookeeper://{addr}?timeout=500")
+            .parse()
+            .expect("url"),
+    )
+    .await;
     match strict {
         Err(e) => {
             assert!(e.is_retryable(), "{e}");
-            assert!(e.to_string().contains(&addr), "the error names the address: {e}");
+            assert!(
+                e.to_string().contains(&addr),
+                "the error names the address: {e}"
+            );
         }
         Ok(_) => panic!("check=true must fail while the server is down"),
     }
@@ -323,7 +360,9 @@ async fn check_false_connects_in_the_background() {
     tokio::task::block_in_place(|| server.start()).expect("start the server");
     wait_event(&mut events, RegistryEvent::Connected, DEADLINE).await;
     assert!(r.is_available());
-    r.register(&provider(&s, 1, "")).await.expect("register once connected");
+    r.register(&provider(&s, 1, ""))
+        .await
+        .expect("register once connected");
     r.destroy().await;
     assert!(!r.is_available());
 }

@@ -35,12 +35,10 @@ async fn node_names_equal_dubbo_encoding() {
     r.register(&dubbo_p).await.expect("register provider");
     r.register(&dubbo_c).await.expect("register consumer");
 
-    let want_provider = format!(
-        "/dubbo/org.apache.dubbo.demo.DemoService/providers/{DUBBO_PROVIDER_NODE}"
-    );
-    let want_consumer = format!(
-        "/dubbo/org.apache.dubbo.demo.DemoService/consumers/{DUBBO_CONSUMER_NODE}"
-    );
+    let want_provider =
+        format!("/dubbo/org.apache.dubbo.demo.DemoService/providers/{DUBBO_PROVIDER_NODE}");
+    let want_consumer =
+        format!("/dubbo/org.apache.dubbo.demo.DemoService/consumers/{DUBBO_CONSUMER_NODE}");
     assert_eq!(r.entry_path(&dubbo_p), want_provider);
     assert_eq!(r.entry_path(&dubbo_c), want_consumer);
 
@@ -62,8 +60,16 @@ async fn node_names_equal_dubbo_encoding() {
     // Entries are ephemeral and owned by our session, with empty data; parents persistent.
     let (data, stat) = raw.get_data(&want_provider).await.expect("entry data");
     assert!(data.is_empty(), "node data is empty");
-    assert_eq!(Some(stat.ephemeral_owner), r.session_id(), "ephemeral, ours");
-    for parent in ["/dubbo", "/dubbo/org.apache.dubbo.demo.DemoService", "/dubbo/org.apache.dubbo.demo.DemoService/providers"] {
+    assert_eq!(
+        Some(stat.ephemeral_owner),
+        r.session_id(),
+        "ephemeral, ours"
+    );
+    for parent in [
+        "/dubbo",
+        "/dubbo/org.apache.dubbo.demo.DemoService",
+        "/dubbo/org.apache.dubbo.demo.DemoService/providers",
+    ] {
         let (_, stat) = raw.get_data(parent).await.expect("parent");
         assert_eq!(stat.ephemeral_owner, 0, "{parent} is persistent");
     }
@@ -71,12 +77,20 @@ async fn node_names_equal_dubbo_encoding() {
     let s = unique_service("layout");
     let persistent = provider(&s, 1, "dynamic=false");
     r.register(&persistent).await.expect("register persistent");
-    let (_, stat) = raw.get_data(&r.entry_path(&persistent)).await.expect("persistent entry");
+    let (_, stat) = raw
+        .get_data(&r.entry_path(&persistent))
+        .await
+        .expect("persistent entry");
     assert_eq!(stat.ephemeral_owner, 0, "dynamic=false is persistent");
     r.unregister(&persistent).await.expect("unregister");
     r.unregister(&dubbo_p).await.expect("unregister");
     r.unregister(&dubbo_c).await.expect("unregister");
-    assert!(raw.check_stat(&want_provider).await.expect("stat").is_none());
+    assert!(
+        raw.check_stat(&want_provider)
+            .await
+            .expect("stat")
+            .is_none()
+    );
     r.destroy().await;
 }
 
@@ -92,11 +106,19 @@ async fn foreign_dubbo_nodes_are_decoded_and_bad_children_skipped() {
     let service = "org.apache.dubbo.demo.DemoService";
     let raw = raw_client(&addr).await;
     let dir = format!("/{group}/{service}/providers");
-    raw.mkdir(&dir, &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()))
-        .await
-        .expect("mkdir");
+    raw.mkdir(
+        &dir,
+        &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+    )
+    .await
+    .expect("mkdir");
     let eph = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
-    for name in [DUBBO_PROVIDER_NODE, "not-a-url", "bad%ZZescape", "%E2%28%A1"] {
+    for name in [
+        DUBBO_PROVIDER_NODE,
+        "not-a-url",
+        "bad%ZZescape",
+        "%E2%28%A1",
+    ] {
         raw.create(&format!("{dir}/{name}"), b"192.168.56.1", &eph)
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e}"));
@@ -113,15 +135,33 @@ async fn foreign_dubbo_nodes_are_decoded_and_bad_children_skipped() {
     );
     // A change made by the foreign client reaches the subscription; bad children stay out.
     let second = dubbo_provider(service, 7);
-    raw.create(&format!("{dir}/{}", encode(&second.to_full_string())), b"", &eph)
+    raw.create(
+        &format!("{dir}/{}", encode(&second.to_full_string())),
+        b"",
+        &eph,
+    )
+    .await
+    .expect("create second");
+    raw.create(&format!("{dir}/another%junk"), b"", &eph)
         .await
-        .expect("create second");
-    raw.create(&format!("{dir}/another%junk"), b"", &eph).await.expect("create junk");
-    rec.wait_for_entries(service, "providers", &[dubbo.clone(), second.clone()], DEADLINE)
-        .await;
-    raw.delete(&format!("{dir}/{DUBBO_PROVIDER_NODE}"), None).await.expect("delete");
-    rec.wait_for_entries(service, "providers", std::slice::from_ref(&second), DEADLINE)
-        .await;
+        .expect("create junk");
+    rec.wait_for_entries(
+        service,
+        "providers",
+        &[dubbo.clone(), second.clone()],
+        DEADLINE,
+    )
+    .await;
+    raw.delete(&format!("{dir}/{DUBBO_PROVIDER_NODE}"), None)
+        .await
+        .expect("delete");
+    rec.wait_for_entries(
+        service,
+        "providers",
+        std::slice::from_ref(&second),
+        DEADLINE,
+    )
+    .await;
     // lookup skips them too.
     assert_eq!(r.lookup(&sub).await.expect("lookup"), vec![second]);
     assert!(decode("bad%ZZescape").is_err());
@@ -160,18 +200,31 @@ async fn ephemeral_ownership_on_re_register() {
         .expect("ghost client");
     let ghost_id = ghost.session_id().0;
     ghost
-        .create(&path2, b"", &zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all()))
+        .create(
+            &path2,
+            b"",
+            &zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all()),
+        )
         .await
         .expect("ghost entry");
     drop(ghost); // detached: the session lingers on the server, as after a crash
     let (_, left) = raw.get_data(&path2).await.expect("ghost entry");
     assert_eq!(left.ephemeral_owner, ghost_id);
-    r.register(&p2).await.expect("register over the ghost entry");
+    r.register(&p2)
+        .await
+        .expect("register over the ghost entry");
     let (_, mine) = raw.get_data(&path2).await.expect("entry");
-    assert_eq!(Some(mine.ephemeral_owner), r.session_id(), "replaced by ours");
+    assert_eq!(
+        Some(mine.ephemeral_owner),
+        r.session_id(),
+        "replaced by ours"
+    );
     assert_ne!(mine.czxid, left.czxid);
     r.destroy().await;
-    assert!(raw.check_stat(&path).await.expect("stat").is_none(), "destroy closed the session");
+    assert!(
+        raw.check_stat(&path).await.expect("stat").is_none(),
+        "destroy closed the session"
+    );
     assert!(raw.check_stat(&path2).await.expect("stat").is_none());
 }
 
@@ -204,7 +257,9 @@ async fn digest_auth_protects_entries() {
     // Our own subscription (same credentials) sees it.
     let rec = Recorder::new();
     let listener: Arc<dyn registry_core::NotifyListener> = rec.listener();
-    r.subscribe(&consumer(&s, ""), listener).await.expect("subscribe");
+    r.subscribe(&consumer(&s, ""), listener)
+        .await
+        .expect("subscribe");
     assert_eq!(rec.latest_entries(&s, "providers"), Some(vec![p.clone()]));
 
     let wrong = zk::Client::connector()
@@ -212,7 +267,10 @@ async fn digest_auth_protects_entries() {
         .connect(&addr)
         .await
         .expect("client with wrong password");
-    assert!(matches!(wrong.delete(&path, None).await, Err(zk::Error::NoAuth)));
+    assert!(matches!(
+        wrong.delete(&path, None).await,
+        Err(zk::Error::NoAuth)
+    ));
     let friend = zk::Client::connector()
         .with_auth("digest", b"alice:s3cret")
         .connect(&addr)
@@ -223,7 +281,10 @@ async fn digest_auth_protects_entries() {
         !acls.is_empty() && acls.iter().all(|a| a.scheme() == "digest"),
         "creator-only ACL: {acls:?}"
     );
-    friend.delete(&path, None).await.expect("the owner's credentials may delete");
+    friend
+        .delete(&path, None)
+        .await
+        .expect("the owner's credentials may delete");
     rec.wait_for_entries(&s, "providers", &[], DEADLINE).await;
     r.destroy().await;
 }
