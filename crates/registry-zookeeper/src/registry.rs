@@ -658,6 +658,19 @@ struct State {
     subs: HashMap<(Url, usize), Arc<Sub>>,
     watches: HashMap<String, WatchEntry>,
     root: Option<RootEntry>,
+    /// Tasks of watches that were dropped and may still be ending, by path. A new task for
+    /// the same path waits for the old one first: the old watcher's removal must reach the
+    /// server before the new watch, or it would remove the new one (ZooKeeper removes
+    /// persistent watches per path, ZOOKEEPER-4472).
+    retiring: HashMap<String, JoinHandle<()>>,
+}
+
+/// Runs `task` once the retiring task of the same path (if any) has ended.
+async fn after(previous: Option<JoinHandle<()>>, task: impl Future<Output = ()>) {
+    if let Some(p) = previous {
+        let _ = p.await;
+    }
+    task.await
 }
 
 struct Inner {
@@ -687,6 +700,9 @@ impl Drop for Inner {
         }
         if let Some(t) = st.root.take().and_then(|r| r.task) {
             t.handle.abort();
+        }
+        for (_, h) in st.retiring.drain() {
+            h.abort();
         }
     }
 }
@@ -786,7 +802,11 @@ impl Inner {
     }
 
     /// The command channel of a watch's task on the current session, starting it if needed.
-    fn watch_task(&self, entry: &mut WatchEntry) -> Option<mpsc::UnboundedSender<Cmd>> {
+    fn watch_task(
+        &self,
+        retiring: &mut HashMap<String, JoinHandle<()>>,
+        entry: &mut WatchEntry,
+    ) -> Option<mpsc::UnboundedSender<Cmd>> {
         let session = self.current()?;
         if let Some(t) = &entry.task {
             if t.generation == session.generation && !t.tx.is_closed() {
@@ -796,12 +816,15 @@ impl Inner {
         }
         lock(&entry.watch.data).generation = session.generation;
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(run_watch(
-            entry.watch.clone(),
-            session.client,
-            session.generation,
-            rx,
-            self.ctx(),
+        let handle = tokio::spawn(after(
+            retiring.remove(&entry.watch.path),
+            run_watch(
+                entry.watch.clone(),
+                session.client,
+                session.generation,
+                rx,
+                self.ctx(),
+            ),
         ));
         entry.task = Some(TaskRef {
             generation: session.generation,
@@ -811,7 +834,11 @@ impl Inner {
         Some(tx)
     }
 
-    fn root_task(self: &Arc<Self>, entry: &mut RootEntry) -> Option<mpsc::UnboundedSender<Cmd>> {
+    fn root_task(
+        self: &Arc<Self>,
+        retiring: &mut HashMap<String, JoinHandle<()>>,
+        entry: &mut RootEntry,
+    ) -> Option<mpsc::UnboundedSender<Cmd>> {
         let session = self.current()?;
         if let Some(t) = &entry.task {
             if t.generation == session.generation && !t.tx.is_closed() {
@@ -821,13 +848,16 @@ impl Inner {
         }
         lock(&entry.root.data).generation = session.generation;
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(run_root(
-            Arc::downgrade(self),
-            entry.root.clone(),
-            session.client,
-            session.generation,
-            rx,
-            self.ctx(),
+        let handle = tokio::spawn(after(
+            retiring.remove(&self.cfg.root),
+            run_root(
+                Arc::downgrade(self),
+                entry.root.clone(),
+                session.client,
+                session.generation,
+                rx,
+                self.ctx(),
+            ),
         ));
         entry.task = Some(TaskRef {
             generation: session.generation,
@@ -845,6 +875,7 @@ impl Inner {
         service: &str,
     ) -> Vec<(String, Option<mpsc::UnboundedSender<Cmd>>)> {
         let mut st = lock(&self.state);
+        let st = &mut *st;
         if !sub.active.load(Ordering::Acquire) {
             return Vec::new();
         }
@@ -874,7 +905,7 @@ impl Inner {
                 });
             lock(&entry.watch.data).subs.push(sub.clone());
             attached.1.push(path.clone());
-            let tx = self.watch_task(entry);
+            let tx = self.watch_task(&mut st.retiring, entry);
             out.push((path, tx));
         }
         out
@@ -894,9 +925,13 @@ impl Inner {
                 }
                 None => false,
             };
-            if empty && let Some(e) = st.watches.remove(&path) {
+            if empty
+                && let Some(e) = st.watches.remove(&path)
+                && let Some(t) = e.task
+            {
                 // Dropping the sender ends the task, which drops the watcher.
-                drop(e.task);
+                st.retiring.retain(|_, h| !h.is_finished());
+                st.retiring.insert(path, t.handle);
             }
         }
         if sub.wildcard {
@@ -905,8 +940,9 @@ impl Inner {
                 d.subs.retain(|s| !Arc::ptr_eq(s, sub));
                 d.subs.is_empty()
             });
-            if empty {
-                st.root = None;
+            if empty && let Some(t) = st.root.take().and_then(|r| r.task) {
+                st.retiring.retain(|_, h| !h.is_finished());
+                st.retiring.insert(self.cfg.root.clone(), t.handle);
             }
         }
     }
@@ -926,12 +962,17 @@ impl Inner {
         let (targets, root) = {
             let mut st = lock(&self.state);
             let st = &mut *st;
-            let targets: Vec<_> = st
-                .watches
+            let State {
+                watches,
+                root,
+                retiring,
+                ..
+            } = st;
+            let targets: Vec<_> = watches
                 .iter_mut()
-                .map(|(path, e)| (path.clone(), self.watch_task(e)))
+                .map(|(path, e)| (path.clone(), self.watch_task(retiring, e)))
                 .collect();
-            let root = st.root.as_mut().map(|r| self.root_task(r));
+            let root = root.as_mut().map(|r| self.root_task(retiring, r));
             (targets, root)
         };
         let jobs = targets.into_iter().map(|(path, tx)| async move {
@@ -1246,7 +1287,8 @@ impl Registry for ZookeeperRegistry {
         let result = if wildcard {
             let tx = {
                 let mut st = lock(&inner.state);
-                let entry = st.root.get_or_insert_with(|| RootEntry {
+                let State { root, retiring, .. } = &mut *st;
+                let entry = root.get_or_insert_with(|| RootEntry {
                     root: Arc::new(RootWatch {
                         data: Mutex::new(RootData {
                             generation: 0,
@@ -1256,7 +1298,7 @@ impl Registry for ZookeeperRegistry {
                     task: None,
                 });
                 lock(&entry.root.data).subs.push(sub.clone());
-                inner.root_task(entry)
+                inner.root_task(retiring, entry)
             };
             wait_reread(&inner.cfg.label, &inner.cfg.root, tx, false).await
         } else {
@@ -1323,6 +1365,7 @@ impl Registry for ZookeeperRegistry {
                 .filter_map(|(_, e)| e.task.map(|t| t.handle))
                 .collect();
             tasks.extend(st.root.take().and_then(|r| r.task.map(|t| t.handle)));
+            tasks.extend(st.retiring.drain().map(|(_, h)| h));
             (subs, tasks)
         };
         let background: Vec<JoinHandle<()>> = lock(&inner.background).drain(..).collect();

@@ -288,3 +288,53 @@ async fn digest_auth_protects_entries() {
     rec.wait_for_entries(&s, "providers", &[], DEADLINE).await;
     r.destroy().await;
 }
+
+/// Unsubscribing the last subscription of a path and subscribing again at once leaves a
+/// working watch: the old watch's removal never removes the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribing_keeps_the_watch() {
+    init_tracing();
+    let Some(addr) = shared_address(Kind::Zookeeper, "resubscribing_keeps_the_watch") else {
+        return;
+    };
+    let group = unique_group("resub");
+    let url = format!("zookeeper://{addr}?group={group}");
+    let r = registry(&url).await;
+    let w = registry(&url).await;
+    let s = unique_service("resub");
+    let q = consumer(&s, "");
+    let wild: Url = "consumer://10.0.0.250/*?interface=*&group=*&version=*&classifier=*"
+        .parse()
+        .expect("url");
+    for _ in 0..20 {
+        let rec = Recorder::new();
+        r.subscribe(&q, rec.listener()).await.expect("subscribe");
+        r.unsubscribe(&q, &rec.listener())
+            .await
+            .expect("unsubscribe");
+        let rec = Recorder::new();
+        r.subscribe(&wild, rec.listener())
+            .await
+            .expect("subscribe *");
+        r.unsubscribe(&wild, &rec.listener())
+            .await
+            .expect("unsubscribe *");
+    }
+    let rec = Recorder::new();
+    r.subscribe(&q, rec.listener()).await.expect("subscribe");
+    let all = Recorder::new();
+    r.subscribe(&wild, all.listener())
+        .await
+        .expect("subscribe *");
+    let p = provider(&s, 1, "");
+    w.register(&p).await.expect("register");
+    rec.wait_for_entries(&s, "providers", std::slice::from_ref(&p), DEADLINE)
+        .await;
+    let later = unique_service("resub");
+    let p2 = provider(&later, 1, "");
+    w.register(&p2).await.expect("register");
+    all.wait_for_entries(&later, "providers", std::slice::from_ref(&p2), DEADLINE)
+        .await;
+    r.destroy().await;
+    w.destroy().await;
+}
