@@ -1,0 +1,182 @@
+//! The registry URL's parameters (CONTRACT §5) and the node layout (CONTRACT §7).
+
+use std::time::Duration;
+
+use registry_core::url::GROUP_KEY;
+use registry_core::{Error, Result, Url, encode};
+
+/// Default `session` (ms).
+pub const DEFAULT_SESSION_MS: u64 = 60_000;
+/// Default `timeout` (ms).
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+/// Default group: the root is `/dubbo`.
+pub const DEFAULT_GROUP: &str = "dubbo";
+
+/// What a registry URL says, checked.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    /// `h1:2181,h2:2181`: the address and every `backup`.
+    pub connect: String,
+    /// `/dubbo`, or `/` + group.
+    pub root: String,
+    /// Asked session timeout.
+    pub session_timeout: Duration,
+    /// Connect and request timeout.
+    pub timeout: Duration,
+    /// `user:password` for the `digest` scheme.
+    pub auth: Option<String>,
+    /// Fail at creation when the server is unreachable.
+    pub check: bool,
+    /// `enable-empty-protection`.
+    pub empty_protection: bool,
+    /// The registry URL with the password hidden, for messages.
+    pub label: String,
+}
+
+impl Config {
+    pub fn from_url(url: &Url) -> Result<Config> {
+        let label = url.to_identity_string_redacted();
+        if url.is_anyhost() {
+            return Err(Error::InvalidRegistryUrl {
+                url: label,
+                reason: "0.0.0.0 (anyhost) is not a ZooKeeper address".into(),
+            });
+        }
+        let addresses = url.addresses();
+        if addresses.is_empty() {
+            return Err(Error::InvalidRegistryUrl {
+                url: label,
+                reason: "no ZooKeeper address (expected zookeeper://host:port)".into(),
+            });
+        }
+        let connect = addresses
+            .iter()
+            .map(|a| {
+                if a.contains(':') && !a.ends_with(']') {
+                    a.clone()
+                } else {
+                    format!("{a}:2181")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let session_ms: u64 = url.parameter_num("session", DEFAULT_SESSION_MS)?;
+        let timeout_ms: u64 = url.parameter_num("timeout", DEFAULT_TIMEOUT_MS)?;
+        for (key, v) in [("session", session_ms), ("timeout", timeout_ms)] {
+            if v == 0 || v > i32::MAX as u64 {
+                return Err(Error::InvalidParameter {
+                    key: key.into(),
+                    value: v.to_string(),
+                    reason: "expected milliseconds between 1 and 2147483647".into(),
+                });
+            }
+        }
+        let group = url.parameter_or(GROUP_KEY, DEFAULT_GROUP).trim();
+        let group = if group.is_empty() {
+            DEFAULT_GROUP
+        } else {
+            group
+        };
+        let root = if group.starts_with('/') {
+            group.to_owned()
+        } else {
+            format!("/{group}")
+        };
+        let root = if root.len() > 1 {
+            root.trim_end_matches('/').to_owned()
+        } else {
+            root
+        };
+        if root.contains("//") {
+            return Err(Error::InvalidParameter {
+                key: GROUP_KEY.into(),
+                value: group.to_owned(),
+                reason: "a ZooKeeper path may not hold an empty segment".into(),
+            });
+        }
+        let auth = match (url.username(), url.password()) {
+            (Some(u), Some(p)) => Some(format!("{u}:{p}")),
+            (Some(u), None) => Some(format!("{u}:")),
+            _ => None,
+        };
+        Ok(Config {
+            connect,
+            root,
+            session_timeout: Duration::from_millis(session_ms),
+            timeout: Duration::from_millis(timeout_ms),
+            auth,
+            check: url.parameter_bool("check", true),
+            empty_protection: url.parameter_bool("enable-empty-protection", false),
+            label,
+        })
+    }
+
+    /// `root/` (or `/` when the root is `/`), as Dubbo's `toRootDir`.
+    fn root_dir(&self) -> String {
+        if self.root == "/" {
+            "/".to_owned()
+        } else {
+            format!("{}/", self.root)
+        }
+    }
+
+    /// `root/encode(interface)`.
+    pub fn service_path(&self, interface: &str) -> String {
+        format!("{}{}", self.root_dir(), encode(interface))
+    }
+
+    /// `service path/category`.
+    pub fn category_path(&self, interface: &str, category: &str) -> String {
+        format!("{}/{}", self.service_path(interface), category)
+    }
+
+    /// `category path/encode(url.to_full_string())`.
+    pub fn entry_path(&self, url: &Url) -> String {
+        format!(
+            "{}/{}",
+            self.category_path(url.service_interface(), url.category()),
+            encode(&url.to_full_string())
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(s: &str) -> Config {
+        Config::from_url(&s.parse().expect("url")).expect("config")
+    }
+
+    #[test]
+    fn layout_matches_dubbo() {
+        let c = cfg("zookeeper://127.0.0.1:2181");
+        assert_eq!(c.root, "/dubbo");
+        let u: Url = "dubbo://10.0.0.1:20880/org.apache.dubbo.demo.DemoService?anyhost=true&interface=org.apache.dubbo.demo.DemoService&methods=sayHello,sayHelloAsync&release="
+            .parse()
+            .expect("url");
+        assert_eq!(
+            c.entry_path(&u),
+            "/dubbo/org.apache.dubbo.demo.DemoService/providers/dubbo%3A%2F%2F10.0.0.1%3A20880%2Forg.apache.dubbo.demo.DemoService%3Fanyhost%3Dtrue%26interface%3Dorg.apache.dubbo.demo.DemoService%26methods%3DsayHello%2CsayHelloAsync%26release%3D"
+        );
+        assert_eq!(cfg("zookeeper://h:1?group=g").root, "/g");
+        assert_eq!(cfg("zookeeper://h:1?group=/g/").root, "/g");
+        assert_eq!(cfg("zookeeper://h:1?group=/").service_path("a.B"), "/a.B");
+    }
+
+    #[test]
+    fn parameters() {
+        let c = cfg("zookeeper://u:p@h1:1,h2:2?backup=h3:3&session=9000&timeout=700&check=false");
+        assert_eq!(c.connect, "h1:1,h2:2,h3:3");
+        assert_eq!(c.session_timeout, Duration::from_millis(9000));
+        assert_eq!(c.timeout, Duration::from_millis(700));
+        assert_eq!(c.auth.as_deref(), Some("u:p"));
+        assert!(!c.check);
+        assert_eq!(cfg("zookeeper://h").connect, "h:2181");
+        let bad = Config::from_url(&"zookeeper://h:1?session=abc".parse().expect("url"));
+        assert!(matches!(bad, Err(Error::InvalidParameter { key, .. }) if key == "session"));
+        let zero = Config::from_url(&"zookeeper://h:1?timeout=0".parse().expect("url"));
+        assert!(matches!(zero, Err(Error::InvalidParameter { key, .. }) if key == "timeout"));
+        assert!(Config::from_url(&"zookeeper://0.0.0.0:2181".parse().expect("url")).is_err());
+    }
+}
