@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 use registry_core::{Notification, Registry, Url};
 use registry_etcd as _;
 use registry_localdir as _;
+use registry_zookeeper as _;
 
 /// Register, look up and watch services in a registry.
 #[derive(Debug, Parser)]

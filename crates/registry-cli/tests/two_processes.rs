@@ -47,7 +47,10 @@ fn next_line(rx: &mpsc::Receiver<String>, what: &str) -> String {
 fn wait_count(rx: &mpsc::Receiver<String>, n: usize) -> serde_json::Value {
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < DEADLINE, "no list of {n} providers within {DEADLINE:?}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no list of {n} providers within {DEADLINE:?}"
+        );
         let line = next_line(rx, &format!("a list of {n} providers"));
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
         let urls = v["urls"].as_array().expect("urls");
@@ -78,14 +81,28 @@ fn scenario(registry: &str) {
     reg.wait().unwrap();
     let v = wait_count(&watched, 0);
     assert!(v["urls"][0].as_str().unwrap().starts_with("empty://"));
-    eprintln!("{registry}: the killed provider left the list after {:?}", killed.elapsed());
+    eprintln!(
+        "{registry}: the killed provider left the list after {:?}",
+        killed.elapsed()
+    );
     let status = watch.wait().unwrap();
     assert!(status.success(), "watch --count 3 exits 0");
 }
 
 #[test]
 fn etcd_register_watch_kill() {
-    let Some(addr) = shared_address(Kind::Etcd, "etcd_register_watch_kill") else { return };
+    let Some(addr) = shared_address(Kind::Etcd, "etcd_register_watch_kill") else {
+        return;
+    };
     // A short lease so the killed provider's entry expires quickly.
     scenario(&format!("etcd://{addr}?session=4000&file=false"));
+}
+
+#[test]
+fn zookeeper_register_watch_kill() {
+    let Some(addr) = shared_address(Kind::Zookeeper, "zookeeper_register_watch_kill") else {
+        return;
+    };
+    // A short session so the killed provider's ephemeral node goes quickly.
+    scenario(&format!("zookeeper://{addr}?session=4000&file=false"));
 }

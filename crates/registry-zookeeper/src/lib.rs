@@ -73,7 +73,7 @@ pub struct ZookeeperFactory;
 impl RegistryFactory for ZookeeperFactory {
     async fn create(&self, url: &Url) -> Result<Arc<dyn Registry>> {
         let raw = ZookeeperRegistry::new(url.clone()).await?;
-        Ok(Arc::new(raw)) // FAILBACK: Ok(Arc::new(registry_failback::FailbackRegistry::new(raw)))
+        Ok(registry_failback::FailbackRegistry::new(raw)?)
     }
 }
 

@@ -52,6 +52,7 @@ cases!(
     same_listener_twice_is_one_subscription,
     unsubscribe_stops_notifications,
     lookup_is_a_pull_without_subscription,
+    wildcard_lookup_finds_every_service,
     unregister_of_missing_url_is_ok,
     destroy_removes_dynamic_keeps_persistent,
     notifications_are_ordered_under_a_burst,

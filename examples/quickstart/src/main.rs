@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use registry_core::{Notification, NotificationStream, RegistryConfig, Url};
 use registry_etcd as _;
 use registry_localdir as _;
+use registry_zookeeper as _;
 
 const SERVICE: &str = "org.apache.dubbo.demo.GreetingService";
 

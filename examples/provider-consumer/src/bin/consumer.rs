@@ -18,8 +18,7 @@ use registry_core::Url;
 // Every backend this binary can use, linked so that its scheme is known.
 use registry_etcd as _;
 use registry_localdir as _;
-// linked when that crate lands:
-// use registry_zookeeper as _;
+use registry_zookeeper as _;
 
 /// Prints every change of a service's providers.
 #[derive(Debug, Parser)]
