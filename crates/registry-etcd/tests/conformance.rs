@@ -26,56 +26,15 @@ fn harness(scheme: &str, test: &str) -> Option<Etcd> {
     shared_address(Kind::Etcd, test).map(|a| Etcd(format!("{scheme}://{a}?session=10000")))
 }
 
-macro_rules! cases {
-    ($scheme:literal, $module:ident: $($f:ident),* $(,)?) => {
-        mod $module {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $f() {
-                    let Some(h) = harness($scheme, stringify!($f)) else { return };
-                    testkit::$f(&h).await;
-                }
-            )*
-        }
-    };
+mod etcd {
+    use super::*;
+    registry_core::conformance_tests!(|case: &str| harness("etcd", case));
 }
 
-cases!(
-    "etcd", etcd:
-    register_is_idempotent,
-    urls_differing_in_parameters_coexist,
-    first_notification_covers_all_categories_in_order,
-    empty_category_is_a_marker,
-    categories_are_filtered,
-    group_version_classifier_matching,
-    wildcard_interface_sees_later_services,
-    same_listener_twice_is_one_subscription,
-    unsubscribe_stops_notifications,
-    lookup_is_a_pull_without_subscription,
-    wildcard_lookup_finds_every_service,
-    unregister_of_missing_url_is_ok,
-    destroy_removes_dynamic_keeps_persistent,
-    notifications_are_ordered_under_a_burst,
-);
-
-cases!(
-    "etcd3", etcd3:
-    register_is_idempotent,
-    urls_differing_in_parameters_coexist,
-    first_notification_covers_all_categories_in_order,
-    empty_category_is_a_marker,
-    categories_are_filtered,
-    group_version_classifier_matching,
-    wildcard_interface_sees_later_services,
-    same_listener_twice_is_one_subscription,
-    unsubscribe_stops_notifications,
-    lookup_is_a_pull_without_subscription,
-    wildcard_lookup_finds_every_service,
-    unregister_of_missing_url_is_ok,
-    destroy_removes_dynamic_keeps_persistent,
-    notifications_are_ordered_under_a_burst,
-);
+mod etcd3 {
+    use super::*;
+    registry_core::conformance_tests!(|case: &str| harness("etcd3", case));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_all_passes_on_etcd() {

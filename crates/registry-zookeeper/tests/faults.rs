@@ -64,22 +64,7 @@ async fn session_expiry_is_reported_and_recovered() {
     let info = r.session_info().expect("session info");
     proxy.cut();
     wait_event(&mut events, RegistryEvent::Disconnected, DEADLINE).await;
-    let killer = zk::Client::connector()
-        .with_session(info)
-        .with_session_timeout(Duration::from_secs(10))
-        .connect(&addr)
-        .await
-        .expect("attach to the registry's session");
-    assert_eq!(killer.session_id().0, old);
-    let mut killer_state = killer.state_watcher();
-    drop(killer); // closes the session
-    tokio::time::timeout(DEADLINE, async {
-        while !killer_state.peek_state().is_terminated() {
-            killer_state.changed().await;
-        }
-    })
-    .await
-    .expect("the second client closed the session");
+    close_session(&addr, info, DEADLINE).await;
     let expired = Instant::now();
     proxy.restore();
 

@@ -73,21 +73,7 @@ async fn session_expiry_restores_everything() {
     let info = r.raw().session_info().expect("session info");
     proxy.cut();
     wait_event(&mut events, RegistryEvent::Disconnected, DEADLINE).await;
-    let killer = zk::Client::connector()
-        .with_session(info)
-        .with_session_timeout(Duration::from_secs(10))
-        .connect(&addr)
-        .await
-        .expect("attach to the registry's session");
-    let mut killer_state = killer.state_watcher();
-    drop(killer);
-    tokio::time::timeout(DEADLINE, async {
-        while !killer_state.peek_state().is_terminated() {
-            killer_state.changed().await;
-        }
-    })
-    .await
-    .expect("the session is closed");
+    close_session(&addr, info, DEADLINE).await;
     let expired = Instant::now();
     proxy.restore();
     wait_event(&mut events, RegistryEvent::NewSession, DEADLINE).await;

@@ -38,30 +38,7 @@ impl Harness for LocalDir {
     }
 }
 
-macro_rules! cases {
-    ($($f:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $f() {
-            testkit::$f(&LocalDir::new()).await;
-        }
-    )*};
-}
-
-cases!(
-    register_is_idempotent,
-    urls_differing_in_parameters_coexist,
-    first_notification_covers_all_categories_in_order,
-    empty_category_is_a_marker,
-    categories_are_filtered,
-    group_version_classifier_matching,
-    wildcard_interface_sees_later_services,
-    same_listener_twice_is_one_subscription,
-    unsubscribe_stops_notifications,
-    lookup_is_a_pull_without_subscription,
-    unregister_of_missing_url_is_ok,
-    destroy_removes_dynamic_keeps_persistent,
-    notifications_are_ordered_under_a_burst,
-);
+registry_core::conformance_tests!(|_case: &str| Some(LocalDir::new()));
 
 /// `run_all` in one directory, as a backend's own suite runs it: the cases share the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -700,26 +700,68 @@ pub async fn notifications_are_ordered_under_a_burst(h: &dyn Harness) {
 
 /// Runs every function of the suite, in order, logging each name.
 pub async fn run_all(h: &dyn Harness) {
-    macro_rules! run {
-        ($($f:ident),* $(,)?) => {$(
-            tracing::info!(case = stringify!($f), "conformance");
-            $f(h).await;
-        )*};
-    }
-    run!(
-        register_is_idempotent,
-        urls_differing_in_parameters_coexist,
-        first_notification_covers_all_categories_in_order,
-        empty_category_is_a_marker,
-        categories_are_filtered,
-        group_version_classifier_matching,
-        wildcard_interface_sees_later_services,
-        same_listener_twice_is_one_subscription,
-        unsubscribe_stops_notifications,
-        lookup_is_a_pull_without_subscription,
-        wildcard_lookup_finds_every_service,
-        unregister_of_missing_url_is_ok,
-        destroy_removes_dynamic_keeps_persistent,
-        notifications_are_ordered_under_a_burst,
-    );
+    crate::__conformance_cases!(__conformance_run, h);
+}
+
+/// The one list of conformance cases; calls `$crate::$callback!{ [args] case, case, ... }`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($callback:ident, $($arg:tt)*) => {
+        $crate::$callback! {
+            [$($arg)*]
+            register_is_idempotent,
+            urls_differing_in_parameters_coexist,
+            first_notification_covers_all_categories_in_order,
+            empty_category_is_a_marker,
+            categories_are_filtered,
+            group_version_classifier_matching,
+            wildcard_interface_sees_later_services,
+            same_listener_twice_is_one_subscription,
+            unsubscribe_stops_notifications,
+            lookup_is_a_pull_without_subscription,
+            wildcard_lookup_finds_every_service,
+            unregister_of_missing_url_is_ok,
+            destroy_removes_dynamic_keeps_persistent,
+            notifications_are_ordered_under_a_burst,
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_run {
+    ([$h:expr] $($f:ident),* $(,)?) => {$(
+        tracing::info!(case = stringify!($f), "conformance");
+        $crate::testkit::$f($h).await;
+    )*};
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_test {
+    ([$make:expr] $($f:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $f() {
+            if let Some(harness) = ($make)(stringify!($f)) {
+                $crate::testkit::$f(&harness).await;
+            }
+        }
+    )*};
+}
+
+/// Expands to one `#[tokio::test]` per conformance function, so a backend's test file is:
+///
+/// ```ignore
+/// registry_core::conformance_tests!(|case: &str| Some(MyHarness::new(case)));
+/// ```
+///
+/// The expression is called with the case's name and returns `Option<impl Harness>`; `None`
+/// skips the case (for example when the test server is not there). The calling crate needs
+/// `tokio` with the `macros` and `rt-multi-thread` features as a dev-dependency.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::__conformance_cases!(__conformance_test, $make);
+    };
 }

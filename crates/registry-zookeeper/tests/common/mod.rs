@@ -177,3 +177,26 @@ impl Drop for Proxy {
         self.cut();
     }
 }
+
+/// Closes a session from outside, as a server-side expiry would: a second client attaches to
+/// it with its id and password and closes it. Cut the victim's connection first (see
+/// [`Proxy`]): two live clients on one session take it from each other on every reconnect.
+pub async fn close_session(addr: &str, info: zk::SessionInfo, deadline: Duration) {
+    let id = info.id();
+    let killer = zk::Client::connector()
+        .with_session(info)
+        .with_session_timeout(Duration::from_secs(10))
+        .connect(addr)
+        .await
+        .expect("attach to the session");
+    assert_eq!(killer.session_id(), id, "attached to the victim's session");
+    let mut state = killer.state_watcher();
+    drop(killer); // closes the session
+    tokio::time::timeout(deadline, async {
+        while !state.peek_state().is_terminated() {
+            state.changed().await;
+        }
+    })
+    .await
+    .expect("the second client closed the session");
+}
