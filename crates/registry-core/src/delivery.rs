@@ -9,7 +9,11 @@
 //! - drops a snapshot whose revision is older than the last delivered one (a live list after
 //!   a cached one is always taken), and a repeat of the list just delivered;
 //! - with empty protection, does not push an empty `providers` list over a non-empty one;
-//! - catches a panicking listener and logs it, so other subscriptions are never harmed.
+//! - catches a panicking listener and logs it, so other subscriptions are never harmed;
+//! - with [`Delivery::spawn_isolated`], runs the listener on tokio's blocking pool, so a
+//!   listener that blocks never stalls the runtime (and with it other subscriptions, client
+//!   event loops, keep-alives), even on a current-thread runtime. Use it wherever the listener
+//!   is application code; internal forwarding listeners that only enqueue do not need it.
 //!
 //! [`Delivery::close`] returns only when no listener call is running, and none starts after.
 
@@ -49,6 +53,7 @@ struct Inner {
     gate: tokio::sync::Mutex<bool>,
     listener: Arc<dyn NotifyListener>,
     options: DeliveryOptions,
+    isolated: bool,
 }
 
 /// The delivery task of one subscription; see the module documentation.
@@ -57,8 +62,24 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Starts the delivery task for `listener` on the current tokio runtime.
+    /// Starts the delivery task for `listener` on the current tokio runtime; the listener is
+    /// called on that task. For a listener that only enqueues (a layer forwarding to another
+    /// delivery).
     pub fn spawn(listener: Arc<dyn NotifyListener>, options: DeliveryOptions) -> Delivery {
+        Delivery::start(listener, options, false)
+    }
+
+    /// Like [`Delivery::spawn`], but each call of the listener runs on tokio's blocking pool
+    /// (one at a time, in order): for application listeners, which may block.
+    pub fn spawn_isolated(listener: Arc<dyn NotifyListener>, options: DeliveryOptions) -> Delivery {
+        Delivery::start(listener, options, true)
+    }
+
+    fn start(
+        listener: Arc<dyn NotifyListener>,
+        options: DeliveryOptions,
+        isolated: bool,
+    ) -> Delivery {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 enqueued: 0,
@@ -72,6 +93,7 @@ impl Delivery {
             gate: tokio::sync::Mutex::new(true),
             listener,
             options,
+            isolated,
         });
         tokio::spawn(run(inner.clone()));
         Delivery { inner }
@@ -128,6 +150,16 @@ impl Delivery {
             .last
             .get(&(service.to_owned(), category.to_owned()))
             .cloned()
+    }
+
+    /// Forgets the revisions delivered so far: the next list of each (service, category) is
+    /// taken whatever its revision. For when the source of the lists was re-established (a new
+    /// raw subscription after a new session) and may number its lists afresh.
+    pub fn rebase(&self) {
+        let mut st = lock(&self.inner.state);
+        for n in st.last.values_mut() {
+            n.revision = 0;
+        }
     }
 
     /// Stops the task. When this returns no listener call is running and none will start.
@@ -196,8 +228,17 @@ async fn run(inner: Arc<Inner>) {
             if !*gate {
                 return;
             }
-            let listener = &inner.listener;
-            if catch_unwind(AssertUnwindSafe(|| listener.notify(n))).is_err() {
+            let panicked = if inner.isolated {
+                let listener = inner.listener.clone();
+                match tokio::task::spawn_blocking(move || listener.notify(n)).await {
+                    Ok(()) => false,
+                    Err(e) => e.is_panic(),
+                }
+            } else {
+                let listener = &inner.listener;
+                catch_unwind(AssertUnwindSafe(|| listener.notify(n))).is_err()
+            };
+            if panicked {
                 tracing::error!(
                     subscription = %inner.options.label,
                     "a registry listener panicked; the notification is dropped and the subscription goes on"
@@ -228,7 +269,12 @@ fn admit(inner: &Inner, n: &Notification) -> bool {
             );
             return false;
         }
-        if last.revision == n.revision && last.source == n.source && last.urls == n.urls {
+        if last.source == n.source && last.urls == n.urls {
+            // The list just delivered, perhaps re-read at a newer revision: not news.
+            let revision = last.revision.max(n.revision);
+            if let Some(l) = st.last.get_mut(&key) {
+                l.revision = revision;
+            }
             return false;
         }
         if inner.options.empty_protection

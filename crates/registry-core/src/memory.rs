@@ -244,7 +244,8 @@ impl Registry for MemoryRegistry {
             categories: url.categories(),
             wildcard,
             owner: self.id,
-            delivery: Delivery::spawn(
+            // Application listeners: isolated from the runtime.
+            delivery: Delivery::spawn_isolated(
                 listener,
                 DeliveryOptions {
                     empty_protection: self.url.parameter_bool("enable-empty-protection", false),

@@ -399,3 +399,71 @@ async fn faulty_wrapper_fails_counts_and_expires() {
     assert_eq!(rec.len(), seen, "the subscription went with the session");
     inner.unregister(&persistent).await.unwrap();
 }
+
+// A listener that blocks does not stall the runtime, even a current-thread one: another
+// subscription is notified while it is still blocked.
+#[tokio::test(flavor = "current_thread")]
+async fn a_blocking_listener_does_not_stall_a_current_thread_runtime() {
+    let s1 = unique_service("blocking");
+    let s2 = unique_service("witness");
+    let reg = MemoryFactory
+        .create(&url("memory://blocking"))
+        .await
+        .unwrap();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let blocked = Arc::new(AtomicUsize::new(0));
+    let b2 = blocked.clone();
+    let slow: Arc<dyn NotifyListener> = Arc::new(move |n: Notification| {
+        if !n.is_empty() {
+            b2.store(1, Ordering::SeqCst);
+            // Blocks the calling thread until released (10 s at most).
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            b2.store(2, Ordering::SeqCst);
+        }
+    });
+    reg.subscribe(&consumer(&s1, ""), slow).await.unwrap();
+    let witness = Recorder::new();
+    reg.subscribe(&consumer(&s2, ""), witness.listener())
+        .await
+        .unwrap();
+    reg.register(&provider(&s1, 1, "")).await.unwrap();
+    registry_core::testkit::wait_until("the slow listener to block", DEADLINE, || {
+        let v = blocked.load(Ordering::SeqCst);
+        async move { v == 1 }
+    })
+    .await;
+    let p = provider(&s2, 1, "");
+    reg.register(&p).await.unwrap();
+    witness
+        .wait_for_entries(&s2, "providers", std::slice::from_ref(&p), DEADLINE)
+        .await;
+    assert_eq!(
+        blocked.load(Ordering::SeqCst),
+        1,
+        "the witness was notified while the slow listener blocked"
+    );
+    release_tx.send(()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebase_takes_a_renumbered_list_and_repeats_are_not_news() {
+    let rec = Recorder::new();
+    let d = Delivery::spawn(rec.listener(), DeliveryOptions::default());
+    d.push(note(10, &[1], Source::Live));
+    d.flush().await;
+    d.push(note(12, &[1], Source::Live)); // the same list re-read at a newer revision
+    d.flush().await;
+    d.push(note(11, &[2], Source::Live)); // older than the repeat: stale
+    d.flush().await;
+    d.rebase();
+    d.push(note(3, &[3], Source::Live)); // a re-established source numbering afresh
+    d.flush().await;
+    d.push(note(2, &[4], Source::Live)); // after that, the guard holds again
+    d.flush().await;
+    let got: Vec<u64> = rec.all().iter().map(|n| n.revision).collect();
+    assert_eq!(got, vec![10, 3]);
+}

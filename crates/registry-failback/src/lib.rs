@@ -277,7 +277,11 @@ impl<R: Registry> Shared<R> {
                 async move {
                     let task = TaskKey::Subscribe(key.0.clone(), key.1);
                     match self.raw.subscribe(&sub.url, sub.forward.clone()).await {
-                        Ok(()) => self.settle(&task),
+                        Ok(()) => {
+                            // The raw subscription may be new and number its lists afresh.
+                            sub.delivery.rebase();
+                            self.settle(&task);
+                        }
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
                             self.schedule(task, &e);
@@ -371,7 +375,10 @@ impl<R: Registry> Shared<R> {
                     .get(&(url.clone(), *id))
                     .cloned();
                 match sub {
-                    Some(sub) => self.raw.subscribe(url, sub.forward.clone()).await,
+                    Some(sub) => {
+                        sub.delivery.rebase();
+                        self.raw.subscribe(url, sub.forward.clone()).await
+                    }
                     None => Ok(()),
                 }
             }
@@ -639,7 +646,8 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
             if st.subscriptions.contains_key(&key) {
                 return Ok(());
             }
-            let delivery = Arc::new(Delivery::spawn(
+            // The application's listener: on the blocking pool, so it may block.
+            let delivery = Arc::new(Delivery::spawn_isolated(
                 listener,
                 DeliveryOptions {
                     empty_protection: s.config.empty_protection,
