@@ -20,15 +20,6 @@ pub fn live_bytes() -> i64 {
     alloc - freed + realloc
 }
 
-/// Resident set size of the process in bytes, from `/proc/self/statm` (0 where unavailable).
-pub fn rss_bytes() -> i64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
-}
-
 /// CPU time of every thread of the process so far, in nanoseconds, from
 /// `/proc/self/task/*/schedstat` (threads that have exited are not counted; the tokio
 /// workers live for the whole run).
