@@ -133,7 +133,13 @@ fn test(rest: &[String]) -> Result<(), String> {
 /// go to the binary (`--quick`, `--only register,notify`, `--backend etcd`).
 fn bench(rest: &[String]) -> Result<(), String> {
     let mut build = cargo();
-    build.args(["build", "--release", "--quiet", "--package", "registry-bench"]);
+    build.args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "registry-bench",
+    ]);
     run(build)?;
     let (zk, etcd) = start_servers()?;
     let mut cmd = cargo();

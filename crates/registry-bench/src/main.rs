@@ -50,7 +50,9 @@ impl Backend {
 
 /// Command line.
 #[derive(Debug, Parser)]
-#[command(about = "Benchmarks our registries against the raw clients (run via `cargo xtask bench`)")]
+#[command(
+    about = "Benchmarks our registries against the raw clients (run via `cargo xtask bench`)"
+)]
 struct Args {
     /// ZooKeeper address (host:port).
     #[arg(long, env = "REGISTRY_TEST_ZOOKEEPER")]
@@ -172,8 +174,12 @@ impl Ctx {
         &self,
         group: &str,
     ) -> anyhow::Result<std::sync::Arc<dyn registry_core::Registry>> {
-        let url: registry_core::Url =
-            format!("{}://{}?file=false&group={group}", self.backend.name(), self.addr).parse()?;
+        let url: registry_core::Url = format!(
+            "{}://{}?file=false&group={group}",
+            self.backend.name(),
+            self.addr
+        )
+        .parse()?;
         Ok(registry_core::factory_for(self.backend.name())?
             .create(&url)
             .await?)

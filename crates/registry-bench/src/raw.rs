@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use etcd_client::{EventType, GetOptions, KvClient, LeaseClient, PutOptions, WatchClient, WatchOptions};
+use etcd_client::{
+    EventType, GetOptions, KvClient, LeaseClient, PutOptions, WatchClient, WatchOptions,
+};
 use registry_zookeeper::zookeeper_client as zk;
 
 use crate::Backend;
@@ -19,6 +21,7 @@ const RAW_LEASE_TTL: i64 = 600;
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// One raw client: a ZooKeeper session, or an etcd connection with one lease.
+#[allow(clippy::large_enum_variant)] // a handful exist at a time
 pub enum Raw {
     /// A ZooKeeper session.
     Zk(zk::Client),
@@ -100,7 +103,10 @@ impl Raw {
     pub async fn ensure_dir(&self, path: &str) -> anyhow::Result<()> {
         if let Raw::Zk(c) = self {
             match c
-                .mkdir(path, &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()))
+                .mkdir(
+                    path,
+                    &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+                )
                 .await
             {
                 Ok(()) | Err(zk::Error::NodeExists) => {}

@@ -251,11 +251,16 @@ fn fmt_num(v: f64, unit: &str) -> String {
 }
 
 fn fmt_ratio(r: Option<f64>) -> String {
-    r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "–".to_owned())
+    r.map(|r| format!("{r:.2}×"))
+        .unwrap_or_else(|| "–".to_owned())
 }
 
 /// Appends every measurement as one JSON line to `path` (with the run's id and settings).
-pub fn write_jsonl(path: &Path, run: &serde_json::Value, all: &[Measurement]) -> anyhow::Result<()> {
+pub fn write_jsonl(
+    path: &Path,
+    run: &serde_json::Value,
+    all: &[Measurement],
+) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

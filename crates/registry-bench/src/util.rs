@@ -115,11 +115,8 @@ impl Track {
         loop {
             {
                 let h = lock(&self.history);
-                if let Some((i, (t, _))) = h
-                    .iter()
-                    .enumerate()
-                    .skip(from)
-                    .find(|(_, (_, c))| pred(*c))
+                if let Some((i, (t, _))) =
+                    h.iter().enumerate().skip(from).find(|(_, (_, c))| pred(*c))
                 {
                     return Ok((i, *t));
                 }
@@ -127,10 +124,7 @@ impl Track {
             }
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!(
-                    "timed out after {deadline:?}; last count {:?}",
-                    self.last()
-                );
+                bail!("timed out after {deadline:?}; last count {:?}", self.last());
             }
             let _ = tokio::time::timeout(left, rx.changed()).await;
         }
