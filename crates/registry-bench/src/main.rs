@@ -207,6 +207,14 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
+/// The 1-minute load average (other work on the machine during the run), or `?`.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let sizes = if args.quick {
         Sizes::quick()
@@ -214,6 +222,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Sizes::full()
     };
     let started = Instant::now();
+    let load_before = loadavg();
     let run_id = format!(
         "{}-{:x}",
         std::process::id(),
@@ -279,6 +288,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let run = serde_json::json!({
         "run_id": run_id,
         "quick": args.quick,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
         "sizes": sizes,
         "unix_time": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -287,9 +298,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     report::write_jsonl(&args.out.join("results.jsonl"), &run, &all)?;
     let header = format!(
-        "## registry-bench {} run `{run_id}` ({:.0} s)",
+        "## registry-bench {} run `{run_id}` ({:.0} s; load average before {load_before}, after {})",
         if args.quick { "quick" } else { "full" },
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        loadavg()
     );
     let md = report::markdown(&header, &all);
     std::fs::write(args.out.join("report.md"), &md)?;
