@@ -4,6 +4,8 @@
 //! - `demo`: runs `examples/quickstart` on `memory://` (or on `REGISTRY_URL` when set).
 //! - `test`: starts ZooKeeper and etcd (installing Debian's packages when missing and running
 //!   as root), exports their addresses, runs every test of the workspace, stops them.
+//! - `bench`: starts ZooKeeper and etcd, runs `registry-bench` in release mode against them
+//!   (ours against the raw clients; `--quick` for small sizes), stops them.
 //! - `servers`: starts ZooKeeper and etcd, prints their addresses, runs until Ctrl-C.
 //! - `clippy`: `cargo clippy --workspace --all-targets -- -D warnings` (with `PROTOC` set).
 //! - `ci`: `cargo fmt --check`, `clippy`, then `test`.
@@ -14,10 +16,12 @@ use std::process::{Command, ExitCode};
 
 use registry_test_servers::{ETCD_ENV, Kind, REQUIRE_ENV, Server, ZOOKEEPER_ENV, ensure_installed};
 
-const USAGE: &str = "usage: cargo xtask <demo|test|ci> [args passed on to cargo]
+const USAGE: &str = "usage: cargo xtask <demo|test|bench|servers|clippy|ci> [args]
 
   demo   run examples/quickstart on memory:// (set REGISTRY_URL to use another backend)
   test   start ZooKeeper and etcd, run every test of the workspace against them, stop them
+  bench  start ZooKeeper and etcd, benchmark ours against the raw clients on them, stop them
+         (`--quick`: small sizes; results in target/bench/{results.jsonl,report.md})
   servers  start ZooKeeper and etcd on free loopback ports until Ctrl-C
   clippy cargo clippy on every target, warnings as errors
   ci     cargo fmt --check, cargo clippy -D warnings, then test";
@@ -29,6 +33,7 @@ fn main() -> ExitCode {
     let result = match task.as_deref() {
         Some("demo") => demo(&rest),
         Some("test") => test(&rest),
+        Some("bench") => bench(&rest),
         Some("servers") => servers(),
         Some("ci") => ci(&rest),
         Some("clippy") => clippy(&rest),
@@ -119,6 +124,40 @@ fn test(rest: &[String]) -> Result<(), String> {
         .env(ZOOKEEPER_ENV, zk.address())
         .env(ETCD_ENV, etcd.address())
         .env(REQUIRE_ENV, "1");
+    let result = run(cmd);
+    drop((zk, etcd));
+    result
+}
+
+/// Builds the bench binary in release mode, then runs it against fresh servers. Arguments
+/// go to the binary (`--quick`, `--only register,notify`, `--backend etcd`).
+fn bench(rest: &[String]) -> Result<(), String> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "registry-bench",
+    ]);
+    run(build)?;
+    let (zk, etcd) = start_servers()?;
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "registry-bench",
+        "--",
+        "--zookeeper",
+    ])
+    .arg(zk.address())
+    .arg("--etcd")
+    .arg(etcd.address())
+    .arg("--out")
+    .arg(root().join("target").join("bench"))
+    .args(rest);
     let result = run(cmd);
     drop((zk, etcd));
     result

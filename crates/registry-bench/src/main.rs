@@ -1,0 +1,315 @@
+//! `registry-bench`: our registries (what `registry_core` factories return: `FailbackRegistry`
+//! over each backend) against the raw `zookeeper-client` and `etcd-client` doing the minimal
+//! operations, on the same local servers, in the same process and run.
+//!
+//! Sides alternate in blocks (ABAB) so that drift of a shared machine hits both alike; where
+//! one event can be observed by both sides at once (notify latency, fan-out) the measurement
+//! is paired instead: every event is timed on both sides. Every workload warms up first and
+//! reports its size and iteration counts. Results: one JSON line per measurement appended to
+//! `<out>/results.jsonl`, the Markdown table in `<out>/report.md`, and the table on stdout.
+//!
+//! Run it through `cargo xtask bench [--quick]`, which starts the servers.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod alloc;
+mod raw;
+mod report;
+mod util;
+mod workloads;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use registry_etcd as _;
+use registry_zookeeper as _;
+
+use crate::report::Measurement;
+
+/// Which backend a workload runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// `zookeeper://`.
+    Zookeeper,
+    /// `etcd://`.
+    Etcd,
+}
+
+impl Backend {
+    /// The name in reports, which is also the scheme.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Zookeeper => "zookeeper",
+            Backend::Etcd => "etcd",
+        }
+    }
+}
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(
+    about = "Benchmarks our registries against the raw clients (run via `cargo xtask bench`)"
+)]
+struct Args {
+    /// ZooKeeper address (host:port).
+    #[arg(long, env = "REGISTRY_TEST_ZOOKEEPER")]
+    zookeeper: Option<String>,
+    /// etcd address (host:port).
+    #[arg(long, env = "REGISTRY_TEST_ETCD")]
+    etcd: Option<String>,
+    /// Small sizes: the whole run in under two minutes (for CI).
+    #[arg(long)]
+    quick: bool,
+    /// Where results.jsonl and report.md go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Run only these workloads (register, notify, cold, churn, fanout, recovery).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Run only these backends.
+    #[arg(long, value_delimiter = ',')]
+    backend: Vec<Backend>,
+}
+
+/// The sizes of every workload.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sizes {
+    /// Registrations per side.
+    pub register_n: usize,
+    /// ABAB block size of register.
+    pub register_block: usize,
+    /// Warm-up registrations per side.
+    pub register_warmup: usize,
+    /// Measured notifications.
+    pub notify_n: usize,
+    /// Warm-up notifications.
+    pub notify_warmup: usize,
+    /// Providers present for cold subscribe.
+    pub cold_n: usize,
+    /// Cold subscribes per side.
+    pub cold_iters: usize,
+    /// Changes per churn run.
+    pub churn_n: usize,
+    /// Churn runs per side.
+    pub churn_iters: usize,
+    /// Fan-out services.
+    pub fan_services: usize,
+    /// Listeners per fan-out service.
+    pub fan_listeners: usize,
+    /// Measured fan-out changes.
+    pub fan_changes: usize,
+    /// Registrations and subscriptions in recovery.
+    pub recovery_n: usize,
+    /// Recoveries per side.
+    pub recovery_iters: usize,
+}
+
+impl Sizes {
+    fn full() -> Sizes {
+        Sizes {
+            register_n: 2000,
+            register_block: 100,
+            register_warmup: 100,
+            notify_n: 1000,
+            notify_warmup: 50,
+            cold_n: 10_000,
+            cold_iters: 8,
+            churn_n: 1000,
+            churn_iters: 3,
+            fan_services: 100,
+            fan_listeners: 10,
+            fan_changes: 50,
+            recovery_n: 100,
+            recovery_iters: 3,
+        }
+    }
+
+    fn quick() -> Sizes {
+        Sizes {
+            register_n: 200,
+            register_block: 50,
+            register_warmup: 20,
+            notify_n: 100,
+            notify_warmup: 10,
+            cold_n: 1000,
+            cold_iters: 3,
+            churn_n: 300,
+            churn_iters: 1,
+            fan_services: 20,
+            fan_listeners: 10,
+            fan_changes: 10,
+            recovery_n: 100,
+            recovery_iters: 1,
+        }
+    }
+}
+
+/// What a workload needs: the backend, its server, the sizes, and where results go.
+pub struct Ctx {
+    /// The backend.
+    pub backend: Backend,
+    /// The server's address.
+    pub addr: String,
+    /// The sizes.
+    pub sizes: Sizes,
+    /// A tag unique to this run, so runs never share paths.
+    pub run_id: String,
+    /// Results so far.
+    pub out: Vec<Measurement>,
+}
+
+impl Ctx {
+    /// A group (root path) for one workload of this run.
+    pub fn group(&self, workload: &str) -> String {
+        format!("bench-{}-{workload}", self.run_id)
+    }
+
+    /// Our registry on `group`, fresh (not the manager's cached instance): exactly what the
+    /// backend's factory returns (FailbackRegistry over the backend), default settings but no
+    /// disk cache file.
+    pub async fn ours(
+        &self,
+        group: &str,
+    ) -> anyhow::Result<std::sync::Arc<dyn registry_core::Registry>> {
+        let url: registry_core::Url = format!(
+            "{}://{}?file=false&group={group}",
+            self.backend.name(),
+            self.addr
+        )
+        .parse()?;
+        Ok(registry_core::factory_for(self.backend.name())?
+            .create(&url)
+            .await?)
+    }
+
+    /// Adds a measurement and prints it.
+    pub fn push(&mut self, m: Measurement) {
+        println!("{}", m.console_line());
+        self.out.push(m);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,registry_bench=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+/// The 1-minute load average (other work on the machine during the run), or `?`.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let sizes = if args.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
+    let started = Instant::now();
+    let load_before = loadavg();
+    let run_id = format!(
+        "{}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    );
+    let mut backends = Vec::new();
+    for b in [Backend::Zookeeper, Backend::Etcd] {
+        if !args.backend.is_empty() && !args.backend.contains(&b) {
+            continue;
+        }
+        let addr = match b {
+            Backend::Zookeeper => args.zookeeper.clone(),
+            Backend::Etcd => args.etcd.clone(),
+        };
+        let addr = addr.with_context(|| {
+            format!(
+                "no {} address: pass --{} or run through `cargo xtask bench`",
+                b.name(),
+                b.name()
+            )
+        })?;
+        backends.push((b, addr));
+    }
+    let wanted = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
+    let mut all = Vec::new();
+    for (backend, addr) in backends {
+        let mut ctx = Ctx {
+            backend,
+            addr,
+            sizes: sizes.clone(),
+            run_id: run_id.clone(),
+            out: Vec::new(),
+        };
+        tracing::info!(backend = backend.name(), addr = %ctx.addr, "benchmarking");
+        if wanted("register") {
+            workloads::register(&mut ctx).await.context("register")?;
+        }
+        if wanted("notify") {
+            workloads::notify(&mut ctx).await.context("notify")?;
+        }
+        if wanted("cold") {
+            workloads::cold_subscribe(&mut ctx)
+                .await
+                .context("cold subscribe")?;
+        }
+        if wanted("churn") {
+            workloads::churn(&mut ctx).await.context("churn")?;
+        }
+        if wanted("fanout") {
+            workloads::fan_out(&mut ctx).await.context("fan-out")?;
+        }
+        if wanted("recovery") {
+            workloads::recovery(&mut ctx).await.context("recovery")?;
+        }
+        all.append(&mut ctx.out);
+    }
+    let elapsed = started.elapsed();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let run = serde_json::json!({
+        "run_id": run_id,
+        "quick": args.quick,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "sizes": sizes,
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    });
+    report::write_jsonl(&args.out.join("results.jsonl"), &run, &all)?;
+    let header = format!(
+        "## registry-bench {} run `{run_id}` ({:.0} s; load average before {load_before}, after {})",
+        if args.quick { "quick" } else { "full" },
+        elapsed.as_secs_f64(),
+        loadavg()
+    );
+    let md = report::markdown(&header, &all);
+    std::fs::write(args.out.join("report.md"), &md)?;
+    println!("\n{md}");
+    println!(
+        "wrote {} and {}",
+        args.out.join("results.jsonl").display(),
+        args.out.join("report.md").display()
+    );
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! Shared pieces: provider URLs, the layout paths, event trackers, a TCP proxy.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use registry_core::{Notification, NotifyListener, Url, encode};
+use tokio::sync::watch;
+
+/// A Dubbo-style provider URL of about 300 bytes (the shape Dubbo 3 writes).
+pub fn provider(service: &str, i: u32) -> Url {
+    format!(
+        "dubbo://10.{}.{}.{}:20880/{service}?anyhost=true&application=bench-provider\
+         &deprecated=false&dubbo=2.0.2&dynamic=true&generic=false&interface={service}\
+         &methods=sayHello,sayHelloAsync,sayGoodbye&pid={}&release=3.2.0&side=provider\
+         &timestamp=1700000000000",
+        (i >> 16) & 0xff,
+        (i >> 8) & 0xff,
+        i & 0xff,
+        10_000 + i
+    )
+    .parse()
+    .unwrap_or_else(|e| panic!("bad provider URL: {e}"))
+}
+
+/// The consumer URL that subscribes to `service`'s providers.
+pub fn consumer(service: &str) -> Url {
+    format!("consumer://10.0.0.9/{service}?application=bench-consumer&side=consumer")
+        .parse()
+        .unwrap_or_else(|e| panic!("bad consumer URL: {e}"))
+}
+
+/// `/group/encode(service)/providers`: the category path (ZooKeeper node, etcd prefix without
+/// the trailing slash).
+pub fn category_path(group: &str, service: &str) -> String {
+    format!("/{group}/{}/providers", encode(service))
+}
+
+/// The entry path/key of a provider.
+pub fn entry_path(group: &str, url: &Url) -> String {
+    format!(
+        "{}/{}",
+        category_path(group, url.service_interface()),
+        encode(&url.to_full_string())
+    )
+}
+
+/// Times at which something reached a count: a listener's list size, or a raw watcher's set
+/// size. Waiters find the first time a condition held after a given point.
+#[derive(Default)]
+pub struct Track {
+    history: Mutex<Vec<(Instant, usize)>>,
+    bump: Mutex<Option<watch::Sender<u64>>>,
+    calls: AtomicU64,
+}
+
+impl Track {
+    /// A new tracker.
+    pub fn new() -> Arc<Track> {
+        let t = Track::default();
+        *lock(&t.bump) = Some(watch::channel(0).0);
+        Arc::new(t)
+    }
+
+    /// Records that the count is `count` now.
+    pub fn record(&self, count: usize) {
+        let now = Instant::now();
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        lock(&self.history).push((now, count));
+        if let Some(tx) = lock(&self.bump).as_ref() {
+            tx.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// How many records so far (a cursor for [`Track::wait`]).
+    pub fn len(&self) -> usize {
+        lock(&self.history).len()
+    }
+
+    /// How many times [`Track::record`] was called.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The last count recorded.
+    pub fn last(&self) -> Option<usize> {
+        lock(&self.history).last().map(|(_, c)| *c)
+    }
+
+    /// The time of the first record at or after index `since` whose count satisfies `pred`,
+    /// waiting up to `deadline` for it.
+    pub async fn wait(
+        &self,
+        since: usize,
+        pred: impl Fn(usize) -> bool,
+        deadline: Duration,
+    ) -> anyhow::Result<Instant> {
+        Ok(self.wait_at(since, pred, deadline).await?.1)
+    }
+
+    /// Like [`Track::wait`], also giving the index of the record (a cursor for the next wait).
+    pub async fn wait_at(
+        &self,
+        since: usize,
+        pred: impl Fn(usize) -> bool,
+        deadline: Duration,
+    ) -> anyhow::Result<(usize, Instant)> {
+        let mut rx = lock(&self.bump)
+            .as_ref()
+            .map(|tx| tx.subscribe())
+            .context("tracker without a channel")?;
+        let end = Instant::now() + deadline;
+        let mut from = since;
+        loop {
+            {
+                let h = lock(&self.history);
+                if let Some((i, (t, _))) =
+                    h.iter().enumerate().skip(from).find(|(_, (_, c))| pred(*c))
+                {
+                    return Ok((i, *t));
+                }
+                from = h.len().max(since);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("timed out after {deadline:?}; last count {:?}", self.last());
+            }
+            let _ = tokio::time::timeout(left, rx.changed()).await;
+        }
+    }
+}
+
+/// A listener that records the number of entries of every list it is given.
+pub fn listener(track: &Arc<Track>) -> Arc<dyn NotifyListener> {
+    let t = track.clone();
+    Arc::new(move |n: Notification| {
+        t.record(n.entries().count());
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A TCP proxy that can cut every connection (a network partition for one client only): how
+/// the victim of a ZooKeeper session expiry is kept from taking its session back.
+pub struct Proxy {
+    addr: String,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `target` on a free loopback port.
+    pub async fn start(target: &str) -> anyhow::Result<Proxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let (target, c2, k2) = (target.to_owned(), cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c2.load(Ordering::Acquire) {
+                    drop(inbound);
+                    continue;
+                }
+                let _ = inbound.set_nodelay(true);
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = outbound.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                lock(&k2).push(task.abort_handle());
+            }
+        });
+        Ok(Proxy {
+            addr,
+            cut,
+            conns,
+            accept,
+        })
+    }
+
+    /// The proxy's address.
+    pub fn address(&self) -> &str {
+        &self.addr
+    }
+
+    /// Closes every connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        for c in lock(&self.conns).drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
