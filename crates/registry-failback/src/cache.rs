@@ -62,7 +62,15 @@ pub struct CacheFile {
     pub services: BTreeMap<String, Vec<CachedList>>,
 }
 
-type Lists = HashMap<String, BTreeMap<(String, String), CachedList>>;
+/// A list as held in memory: the notification's own `Arc` (markers included), so recording a
+/// notification costs a pointer copy; strings are made only when the file is written.
+#[derive(Clone)]
+struct Held {
+    revision: u64,
+    urls: Arc<[Url]>,
+}
+
+type Lists = HashMap<String, BTreeMap<(String, String), Held>>;
 
 pub(crate) struct Cache {
     registry: String,
@@ -85,7 +93,24 @@ impl Cache {
                     for (key, ls) in f.services {
                         let m = lists.entry(key).or_default();
                         for l in ls {
-                            m.insert((l.service.clone(), l.category.clone()), l);
+                            let urls: Vec<Url> = l
+                                .urls
+                                .iter()
+                                .filter_map(|s| match Url::parse(s) {
+                                    Ok(u) => Some(u),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "skipping an unreadable URL in the registry cache");
+                                        None
+                                    }
+                                })
+                                .collect();
+                            m.insert(
+                                (l.service, l.category),
+                                Held {
+                                    revision: l.revision,
+                                    urls: urls.into(),
+                                },
+                            );
                         }
                     }
                     tracing::debug!(file = %path.display(), services = lists.len(), "loaded the registry cache");
@@ -111,11 +136,9 @@ impl Cache {
         if n.source != Source::Live {
             return;
         }
-        let list = CachedList {
-            service: n.service.clone(),
-            category: n.category.clone(),
+        let list = Held {
             revision: n.revision,
-            urls: n.entries().map(Url::to_full_string).collect(),
+            urls: n.urls.clone(),
         };
         {
             let mut lists = lock(&self.lists);
@@ -151,14 +174,8 @@ impl Cache {
                 let mut urls: Vec<Url> = l
                     .urls
                     .iter()
-                    .filter_map(|s| match Url::parse(s) {
-                        Ok(u) => Some(u),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "skipping an unreadable URL in the registry cache");
-                            None
-                        }
-                    })
-                    .filter(|u| is_match(sub, u))
+                    .filter(|u| !u.is_empty_marker() && is_match(sub, u))
+                    .cloned()
                     .collect();
                 if urls.is_empty() {
                     let base = if wildcard {
@@ -208,16 +225,37 @@ impl Cache {
         let Some(path) = self.file.clone() else {
             return;
         };
-        let snapshot = CacheFile {
-            format: CACHE_FORMAT,
-            registry: self.registry.clone(),
-            services: lock(&self.lists)
-                .iter()
-                .map(|(k, m)| (k.clone(), m.values().cloned().collect()))
-                .collect(),
-        };
-        let result =
-            tokio::task::spawn_blocking(move || write_file(&path, &snapshot).map(|()| path)).await;
+        // Copy the pointers under the lock; make the strings on the blocking pool.
+        let held: Lists = lock(&self.lists).clone();
+        let registry = self.registry.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let snapshot = CacheFile {
+                format: CACHE_FORMAT,
+                registry,
+                services: held
+                    .into_iter()
+                    .map(|(key, lists)| {
+                        let lists = lists
+                            .into_iter()
+                            .map(|((service, category), h)| CachedList {
+                                service,
+                                category,
+                                revision: h.revision,
+                                urls: h
+                                    .urls
+                                    .iter()
+                                    .filter(|u| !u.is_empty_marker())
+                                    .map(Url::to_full_string)
+                                    .collect(),
+                            })
+                            .collect();
+                        (key, lists)
+                    })
+                    .collect(),
+            };
+            write_file(&path, &snapshot).map(|()| path)
+        })
+        .await;
         match result {
             Ok(Ok(path)) => tracing::trace!(file = %path.display(), "saved the registry cache"),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not save the registry cache"),
