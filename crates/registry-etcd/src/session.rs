@@ -36,6 +36,8 @@ pub(crate) const FIRST_WATCH_ID: i64 = 2;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A connection that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(5);
 
 /// Requests from the registry handle to its session task.
 #[derive(Debug)]
@@ -85,7 +87,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
     };
     let mut generation: u64 = 0;
     let mut backoff = BACKOFF_MIN;
-    let mut reauthenticate = false;
+    // `new` (check=true) has just authenticated: the first streams need no new token. Every
+    // later establish authenticates again: a token that expired meanwhile (simple tokens after
+    // `--auth-token-ttl` of inactivity, JWTs after their TTL) would make etcd refuse every
+    // watch of the new stream.
+    let mut fresh_token = inner.available.load(Ordering::Acquire);
     loop {
         if *shutdown.borrow() {
             return;
@@ -93,9 +99,9 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
         // Requests made while disconnected are stale: arming is redone below.
         while cmds.try_recv().is_ok() {}
 
+        let reauthenticate = !std::mem::take(&mut fresh_token);
         match establish(&inner, &mut flags, reauthenticate).await {
             Ok(mut streams) => {
-                reauthenticate = false;
                 generation += 1;
                 if let Err(reason) = arm_all(&inner, &mut streams.watcher, generation).await {
                     down(&inner, &mut flags, &reason);
@@ -106,7 +112,6 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
-                backoff = BACKOFF_MIN;
                 inner.available.store(true, Ordering::Release);
                 if !flags.ever_up {
                     flags.ever_up = true;
@@ -118,7 +123,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 }
                 flags.lost = false;
                 flags.down = false;
-                match connected(
+                let since = Instant::now();
+                let exit = connected(
                     &inner,
                     &mut streams,
                     &mut cmds,
@@ -126,8 +132,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                     generation,
                     &mut flags,
                 )
-                .await
-                {
+                .await;
+                if since.elapsed() >= STABLE {
+                    backoff = BACKOFF_MIN;
+                }
+                match exit {
                     Exit::Shutdown => return,
                     Exit::Down(reason) => {
                         down(&inner, &mut flags, &reason);
@@ -138,14 +147,18 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                     Exit::LeaseLost => lease_lost(&inner, &mut flags),
-                    Exit::Reauthenticate => reauthenticate = true,
+                    Exit::Reauthenticate => {
+                        // The next establish authenticates again and re-creates every watch
+                        // on a fresh stream. Paced, in case etcd keeps refusing.
+                        if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
                 }
             }
             Err(Step::LeaseLost) => lease_lost(&inner, &mut flags),
-            Err(Step::Down(reason, kind)) => {
-                if kind == Kind::TokenInvalid {
-                    reauthenticate = true;
-                }
+            Err(Step::Down(reason, _)) => {
                 down(&inner, &mut flags, &reason);
                 if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
                     return;
@@ -246,25 +259,34 @@ async fn establish(
     flags: &mut Flags,
     reauthenticate: bool,
 ) -> Result<Streams, Step> {
-    let clients = match inner.clients() {
-        Some(c) => c,
+    let (clients, fresh) = match inner.clients() {
+        Some(c) => (c, false),
         None => {
             let c = connect(inner).await.map_err(step_err)?;
             *inner.clients.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-            c
+            (c, true)
         }
     };
-    if reauthenticate && let Some((user, password)) = inner.opts.user.clone() {
+    if reauthenticate
+        && !fresh
+        && let Some((user, password)) = inner.opts.user.clone()
+    {
         let mut client = clients.client.clone();
-        errors::timed(
+        // etcd refuses to authenticate a request that carries a stale token.
+        client.remove_client_auth();
+        match errors::timed(
             &inner.label,
             || "authenticating again".to_owned(),
             inner.opts.timeout,
             client.set_client_auth(user, password),
         )
         .await
-        .map_err(step_err)?;
-        tracing::info!(registry = %inner.label, "authenticated to etcd again");
+        {
+            Ok(()) => tracing::debug!(registry = %inner.label, "authenticated to etcd again"),
+            // `connect` found authentication off and connected without the credentials.
+            Err((e, _)) if e.to_string().contains("authentication is not enabled") => {}
+            Err(e) => return Err(step_err(e)),
+        }
     }
     let mut lease = inner.lease.load(Ordering::Acquire);
     if lease == 0 {
@@ -394,8 +416,8 @@ async fn connected(
             },
             m = s.watch.message() => match m {
                 Ok(Some(r)) => {
-                    if let Err(reason) = on_watch_response(inner, s, r, generation).await {
-                        return Exit::Down(reason);
+                    if let Err(exit) = on_watch_response(inner, s, r, generation).await {
+                        return exit;
                     }
                 }
                 Ok(None) => return Exit::Down("the watch stream ended".to_owned()),
@@ -429,8 +451,12 @@ async fn connected(
                 None => return Exit::Shutdown,
             },
             _ = reread_tick.tick(), if inner.opts.reread.is_some() => {
-                if let Err(reason) = reread_all(inner).await {
-                    tracing::warn!(registry = %inner.label, reason, "periodic re-read failed");
+                if let Err((e, kind)) = reread_all(inner).await {
+                    if kind == Kind::TokenInvalid && inner.opts.user.is_some() {
+                        tracing::info!(registry = %inner.label, error = %e, "the auth token is no longer valid; authenticating again");
+                        return Exit::Reauthenticate;
+                    }
+                    tracing::warn!(registry = %inner.label, error = %e, "periodic re-read failed");
                 }
             }
         }
@@ -443,14 +469,35 @@ async fn on_watch_response(
     s: &mut Streams,
     r: WatchResponse,
     generation: u64,
-) -> Result<(), String> {
+) -> Result<(), Exit> {
     let id = r.watch_id();
+    if r.created() && r.canceled() {
+        // etcd refused to create a watch: 3.5+ answers watch id -1 with "invalid auth token"
+        // or "revision of auth store is old", 3.4 the requested id with "permission denied".
+        // With credentials, authenticate again and re-create every watch on a fresh stream.
+        if inner.opts.user.is_some() {
+            tracing::warn!(
+                registry = %inner.label,
+                id,
+                reason = r.cancel_reason(),
+                "etcd refused a watch; authenticating again and re-creating every watch"
+            );
+            return Err(Exit::Reauthenticate);
+        }
+        tracing::error!(
+            registry = %inner.label,
+            id,
+            reason = r.cancel_reason(),
+            "etcd refused a watch; the list is kept fresh by the periodic re-read only"
+        );
+        return Ok(());
+    }
     if id == ANCHOR_WATCH_ID {
         if r.canceled() {
-            return Err(format!(
+            return Err(Exit::Down(format!(
                 "the anchor watch was cancelled: {}",
                 r.cancel_reason()
-            ));
+            )));
         }
         return Ok(());
     }
@@ -469,14 +516,6 @@ async fn on_watch_response(
         return Ok(());
     }
     if r.created() {
-        if r.canceled() {
-            tracing::error!(
-                registry = %inner.label,
-                id,
-                reason = r.cancel_reason(),
-                "etcd refused a watch; the list is kept fresh by the periodic re-read only"
-            );
-        }
         return Ok(());
     }
     if r.events().is_empty() {
@@ -514,7 +553,7 @@ async fn on_watch_response(
 
 /// Reads the prefix of watch `id` again, notifies what changed, and creates the watch again
 /// (under a new id) from the read's revision + 1.
-async fn resync(inner: &Inner, s: &mut Streams, id: i64, generation: u64) -> Result<(), String> {
+async fn resync(inner: &Inner, s: &mut Streams, id: i64, generation: u64) -> Result<(), Exit> {
     let Some((prefix, scope)) = lock(&inner.watches)
         .get(&id)
         .map(|w| (w.prefix.clone(), w.scope.clone()))
@@ -522,12 +561,19 @@ async fn resync(inner: &Inner, s: &mut Streams, id: i64, generation: u64) -> Res
         return Ok(());
     };
     let Some(clients) = inner.clients() else {
-        return Err("no client".to_owned());
+        return Err(Exit::Down("no client".to_owned()));
     };
-    let (entries, revision) = inner
-        .read(&clients, &prefix, &scope)
-        .await
-        .map_err(|(e, _)| e.to_string())?;
+    let (entries, revision) =
+        inner
+            .read(&clients, &prefix, &scope)
+            .await
+            .map_err(|(e, kind)| {
+                if kind == Kind::TokenInvalid && inner.opts.user.is_some() {
+                    Exit::Reauthenticate
+                } else {
+                    Exit::Down(e.to_string())
+                }
+            })?;
     let new_id = {
         let mut watches = lock(&inner.watches);
         let Some(mut w) = watches.remove(&id) else {
@@ -555,11 +601,11 @@ async fn resync(inner: &Inner, s: &mut Streams, id: i64, generation: u64) -> Res
             ),
         )
         .await
-        .map_err(|e| format!("creating watch {}: {e}", new_id.0))
+        .map_err(|e| Exit::Down(format!("creating watch {}: {e}", new_id.0)))
 }
 
 /// Reads every watched prefix again and notifies any difference (events the server lost).
-async fn reread_all(inner: &Inner) -> Result<(), String> {
+async fn reread_all(inner: &Inner) -> Result<(), (Error, Kind)> {
     let Some(clients) = inner.clients() else {
         return Ok(());
     };
@@ -568,10 +614,7 @@ async fn reread_all(inner: &Inner) -> Result<(), String> {
         .map(|(id, w)| (*id, w.prefix.clone(), w.scope.clone()))
         .collect();
     for (id, prefix, scope) in targets {
-        let (entries, revision) = inner
-            .read(&clients, &prefix, &scope)
-            .await
-            .map_err(|(e, _)| e.to_string())?;
+        let (entries, revision) = inner.read(&clients, &prefix, &scope).await?;
         let mut watches = lock(&inner.watches);
         if let Some(w) = watches.get_mut(&id)
             && revision > w.revision

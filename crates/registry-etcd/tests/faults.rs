@@ -670,3 +670,60 @@ async fn check_false_connects_in_the_background() {
     );
     r.destroy().await;
 }
+
+/// An auth token that expired while the registry was idle (etcd drops a simple token
+/// `--auth-token-ttl` seconds after its last use; keep-alives and watch events do not use it),
+/// then a broken connection: etcd refuses every watch created with the stale token, so the
+/// registry must authenticate again when it re-creates its streams, and changes made after the
+/// reconnect must reach the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_auth_token_then_a_reconnect_keeps_subscriptions_alive() {
+    let Some(etcd) = common::OwnEtcd::start("expired_auth_token", &["--auth-token-ttl", "2"])
+    else {
+        return;
+    };
+    let addr = etcd.address();
+    common::enable_auth(&addr).await;
+    let proxy = Proxy::start(&addr).await;
+    let s = unique_service("tokenttl");
+    let r = registry(&format!(
+        "etcd://root:rootpw@{}?session=60000&timeout=2000",
+        proxy.address()
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe");
+    let mut rawc = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let p1 = provider(&s, 1, "");
+    rawc.put(entry_key(&s, &p1), p1.to_full_string(), None)
+        .await
+        .expect("raw put");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
+        .await;
+
+    // Idle for longer than the token's TTL (etcd checks token deadlines every second).
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let cut = Instant::now();
+    proxy.cut();
+    log.wait_for(RegistryEvent::Disconnected, cut, DEADLINE)
+        .await;
+    proxy.heal();
+    log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
+        .await;
+
+    let p2 = provider(&s, 2, "");
+    let mut rawc = raw_as(&addr, Some(("root", "rootpw"))).await;
+    rawc.put(entry_key(&s, &p2), p2.to_full_string(), None)
+        .await
+        .expect("raw put");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &[p1.clone(), p2.clone()], DEADLINE)
+        .await;
+    eprintln!(
+        "expired token: a change after the reconnect arrived; events {:?}",
+        log.events()
+    );
+    r.destroy().await;
+}
