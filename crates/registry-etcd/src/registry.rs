@@ -83,6 +83,20 @@ impl Inner {
     /// Converts an operation's error; asks the session to check the lease or the token
     /// when the error says they are gone.
     pub fn fail(&self, (e, kind): (Error, Kind)) -> Error {
+        // "user name is empty" with credentials: the request went out without a token (it is
+        // being renewed); like etcd's Go client, authenticate again and retry.
+        if kind == Kind::Denied
+            && self.opts.user.is_some()
+            && e.to_string().contains("user name is empty")
+        {
+            let _ = self.cmds.send(Cmd::Reauthenticate);
+            return Error::Backend {
+                registry: self.label.clone(),
+                message: e.to_string(),
+                retryable: true,
+                source: Some(Box::new(e)),
+            };
+        }
         match kind {
             Kind::LeaseNotFound => {
                 let _ = self.cmds.send(Cmd::CheckLease);
