@@ -433,6 +433,7 @@ impl Registry for EtcdRegistry {
                     known: Default::default(),
                     revision,
                     armed: 0,
+                    resyncing: false,
                 }),
                 Err(e) => {
                     let removed = {

@@ -12,8 +12,14 @@
 //! - A watch cancelled for compaction is read again (the full list is notified) and created
 //!   again from the read's revision + 1.
 //! - Every `etcd.reread.period` every watched prefix is read again, in case the server lost an
-//!   event.
+//!   event; a prefix that fails is logged and the others go on.
+//! - The keep-alive runs on its own task and the watch stream is read by its own task, so
+//!   neither a long read nor a send waiting on the watch stream delays a renewal, and the
+//!   watch stream is always drained while create requests are sent. Resync and re-read reads
+//!   run on their own tasks, at most [`READ_CONCURRENCY`] at once, and report back to the
+//!   session task, which applies them and re-creates watches.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -21,13 +27,13 @@ use std::time::Duration;
 use etcd_client::{
     EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse, WatchStream, Watcher,
 };
-use registry_core::{Error, RegistryEvent};
-use tokio::sync::mpsc;
+use registry_core::{Error, RegistryEvent, Url};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::errors::{self, Kind};
 use crate::registry::{Inner, connect, grant, lock};
-use crate::watches::{Changed, parse_key};
+use crate::watches::{Changed, WatchState, parse_key};
 
 /// The watch id of the anchor watch that opens the stream.
 const ANCHOR_WATCH_ID: i64 = 1;
@@ -92,6 +98,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
     // `--auth-token-ttl` of inactivity, JWTs after their TTL) would make etcd refuse every
     // watch of the new stream.
     let mut fresh_token = inner.available.load(Ordering::Acquire);
+    let mut reads = Reads::new();
     loop {
         if *shutdown.borrow() {
             return;
@@ -101,9 +108,10 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
 
         let reauthenticate = !std::mem::take(&mut fresh_token);
         match establish(&inner, &mut flags, reauthenticate).await {
-            Ok(mut streams) => {
+            Ok(streams) => {
                 generation += 1;
-                if let Err(reason) = arm_all(&inner, &mut streams.watcher, generation).await {
+                let mut live = Live::start(&inner, streams);
+                if let Err(reason) = arm_all(&inner, &mut live.watcher, generation).await {
                     down(&inner, &mut flags, &reason);
                     if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
                         return;
@@ -126,13 +134,15 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 let since = Instant::now();
                 let exit = connected(
                     &inner,
-                    &mut streams,
+                    &mut live,
+                    &mut reads,
                     &mut cmds,
                     &mut shutdown,
                     generation,
                     &mut flags,
                 )
                 .await;
+                drop(live);
                 if since.elapsed() >= STABLE {
                     backoff = BACKOFF_MIN;
                 }
@@ -335,13 +345,14 @@ async fn establish(
     })
 }
 
-/// Creates every watch not yet created on stream `generation`, each from its revision + 1.
+/// Creates every watch not yet created on stream `generation`, each from its revision + 1
+/// (a watch whose prefix is being read again is created when that read is done).
 async fn arm_all(inner: &Inner, watcher: &mut Watcher, generation: u64) -> Result<(), String> {
     let requests: Vec<(i64, String, i64)> = {
         let mut watches = lock(&inner.watches);
         watches
             .iter_mut()
-            .filter(|(_, w)| w.armed != generation)
+            .filter(|(_, w)| w.armed != generation && !w.resyncing)
             .map(|(id, w)| {
                 w.armed = generation;
                 (*id, w.prefix.clone(), w.revision + 1)
@@ -350,99 +361,279 @@ async fn arm_all(inner: &Inner, watcher: &mut Watcher, generation: u64) -> Resul
     };
     for (id, prefix, from) in requests {
         tracing::debug!(registry = %inner.label, id, prefix, from, "watching");
-        watcher
-            .watch(
-                prefix,
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(from)
-                        .with_watch_id(id),
-                ),
-            )
-            .await
-            .map_err(|e| format!("creating watch {id}: {e}"))?;
+        create_watch(watcher, id, prefix, from).await?;
     }
     Ok(())
 }
 
+async fn create_watch(
+    watcher: &mut Watcher,
+    id: i64,
+    prefix: String,
+    from: i64,
+) -> Result<(), String> {
+    watcher
+        .watch(
+            prefix,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(from)
+                    .with_watch_id(id),
+            ),
+        )
+        .await
+        .map_err(|e| format!("creating watch {id}: {e}"))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the keep-alive task reports.
+enum KeepAlive {
+    Renewed,
+    Ended(Exit),
+}
+
+type WatchMessage = Result<Option<WatchResponse>, etcd_client::Error>;
+
+/// One established connection: the keep-alive task and the task that reads the watch stream
+/// run on their own, so neither long reads nor sends on the watch stream can delay a renewal,
+/// and the watch stream is always read while requests are sent on it.
+struct Live {
+    watcher: Watcher,
+    watch_rx: mpsc::UnboundedReceiver<WatchMessage>,
+    keep_alive_rx: mpsc::UnboundedReceiver<KeepAlive>,
+    check_lease: Arc<Notify>,
+    _tasks: [AbortOnDrop; 2],
+}
+
+impl Live {
+    fn start(inner: &Arc<Inner>, s: Streams) -> Live {
+        let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+        let mut watch = s.watch;
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = watch.message().await;
+                let end = !matches!(m, Ok(Some(_)));
+                if watch_tx.send(m).is_err() || end {
+                    return;
+                }
+            }
+        });
+        let (keep_alive_tx, keep_alive_rx) = mpsc::unbounded_channel();
+        let check_lease = Arc::new(Notify::new());
+        let keeper = tokio::spawn(keep_alive(
+            inner.clone(),
+            s.keeper,
+            s.keep_alive,
+            check_lease.clone(),
+            keep_alive_tx,
+        ));
+        Live {
+            watcher: s.watcher,
+            watch_rx,
+            keep_alive_rx,
+            check_lease,
+            _tasks: [
+                AbortOnDrop(reader.abort_handle()),
+                AbortOnDrop(keeper.abort_handle()),
+            ],
+        }
+    }
+}
+
+/// How long a keep-alive may stay unanswered before the connection is presumed dead.
+fn answer_timeout(opts: &crate::options::Options) -> Duration {
+    opts.timeout.max(opts.keep_alive_period)
+}
+
+/// Renews the lease every TTL/3 (and when asked), until the stream fails or the lease is gone.
+async fn keep_alive(
+    inner: Arc<Inner>,
+    mut keeper: LeaseKeeper,
+    mut stream: LeaseKeepAliveStream,
+    check: Arc<Notify>,
+    tx: mpsc::UnboundedSender<KeepAlive>,
+) {
+    let period = inner.opts.keep_alive_period;
+    let answer_within = answer_timeout(&inner.opts);
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut unanswered: Option<Instant> = None;
+    let exit = loop {
+        let overdue = async {
+            match unanswered {
+                Some(since) => tokio::time::sleep_until(since + answer_within).await,
+                None => std::future::pending().await,
+            }
+        };
+        let send = tokio::select! {
+            _ = tick.tick() => true,
+            _ = check.notified() => true,
+            _ = overdue => break Exit::Down(format!("no keep-alive answer for {answer_within:?}")),
+            m = stream.message() => match m {
+                Ok(Some(r)) => {
+                    if r.ttl() <= 0 {
+                        break Exit::LeaseLost;
+                    }
+                    unanswered = None;
+                    let _ = tx.send(KeepAlive::Renewed);
+                    false
+                }
+                Ok(None) => break Exit::Down("the keep-alive stream ended".to_owned()),
+                Err(e) => break match errors::kind(&e) {
+                    Kind::LeaseNotFound => Exit::LeaseLost,
+                    Kind::TokenInvalid => Exit::Reauthenticate,
+                    _ => Exit::Down(format!("keep-alive stream: {e}")),
+                },
+            },
+        };
+        if send {
+            match tokio::time::timeout(answer_within, keeper.keep_alive()).await {
+                Ok(Ok(())) => {
+                    unanswered.get_or_insert_with(Instant::now);
+                }
+                Ok(Err(e)) => break Exit::Down(format!("sending a keep-alive: {e}")),
+                Err(_) => {
+                    break Exit::Down(format!("sending a keep-alive took over {answer_within:?}"));
+                }
+            }
+        }
+    };
+    let _ = tx.send(KeepAlive::Ended(exit));
+}
+
+/// Why a prefix is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The watch was cancelled by the server (compaction): read, then create it again.
+    Resync,
+    /// The periodic re-read.
+    Reread,
+}
+
+/// A read done off the session task.
+struct ReadDone {
+    id: i64,
+    purpose: Purpose,
+    result: Result<(BTreeMap<String, Url>, i64), (Error, Kind)>,
+}
+
+/// Reads run on their own tasks, at most [`READ_CONCURRENCY`] at once, and report to the
+/// session task, which applies them.
+pub(crate) struct Reads {
+    tx: mpsc::UnboundedSender<ReadDone>,
+    rx: mpsc::UnboundedReceiver<ReadDone>,
+    limit: Arc<Semaphore>,
+    /// Periodic re-reads not yet reported.
+    rereads: usize,
+}
+
+/// How many prefixes are read at once by resyncs and the periodic re-read.
+const READ_CONCURRENCY: usize = 4;
+
+impl Reads {
+    fn new() -> Reads {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Reads {
+            tx,
+            rx,
+            limit: Arc::new(Semaphore::new(READ_CONCURRENCY)),
+            rereads: 0,
+        }
+    }
+
+    fn spawn(&mut self, inner: &Arc<Inner>, id: i64, w: &WatchState, purpose: Purpose) {
+        if purpose == Purpose::Reread {
+            self.rereads += 1;
+        }
+        let (inner, tx, limit) = (inner.clone(), self.tx.clone(), self.limit.clone());
+        let (prefix, scope) = (w.prefix.clone(), w.scope.clone());
+        tokio::spawn(async move {
+            let Ok(_permit) = limit.acquire_owned().await else {
+                return;
+            };
+            let result = match inner.clients() {
+                Some(clients) => inner.read(&clients, &prefix, &scope).await,
+                None => Err((
+                    Error::Unavailable {
+                        registry: inner.label.clone(),
+                        reason: format!("reading {prefix}: not connected"),
+                    },
+                    Kind::Transient,
+                )),
+            };
+            let _ = tx.send(ReadDone {
+                id,
+                purpose,
+                result,
+            });
+        });
+    }
+}
+
 async fn connected(
-    inner: &Inner,
-    s: &mut Streams,
+    inner: &Arc<Inner>,
+    live: &mut Live,
+    reads: &mut Reads,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     generation: u64,
     flags: &mut Flags,
 ) -> Exit {
-    let period = inner.opts.keep_alive_period;
-    let mut keep_alive_tick = tokio::time::interval_at(Instant::now() + period, period);
-    keep_alive_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let reread_period = inner
         .opts
         .reread
         .unwrap_or(Duration::from_secs(86_400 * 365));
     let mut reread_tick = tokio::time::interval_at(Instant::now() + reread_period, reread_period);
     reread_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut unanswered: Option<Instant> = None;
 
     loop {
         tokio::select! {
             _ = stopped(shutdown) => return Exit::Shutdown,
-            _ = keep_alive_tick.tick() => {
-                if let Some(since) = unanswered
-                    && since.elapsed() > inner.opts.timeout.max(period)
-                {
-                    return Exit::Down(format!("no keep-alive answer for {:?}", since.elapsed()));
-                }
-                if let Err(e) = s.keeper.keep_alive().await {
-                    return Exit::Down(format!("sending a keep-alive: {e}"));
-                }
-                unanswered.get_or_insert_with(Instant::now);
-            }
-            m = s.keep_alive.message() => match m {
-                Ok(Some(r)) => {
-                    if r.ttl() <= 0 {
-                        return Exit::LeaseLost;
-                    }
-                    unanswered = None;
-                    flags.renewed = Instant::now();
-                }
-                Ok(None) => return Exit::Down("the keep-alive stream ended".to_owned()),
-                Err(e) => return match errors::kind(&e) {
-                    Kind::LeaseNotFound => Exit::LeaseLost,
-                    Kind::TokenInvalid => Exit::Reauthenticate,
-                    _ => Exit::Down(format!("keep-alive stream: {e}")),
-                },
+            m = live.keep_alive_rx.recv() => match m {
+                Some(KeepAlive::Renewed) => flags.renewed = Instant::now(),
+                Some(KeepAlive::Ended(exit)) => return exit,
+                None => return Exit::Down("the keep-alive task ended".to_owned()),
             },
-            m = s.watch.message() => match m {
-                Ok(Some(r)) => {
-                    if let Err(exit) = on_watch_response(inner, s, r, generation).await {
+            m = live.watch_rx.recv() => match m {
+                Some(Ok(Some(r))) => {
+                    if let Err(exit) = on_watch_response(inner, reads, r) {
                         return exit;
                     }
                 }
-                Ok(None) => return Exit::Down("the watch stream ended".to_owned()),
-                Err(e) => return match errors::kind(&e) {
+                Some(Ok(None)) | None => return Exit::Down("the watch stream ended".to_owned()),
+                Some(Err(e)) => return match errors::kind(&e) {
                     Kind::TokenInvalid => Exit::Reauthenticate,
                     _ => Exit::Down(format!("watch stream: {e}")),
                 },
             },
+            done = reads.rx.recv() => {
+                if let Some(done) = done
+                    && let Err(exit) = on_read(inner, reads, &mut live.watcher, generation, done).await
+                {
+                    return exit;
+                }
+            }
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::Arm) => {
-                    if let Err(reason) = arm_all(inner, &mut s.watcher, generation).await {
+                    if let Err(reason) = arm_all(inner, &mut live.watcher, generation).await {
                         return Exit::Down(reason);
                     }
                 }
                 Some(Cmd::Cancel(id, armed)) => {
-                    if armed == generation && let Err(e) = s.watcher.cancel_by_id(id).await {
+                    if armed == generation && let Err(e) = live.watcher.cancel_by_id(id).await {
                         return Exit::Down(format!("cancelling watch {id}: {e}"));
                     }
                 }
-                Some(Cmd::CheckLease) => {
-                    if let Err(e) = s.keeper.keep_alive().await {
-                        return Exit::Down(format!("sending a keep-alive: {e}"));
-                    }
-                    unanswered.get_or_insert_with(Instant::now);
-                }
+                Some(Cmd::CheckLease) => live.check_lease.notify_one(),
                 Some(Cmd::Reauthenticate) => {
                     if inner.opts.user.is_some() {
                         return Exit::Reauthenticate;
@@ -451,12 +642,13 @@ async fn connected(
                 None => return Exit::Shutdown,
             },
             _ = reread_tick.tick(), if inner.opts.reread.is_some() => {
-                if let Err((e, kind)) = reread_all(inner).await {
-                    if kind == Kind::TokenInvalid && inner.opts.user.is_some() {
-                        tracing::info!(registry = %inner.label, error = %e, "the auth token is no longer valid; authenticating again");
-                        return Exit::Reauthenticate;
+                if reads.rereads > 0 {
+                    tracing::debug!(registry = %inner.label, left = reads.rereads, "the previous periodic re-read is still running");
+                } else {
+                    let watches = lock(&inner.watches);
+                    for (id, w) in watches.iter().filter(|(_, w)| !w.resyncing) {
+                        reads.spawn(inner, *id, w, Purpose::Reread);
                     }
-                    tracing::warn!(registry = %inner.label, error = %e, "periodic re-read failed");
                 }
             }
         }
@@ -464,12 +656,7 @@ async fn connected(
 }
 
 /// Routes one watch response by its watch id.
-async fn on_watch_response(
-    inner: &Inner,
-    s: &mut Streams,
-    r: WatchResponse,
-    generation: u64,
-) -> Result<(), Exit> {
+fn on_watch_response(inner: &Arc<Inner>, reads: &mut Reads, r: WatchResponse) -> Result<(), Exit> {
     let id = r.watch_id();
     if r.created() && r.canceled() {
         // etcd refused to create a watch: 3.5+ answers watch id -1 with "invalid auth token"
@@ -502,8 +689,10 @@ async fn on_watch_response(
         return Ok(());
     }
     if r.compact_revision() > 0 || (r.canceled() && !r.created()) {
-        let known = lock(&inner.watches).contains_key(&id);
-        if known {
+        let mut watches = lock(&inner.watches);
+        if let Some(w) = watches.get_mut(&id)
+            && !w.resyncing
+        {
             tracing::info!(
                 registry = %inner.label,
                 id,
@@ -511,14 +700,12 @@ async fn on_watch_response(
                 reason = r.cancel_reason(),
                 "watch cancelled by the server; reading the prefix again"
             );
-            resync(inner, s, id, generation).await?;
+            w.resyncing = true;
+            reads.spawn(inner, id, w, Purpose::Resync);
         }
         return Ok(());
     }
-    if r.created() {
-        return Ok(());
-    }
-    if r.events().is_empty() {
+    if r.created() || r.events().is_empty() {
         return Ok(());
     }
     let mut watches = lock(&inner.watches);
@@ -551,85 +738,82 @@ async fn on_watch_response(
     Ok(())
 }
 
-/// Reads the prefix of watch `id` again, notifies what changed, and creates the watch again
-/// (under a new id) from the read's revision + 1.
-async fn resync(inner: &Inner, s: &mut Streams, id: i64, generation: u64) -> Result<(), Exit> {
-    let Some((prefix, scope)) = lock(&inner.watches)
-        .get(&id)
-        .map(|w| (w.prefix.clone(), w.scope.clone()))
-    else {
-        return Ok(());
-    };
-    let Some(clients) = inner.clients() else {
-        return Err(Exit::Down("no client".to_owned()));
-    };
-    let (entries, revision) =
-        inner
-            .read(&clients, &prefix, &scope)
-            .await
-            .map_err(|(e, kind)| {
-                if kind == Kind::TokenInvalid && inner.opts.user.is_some() {
-                    Exit::Reauthenticate
-                } else {
-                    Exit::Down(e.to_string())
-                }
-            })?;
-    let new_id = {
+/// Applies a read done off the session task: notifies what changed; after a resync, creates
+/// the watch again (under a new id) from the read's revision + 1.
+async fn on_read(
+    inner: &Inner,
+    reads: &mut Reads,
+    watcher: &mut Watcher,
+    generation: u64,
+    done: ReadDone,
+) -> Result<(), Exit> {
+    if done.purpose == Purpose::Reread {
+        reads.rereads = reads.rereads.saturating_sub(1);
+    }
+    let create = {
         let mut watches = lock(&inner.watches);
-        let Some(mut w) = watches.remove(&id) else {
-            return Ok(());
+        let Some(w) = watches.get_mut(&done.id) else {
+            return Ok(()); // unsubscribed meanwhile
+        };
+        let (entries, revision) = match done.result {
+            Ok(r) => r,
+            Err((e, kind)) => {
+                let token = kind == Kind::TokenInvalid && inner.opts.user.is_some();
+                return match done.purpose {
+                    Purpose::Reread if token => {
+                        tracing::info!(registry = %inner.label, error = %e, "the auth token is no longer valid; authenticating again");
+                        Err(Exit::Reauthenticate)
+                    }
+                    Purpose::Reread => {
+                        // The other prefixes go on.
+                        tracing::warn!(registry = %inner.label, prefix = w.prefix, error = %e, "periodic re-read of a prefix failed");
+                        Ok(())
+                    }
+                    Purpose::Resync => {
+                        // Created again (and, still compacted, read again) on the next stream.
+                        w.resyncing = false;
+                        w.armed = 0;
+                        Err(if token {
+                            Exit::Reauthenticate
+                        } else {
+                            Exit::Down(e.to_string())
+                        })
+                    }
+                };
+            }
         };
         if revision > w.revision {
             let changed = w.replace(entries);
             w.revision = revision;
-            w.notify_changed(&changed);
-        }
-        w.armed = generation;
-        let new_id = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
-        let from = w.revision + 1;
-        watches.insert(new_id, w);
-        (new_id, from)
-    };
-    s.watcher
-        .watch(
-            prefix,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(new_id.1)
-                    .with_watch_id(new_id.0),
-            ),
-        )
-        .await
-        .map_err(|e| Exit::Down(format!("creating watch {}: {e}", new_id.0)))
-}
-
-/// Reads every watched prefix again and notifies any difference (events the server lost).
-async fn reread_all(inner: &Inner) -> Result<(), (Error, Kind)> {
-    let Some(clients) = inner.clients() else {
-        return Ok(());
-    };
-    let targets: Vec<(i64, String, crate::watches::Scope)> = lock(&inner.watches)
-        .iter()
-        .map(|(id, w)| (*id, w.prefix.clone(), w.scope.clone()))
-        .collect();
-    for (id, prefix, scope) in targets {
-        let (entries, revision) = inner.read(&clients, &prefix, &scope).await?;
-        let mut watches = lock(&inner.watches);
-        if let Some(w) = watches.get_mut(&id)
-            && revision > w.revision
-        {
-            let changed = w.replace(entries);
-            w.revision = revision;
             if !changed.is_empty() {
-                tracing::warn!(
-                    registry = %inner.label,
-                    prefix,
-                    "the periodic re-read found changes no watch event reported; notifying them"
-                );
+                if done.purpose == Purpose::Reread {
+                    tracing::warn!(
+                        registry = %inner.label,
+                        prefix = w.prefix,
+                        "the periodic re-read found changes no watch event reported; notifying them"
+                    );
+                }
                 w.notify_changed(&changed);
             }
         }
+        if done.purpose == Purpose::Resync && w.resyncing {
+            let Some(mut w) = watches.remove(&done.id) else {
+                return Ok(());
+            };
+            w.resyncing = false;
+            w.armed = generation;
+            let new_id = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
+            let create = (new_id, w.prefix.clone(), w.revision + 1);
+            watches.insert(new_id, w);
+            Some(create)
+        } else {
+            None
+        }
+    };
+    if let Some((id, prefix, from)) = create {
+        create_watch(watcher, id, prefix, from)
+            .await
+            .map_err(Exit::Down)?;
     }
     Ok(())
 }
