@@ -449,9 +449,14 @@ impl Live {
     }
 }
 
-/// How long a keep-alive may stay unanswered before the connection is presumed dead.
+/// How long a keep-alive may stay unanswered before the connection is presumed dead: the
+/// request timeout, but never more than one renewal period (TTL/3). The last renewal was at
+/// most one period before the unanswered keep-alive was sent, so the loss is noticed at most
+/// 2/3 of the TTL after it, leaving a third of the TTL to reconnect and renew the same lease.
+/// (`timeout.max(period)` could exceed the TTL: with the default 5 s timeout and a 2 s TTL the
+/// lease expired before the connection was even presumed dead.)
 fn answer_timeout(opts: &crate::options::Options) -> Duration {
-    opts.timeout.max(opts.keep_alive_period)
+    opts.timeout.min(opts.keep_alive_period)
 }
 
 /// Renews the lease every TTL/3 (and when asked), until the stream fails or the lease is gone.
@@ -816,4 +821,29 @@ async fn on_read(
             .map_err(Exit::Down)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unanswered_keep_alive_is_noticed_with_a_third_of_the_ttl_left() {
+        for (url, want) in [
+            ("etcd://h?session=4000", 666),
+            ("etcd://h?session=60000", 5000),
+            ("etcd://h?session=60000&timeout=1000", 1000),
+            ("etcd://h?session=2000&timeout=60000", 333),
+        ] {
+            let o = crate::options::Options::from_url(&url.parse().expect("url")).expect("options");
+            let answer = answer_timeout(&o);
+            assert_eq!(answer, Duration::from_millis(want), "{url}");
+            let ttl = Duration::from_secs(u64::try_from(o.ttl_secs).expect("ttl"));
+            // Last renewal, one period, then the unanswered keep-alive's deadline.
+            assert!(
+                o.keep_alive_period + answer <= ttl * 2 / 3 + Duration::from_millis(2),
+                "{url}"
+            );
+        }
+    }
 }
