@@ -81,6 +81,17 @@ struct Flags {
     lost: bool,
     /// When the lease was last granted or renewed.
     renewed: Instant,
+    /// The last refusal of the credentials logged at warn level.
+    denied: Option<String>,
+}
+
+/// Whether `reason` differs from the last one recorded in `last` (and records it).
+fn first_time(last: &mut Option<String>, reason: &str) -> bool {
+    if last.as_deref() == Some(reason) {
+        return false;
+    }
+    *last = Some(reason.to_owned());
+    true
 }
 
 pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
@@ -90,6 +101,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
         down: false,
         lost: false,
         renewed: Instant::now(),
+        denied: None,
     };
     let mut generation: u64 = 0;
     let mut backoff = BACKOFF_MIN;
@@ -131,6 +143,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 }
                 flags.lost = false;
                 flags.down = false;
+                flags.denied = None;
                 let since = Instant::now();
                 let exit = connected(
                     &inner,
@@ -168,7 +181,12 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 }
             }
             Err(Step::LeaseLost) => lease_lost(&inner, &mut flags),
-            Err(Step::Down(reason, _)) => {
+            Err(Step::Down(reason, kind)) => {
+                if kind == Kind::Denied && first_time(&mut flags.denied, &reason) {
+                    // Retried for ever (check=false, or after etcd's users changed): say so
+                    // once per distinct refusal, not at every attempt.
+                    tracing::warn!(registry = %inner.label, reason, "etcd refuses the credentials; retrying in the background");
+                }
                 down(&inner, &mut flags, &reason);
                 if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
                     return;
@@ -826,6 +844,15 @@ async fn on_read(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_warned_once_per_distinct_reason() {
+        let mut last = None;
+        assert!(first_time(&mut last, "authentication failed"));
+        assert!(!first_time(&mut last, "authentication failed"));
+        assert!(first_time(&mut last, "user name not found"));
+        assert!(first_time(&mut last, "authentication failed"));
+    }
 
     #[test]
     fn an_unanswered_keep_alive_is_noticed_with_a_third_of_the_ttl_left() {
