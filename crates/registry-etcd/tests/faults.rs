@@ -793,3 +793,39 @@ async fn many_watches_catching_up_after_a_reconnect_do_not_deadlock() {
     );
     a.destroy().await;
 }
+
+/// `destroy` racing the background connection of a `check=false` registry (connect, grant
+/// the lease): when it returns, no lease of the registry is left on the server (a grant that
+/// was in flight is revoked too), and a subscribe afterwards is `Destroyed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_during_the_background_connection_leaves_no_lease() {
+    let Some(server) = private_server("destroy_during_connection") else {
+        return;
+    };
+    let addr = server.address();
+    let mut rawc = raw(&addr).await;
+    let url: Url = format!("etcd://{addr}?check=false&session=60000")
+        .parse()
+        .expect("url");
+    for i in 0..40u64 {
+        let r = registry_etcd::EtcdRegistry::new(url.clone())
+            .await
+            .expect("check=false registry");
+        // Spread the destroys over connecting, authenticating and granting.
+        tokio::time::sleep(Duration::from_micros(250 * (i % 20))).await;
+        r.destroy().await;
+        let leases = rawc.leases().await.expect("leases");
+        assert!(
+            leases.leases().is_empty(),
+            "attempt {i}: a lease outlived destroy: {:?}",
+            leases.leases().iter().map(|l| l.id()).collect::<Vec<_>>()
+        );
+        match r
+            .subscribe(&consumer("x", ""), Recorder::new().listener())
+            .await
+        {
+            Err(Error::Destroyed { .. }) => {}
+            other => panic!("subscribe after destroy: {other:?}"),
+        }
+    }
+}
