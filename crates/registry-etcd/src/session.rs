@@ -65,6 +65,11 @@ enum Exit {
     Down(String),
     LeaseLost,
     Reauthenticate,
+    /// A watch response was over the decoding limit (the stream is dead, and which watch it
+    /// was for is unknown): open a new stream and read every watched prefix again, creating
+    /// each watch after the read, so the oversized response is skipped instead of being
+    /// replayed by a resume.
+    ResyncAll(String),
 }
 
 struct Streams {
@@ -111,6 +116,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
     // watch of the new stream.
     let mut fresh_token = inner.available.load(Ordering::Acquire);
     let mut reads = Reads::new();
+    let mut resync_all = false;
     loop {
         if *shutdown.borrow() {
             return;
@@ -123,6 +129,13 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
             Ok(streams) => {
                 generation += 1;
                 let mut live = Live::start(&inner, streams);
+                if std::mem::take(&mut resync_all) {
+                    let mut watches = lock(&inner.watches);
+                    for (id, w) in watches.iter_mut().filter(|(_, w)| !w.resyncing) {
+                        w.resyncing = true;
+                        reads.spawn(&inner, *id, w, Purpose::Resync);
+                    }
+                }
                 if let Err(reason) = arm_all(&inner, &mut live.watcher, generation).await {
                     down(&inner, &mut flags, &reason);
                     if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
@@ -170,6 +183,14 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                     Exit::LeaseLost => lease_lost(&inner, &mut flags),
+                    Exit::ResyncAll(reason) => {
+                        tracing::warn!(
+                            registry = %inner.label,
+                            reason,
+                            "a watch response was over the decoding limit; reading every watched prefix again instead of resuming"
+                        );
+                        resync_all = true;
+                    }
                     Exit::Reauthenticate => {
                         // The next establish authenticates again and re-creates every watch
                         // on a fresh stream. Paced, in case etcd keeps refusing.
@@ -635,6 +656,7 @@ async fn connected(
                 Some(Ok(None)) | None => return Exit::Down("the watch stream ended".to_owned()),
                 Some(Err(e)) => return match errors::kind(&e) {
                     Kind::TokenInvalid => Exit::Reauthenticate,
+                    Kind::TooLarge => Exit::ResyncAll(format!("watch stream: {e}")),
                     _ => Exit::Down(format!("watch stream: {e}")),
                 },
             },
@@ -790,6 +812,19 @@ async fn on_read(
                     Purpose::Reread => {
                         // The other prefixes go on.
                         tracing::warn!(registry = %inner.label, prefix = w.prefix, error = %e, "periodic re-read of a prefix failed");
+                        Ok(())
+                    }
+                    Purpose::Resync if kind == Kind::TooLarge => {
+                        // Resuming would replay what was too large, and reading is too large
+                        // too: this watch cannot work with the configured limit.
+                        tracing::error!(
+                            registry = %inner.label,
+                            prefix = w.prefix,
+                            error = %e,
+                            "this list is larger than the registry URL parameter `{}` allows; its subscription no longer receives changes",
+                            crate::options::MAX_MESSAGE_SIZE_KEY
+                        );
+                        watches.remove(&done.id);
                         Ok(())
                     }
                     Purpose::Resync => {

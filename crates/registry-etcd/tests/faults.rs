@@ -829,3 +829,52 @@ async fn destroy_during_the_background_connection_leaves_no_lease() {
         }
     }
 }
+
+/// One revision whose watch response is over `etcd.max-message-size` (100 puts in one
+/// transaction, ~460 kB of keys and values, with a 350 kB limit) while the keys-only read of
+/// the prefix fits: the registry reads the prefix again and watches after it, instead of
+/// resuming into the same oversized response for ever; later changes still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_watch_response_is_skipped_by_a_resync() {
+    let Some(server) = private_server("oversized_watch_response") else {
+        return;
+    };
+    let addr = server.address();
+    let s = unique_service("oversized");
+    let r = registry(&format!(
+        "etcd://{addr}?etcd.max-message-size=350000&timeout=5000"
+    ))
+    .await;
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe");
+    let pad = "x".repeat(2000);
+    let urls: Vec<Url> = (1..=100u8)
+        .map(|i| provider(&s, i, &format!("pad={pad}")))
+        .collect();
+    let ops: Vec<etcd_client::TxnOp> = urls
+        .iter()
+        .map(|u| etcd_client::TxnOp::put(entry_key(&s, u), u.to_full_string(), None))
+        .collect();
+    let mut rawc = raw(&addr).await;
+    let t = Instant::now();
+    rawc.txn(etcd_client::Txn::new().and_then(ops))
+        .await
+        .expect("txn");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &urls, DEADLINE)
+        .await;
+    eprintln!(
+        "oversized watch response: the full list by a resync in {:?}",
+        t.elapsed()
+    );
+    let extra = provider(&s, 200, "");
+    rawc.put(entry_key(&s, &extra), extra.to_full_string(), None)
+        .await
+        .expect("put");
+    let mut all = urls.clone();
+    all.push(extra);
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &all, DEADLINE)
+        .await;
+    r.destroy().await;
+}
