@@ -25,16 +25,37 @@ pub(crate) enum Kind {
     Other,
 }
 
+/// Messages of etcd server errors that pass: leader elections, learners, overload, timeouts.
+const TRANSIENT_MESSAGES: &[&str] = &[
+    "not leader",
+    "no leader",
+    "leader changed",
+    "not capable",
+    "rpc not supported for learner",
+    "too many requests",
+    "request timed out",
+    "server stopped",
+    "unhealthy cluster",
+];
+
 /// Classifies an `etcd-client` error.
 pub(crate) fn kind(e: &EtcdError) -> Kind {
     match e {
         EtcdError::GRpcStatus(s) => {
             let msg = s.message();
-            if msg.contains("too large") {
+            if msg.contains("too large") && !msg.contains("request is too large") {
                 return Kind::TooLarge;
             }
-            if msg.contains("invalid auth token") || msg.contains("auth token is expired") {
+            // As etcd's Go client: authenticate again and retry.
+            if msg.contains("invalid auth token")
+                || msg.contains("auth token is expired")
+                || msg.contains("revision of auth store is old")
+            {
                 return Kind::TokenInvalid;
+            }
+            // Cluster transients, some of them FailedPrecondition or InvalidArgument.
+            if TRANSIENT_MESSAGES.iter().any(|m| msg.contains(m)) {
+                return Kind::Transient;
             }
             if msg.contains("requested lease not found") {
                 return Kind::LeaseNotFound;
@@ -128,5 +149,73 @@ pub(crate) async fn timed<T>(
             },
             Kind::Transient,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: Code, msg: &str) -> EtcdError {
+        EtcdError::GRpcStatus(tonic::Status::new(code, msg))
+    }
+
+    #[test]
+    fn stale_tokens_are_retryable_and_reauthenticate() {
+        for (code, msg) in [
+            (Code::Unauthenticated, "etcdserver: invalid auth token"),
+            (
+                Code::InvalidArgument,
+                "etcdserver: revision of auth store is old",
+            ),
+        ] {
+            assert_eq!(kind(&status(code, msg)), Kind::TokenInvalid, "{msg}");
+            let e = convert("etcd://h", "putting /k", status(code, msg));
+            assert!(e.is_retryable(), "{msg}: {e}");
+        }
+    }
+
+    #[test]
+    fn cluster_transients_are_retryable() {
+        for (code, msg) in [
+            (Code::FailedPrecondition, "etcdserver: not leader"),
+            (Code::Unavailable, "etcdserver: no leader"),
+            (Code::Unavailable, "etcdserver: leader changed"),
+            (Code::FailedPrecondition, "etcdserver: not capable"),
+            (Code::Unavailable, "etcdserver: not capable"),
+            (
+                Code::Unavailable,
+                "etcdserver: rpc not supported for learner",
+            ),
+            (Code::ResourceExhausted, "etcdserver: too many requests"),
+            (Code::Unavailable, "etcdserver: request timed out"),
+        ] {
+            assert_eq!(kind(&status(code, msg)), Kind::Transient, "{msg}");
+            assert!(convert("etcd://h", "x", status(code, msg)).is_retryable());
+        }
+    }
+
+    #[test]
+    fn refusals_and_bad_requests_are_not_retryable() {
+        for (code, msg) in [
+            (Code::PermissionDenied, "etcdserver: permission denied"),
+            (
+                Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password",
+            ),
+            (Code::InvalidArgument, "etcdserver: request is too large"),
+        ] {
+            assert!(
+                !convert("etcd://h", "x", status(code, msg)).is_retryable(),
+                "{msg}"
+            );
+        }
+        assert_eq!(
+            kind(&status(
+                Code::OutOfRange,
+                "decoded message length too large: found 6000000 bytes"
+            )),
+            Kind::TooLarge
+        );
     }
 }

@@ -21,8 +21,8 @@ pub const DEFAULT_PORT: u16 = 2379;
 const TIMEOUT_KEY: &str = "timeout";
 const SESSION_KEY: &str = "session";
 
-/// Everything the backend takes from the registry URL.
-#[derive(Debug, Clone)]
+/// Everything the backend takes from the registry URL. Its `Debug` hides the password.
+#[derive(Clone)]
 pub(crate) struct Options {
     /// `http://host:port` of every address.
     pub endpoints: Vec<String>,
@@ -44,6 +44,23 @@ pub(crate) struct Options {
     pub check: bool,
     /// `enable-empty-protection`.
     pub empty_protection: bool,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("endpoints", &self.endpoints)
+            .field("timeout", &self.timeout)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("keep_alive_period", &self.keep_alive_period)
+            .field("reread", &self.reread)
+            .field("max_message_size", &self.max_message_size)
+            .field("root", &self.root)
+            .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
+            .field("check", &self.check)
+            .field("empty_protection", &self.empty_protection)
+            .finish()
+    }
 }
 
 fn invalid(key: &str, value: impl ToString, reason: &str) -> Error {
@@ -183,6 +200,17 @@ mod tests {
         assert_eq!(o.reread, None);
         assert_eq!(o.user, Some(("u".to_owned(), "p".to_owned())));
         assert_eq!(opts("etcd://h?group=/x/").expect("options").root, "/x");
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let o = opts("etcd://alice:s3cr3t-pw@h1:1").expect("options");
+        let text = format!("{o:?}");
+        assert!(!text.contains("s3cr3t-pw"), "{text}");
+        assert!(
+            text.contains("alice") && text.contains("<redacted>"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub(crate) struct Inner {
     pub next_watch_id: AtomicI64,
     pub cmds: mpsc::UnboundedSender<Cmd>,
     pub shutdown: watch::Sender<bool>,
+    /// The session task, joined by `destroy`.
+    pub session: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Inner {
@@ -83,6 +85,20 @@ impl Inner {
     /// Converts an operation's error; asks the session to check the lease or the token
     /// when the error says they are gone.
     pub fn fail(&self, (e, kind): (Error, Kind)) -> Error {
+        // "user name is empty" with credentials: the request went out without a token (it is
+        // being renewed); like etcd's Go client, authenticate again and retry.
+        if kind == Kind::Denied
+            && self.opts.user.is_some()
+            && e.to_string().contains("user name is empty")
+        {
+            let _ = self.cmds.send(Cmd::Reauthenticate);
+            return Error::Backend {
+                registry: self.label.clone(),
+                message: e.to_string(),
+                retryable: true,
+                source: Some(Box::new(e)),
+            };
+        }
         match kind {
             Kind::LeaseNotFound => {
                 let _ = self.cmds.send(Cmd::CheckLease);
@@ -96,6 +112,9 @@ impl Inner {
     }
 
     pub fn emit(&self, e: RegistryEvent) {
+        if self.destroyed.load(Ordering::Acquire) {
+            return;
+        }
         tracing::info!(registry = %self.label, event = ?e, "etcd registry event");
         let _ = self.events.send(e);
     }
@@ -250,6 +269,7 @@ impl EtcdRegistry {
             next_watch_id: AtomicI64::new(session::FIRST_WATCH_ID),
             cmds,
             shutdown: watch::channel(false).0,
+            session: Mutex::new(None),
             opts,
         });
         if inner.opts.check {
@@ -284,7 +304,8 @@ impl EtcdRegistry {
             inner.available.store(true, Ordering::Release);
             tracing::info!(registry = %inner.label, lease = id, "connected to etcd");
         }
-        tokio::spawn(session::run(inner.clone(), cmd_rx));
+        let task = tokio::spawn(session::run(inner.clone(), cmd_rx));
+        *lock(&inner.session) = Some(task);
         Ok(EtcdRegistry { inner })
     }
 
@@ -372,6 +393,9 @@ impl Registry for EtcdRegistry {
         let wildcard = url.service_interface() == ANY_VALUE;
         let sub = {
             let mut subs = lock(&inner.subs);
+            // `destroy` sets `destroyed` under this lock before draining the subscriptions:
+            // one inserted after that would never be closed.
+            inner.alive()?;
             if subs.contains_key(&key) {
                 return Ok(());
             }
@@ -419,6 +443,7 @@ impl Registry for EtcdRegistry {
                     known: Default::default(),
                     revision,
                     armed: 0,
+                    resyncing: false,
                 }),
                 Err(e) => {
                     let removed = {
@@ -525,16 +550,31 @@ impl Registry for EtcdRegistry {
 
     async fn destroy(&self) {
         let inner = &self.inner;
-        if inner.destroyed.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        let subs: Vec<Arc<Sub>> = {
+            let mut subs = lock(&inner.subs);
+            if inner.destroyed.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            subs.drain().map(|(_, s)| s).collect()
+        };
         inner.available.store(false, Ordering::Release);
-        let subs: Vec<Arc<Sub>> = lock(&inner.subs).drain().map(|(_, s)| s).collect();
         lock(&inner.watches).clear();
         for s in &subs {
             s.delivery.close().await;
         }
+        // Stop the session task and wait for it, so no grant it has in flight stores a lease
+        // after the revoke below. It stops at its next step, each bounded by `timeout`; past
+        // that it is aborted (a lease granted by an aborted grant has no entry and expires).
         inner.shutdown.send_replace(true);
+        let task = lock(&inner.session).take();
+        if let Some(mut task) = task
+            && tokio::time::timeout(inner.opts.timeout, &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
         // Revoking the lease drops every dynamic entry at once.
         let lease = inner.lease.swap(0, Ordering::AcqRel);
         if let (Some(clients), true) = (inner.clients(), lease != 0) {

@@ -72,6 +72,9 @@ pub(crate) struct WatchState {
     pub revision: i64,
     /// The watch stream generation it is armed on (0: not armed).
     pub armed: u64,
+    /// Cancelled by the server; its prefix is being read again, after which it is created
+    /// again.
+    pub resyncing: bool,
 }
 
 /// A (service, category) whose list changed.

@@ -194,3 +194,122 @@ pub async fn keys_under(raw: &mut Client, prefix: &str) -> Vec<String> {
         .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
         .collect()
 }
+
+/// An etcd process started by the test itself, with the flags registry-test-servers uses plus
+/// `extra` (for options that crate does not offer, such as `--auth-token-ttl`). Killed, and its
+/// directory removed, on drop.
+pub struct OwnEtcd {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    address: String,
+}
+
+impl OwnEtcd {
+    /// Starts etcd with `extra` flags and waits until it serves; `None` (after a message)
+    /// when it cannot be started and the servers are not required.
+    pub fn start(test: &str, extra: &[&str]) -> Option<OwnEtcd> {
+        init_tracing();
+        let mut last = String::new();
+        for _ in 0..3 {
+            match OwnEtcd::try_start(extra) {
+                Ok(e) => return Some(e),
+                Err(e) => last = e,
+            }
+        }
+        if registry_test_servers::required() {
+            panic!("{test}: cannot start etcd: {last}");
+        }
+        eprintln!("{test}: skipped, cannot start etcd: {last}");
+        None
+    }
+
+    fn try_start(extra: &[&str]) -> Result<OwnEtcd, String> {
+        use std::io::{Read, Write};
+        registry_test_servers::ensure_installed(&[registry_test_servers::Kind::Etcd])?;
+        let [client_port, peer_port] = registry_test_servers::free_ports::<2>()?;
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "registry-etcd-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = std::process::Command::new("etcd")
+            .arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("test={peer}"))
+            .arg("--auto-compaction-retention")
+            .arg("0")
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start etcd: {e}"))?;
+        let mut me = OwnEtcd {
+            child,
+            dir,
+            address: format!("127.0.0.1:{client_port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(&me.address) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.contains("\"health\":\"true\"") {
+                    return Ok(me);
+                }
+            }
+            if let Ok(Some(status)) = me.child.try_wait() {
+                let log = std::fs::read_to_string(me.dir.join("server.log")).unwrap_or_default();
+                return Err(format!("etcd exited ({status}) at start: {log}"));
+            }
+            if Instant::now() > deadline {
+                return Err("etcd did not serve within 60 s".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn address(&self) -> String {
+        self.address.clone()
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Turns authentication on with the user `root` / `rootpw`.
+pub async fn enable_auth(address: &str) {
+    let mut rawc = raw(address).await;
+    rawc.user_add("root", "rootpw", None)
+        .await
+        .expect("user add");
+    let _ = rawc.role_add("root").await;
+    rawc.user_grant_role("root", "root")
+        .await
+        .expect("grant role");
+    rawc.auth_enable().await.expect("auth enable");
+}
