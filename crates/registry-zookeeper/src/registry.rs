@@ -930,6 +930,10 @@ struct State {
     /// server before the new watch, or it would remove the new one (ZooKeeper removes
     /// persistent watches per path, ZOOKEEPER-4472).
     retiring: HashMap<String, JoinHandle<()>>,
+    /// The highest revision reported for each path, kept when its watch is dropped, so a
+    /// watch made again for the path (whose read gives the real `pzxid`, possibly lower
+    /// than the revisions we made up from events) never reports an older revision.
+    high_water: HashMap<String, u64>,
 }
 
 /// Runs `task` once the retiring task of the same path (if any) has ended.
@@ -1169,6 +1173,7 @@ impl Inner {
             if sub.active.load(Ordering::Acquire) && (force || !attached.0.contains(service)) {
                 for category in &sub.categories {
                     let path = self.cfg.category_path(service, category);
+                    let revision = st.high_water.get(&path).copied().unwrap_or(0);
                     let entry = st
                         .watches
                         .entry(path.clone())
@@ -1179,7 +1184,7 @@ impl Inner {
                                 category: category.clone(),
                                 data: Mutex::new(WatchData {
                                     children: BTreeMap::new(),
-                                    revision: 0,
+                                    revision,
                                     generation: 0,
                                     primed: false,
                                     ready: false,
@@ -1253,10 +1258,17 @@ impl Inner {
                 }
                 None => false,
             };
-            if empty
-                && let Some(e) = st.watches.remove(&path)
-                && let Some(t) = e.task
-            {
+            let removed = if empty {
+                st.watches.remove(&path)
+            } else {
+                None
+            };
+            if let Some(e) = &removed {
+                let revision = lock(&e.watch.data).revision;
+                let hw = st.high_water.entry(path.clone()).or_default();
+                *hw = (*hw).max(revision);
+            }
+            if let Some(t) = removed.and_then(|e| e.task) {
                 // Dropping the sender ends the task, which drops the watcher.
                 st.retiring.retain(|_, h| !h.is_finished());
                 st.retiring.insert(path, t.handle);

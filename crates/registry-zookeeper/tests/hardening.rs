@@ -220,3 +220,53 @@ async fn wildcard_service_whose_first_read_failed_is_attached_later() {
     r.destroy().await;
     w.destroy().await;
 }
+
+/// Revisions never go back for a path, even across a dropped and re-created watch: many
+/// entries created in one transaction give as many events (each one revision more than the
+/// last) but a single zxid, so the real `pzxid` a new watch reads is lower than what was
+/// reported; the new watch must still report at least the old revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_stay_monotonic_across_a_recreated_watch() {
+    init_tracing();
+    let Some(addr) = shared_address(Kind::Zookeeper, "revisions_monotonic") else {
+        return;
+    };
+    let group = unique_group("rev");
+    let r = registry(&format!("zookeeper://{addr}?group={group}")).await;
+    let s = unique_service("rev");
+    let sub = consumer(&s, "");
+    let raw = raw_client(&addr).await;
+    let path = r.category_path(&s, "providers");
+    let opts = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    raw.mkdir(&path, &opts).await.expect("mkdir");
+    let rec = Recorder::new();
+    r.subscribe(&sub, rec.listener()).await.expect("subscribe");
+    let entries: Vec<Url> = (1..=50).map(|i| provider(&s, i, "")).collect();
+    let mut multi = raw.new_multi_writer();
+    for u in &entries {
+        multi
+            .add_create(
+                &format!("{path}/{}", encode(&u.to_full_string())),
+                &[],
+                &opts,
+            )
+            .expect("create");
+    }
+    multi.commit().await.expect("create 50 entries at once");
+    rec.wait_for_entries(&s, "providers", &entries, DEADLINE)
+        .await;
+    let before = rec.latest(&s, "providers").expect("a list").revision;
+    r.unsubscribe(&sub, &rec.listener())
+        .await
+        .expect("unsubscribe");
+    // The same listener again: a new watch on the same path.
+    r.subscribe(&sub, rec.listener())
+        .await
+        .expect("subscribe again");
+    let after = rec.latest(&s, "providers").expect("a list").revision;
+    assert!(
+        after >= before,
+        "the re-created watch reported revision {after:#x}, lower than {before:#x} reported before"
+    );
+    r.destroy().await;
+}
