@@ -26,7 +26,7 @@ use registry_core::{
     Error, Notification, NotifyListener, Registry, RegistryEvent, Result, Source, Url, decode,
     is_match, listener_id,
 };
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use zookeeper_client as zk;
 
@@ -51,6 +51,8 @@ struct Ctx {
     timeout: Duration,
     /// Bounds how many watches arm and read at once.
     permits: Arc<Semaphore>,
+    /// Becomes `true` when the registry is destroyed: calls in flight end at once.
+    closing: watch::Receiver<bool>,
 }
 
 impl Ctx {
@@ -61,10 +63,14 @@ impl Ctx {
     where
         T: Send,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(Fail::Zk(e)),
-            Err(_) => Err(Fail::Timeout(self.timeout)),
+        let mut closing = self.closing.clone();
+        tokio::select! {
+            r = tokio::time::timeout(self.timeout, fut) => match r {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(Fail::Zk(e)),
+                Err(_) => Err(Fail::Timeout(self.timeout)),
+            },
+            _ = closing.wait_for(|c| *c) => Err(Fail::Zk(zk::Error::ClientClosed)),
         }
     }
 
@@ -158,7 +164,9 @@ impl Backoff {
 /// The current session.
 #[derive(Clone)]
 struct Session {
-    client: zk::Client,
+    /// The only owner of the client besides operations in flight: tasks hold it weakly, so
+    /// dropping this closes the session.
+    client: Arc<zk::Client>,
     generation: u64,
 }
 
@@ -591,7 +599,7 @@ fn copy_error(e: &Error, label: &str) -> Error {
 /// succeeds, the watch is dropped or the session ends.
 async fn run_watch(
     watch: Arc<Watch>,
-    client: zk::Client,
+    client: Weak<zk::Client>,
     generation: u64,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     ctx: Ctx,
@@ -603,7 +611,12 @@ async fn run_watch(
         if pending.due(watcher.is_none() || need_read) {
             lock(&watch.data).ready = false;
             let admit = pending.admitted();
-            match attempt_watch(&watch, &client, generation, &mut watcher, &ctx, &admit).await {
+            let Some(c) = client.upgrade() else {
+                break 'task End::Session;
+            };
+            let attempt = attempt_watch(&watch, &c, generation, &mut watcher, &ctx, &admit).await;
+            drop(c);
+            match attempt {
                 Attempt::Done => {
                     need_read = false;
                     lock(&watch.data).ready = true;
@@ -741,7 +754,7 @@ struct RootEntry {
 async fn run_root(
     registry: Weak<Inner>,
     root: Arc<RootWatch>,
-    client: zk::Client,
+    client: Weak<zk::Client>,
     generation: u64,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     ctx: Ctx,
@@ -753,7 +766,12 @@ async fn run_root(
         if pending.due(watcher.is_none() || need_list) {
             // Events from here on ask for another listing.
             need_list = false;
-            match attempt_root(&registry, &root, &client, generation, &mut watcher, &ctx).await {
+            let Some(c) = client.upgrade() else {
+                break 'task End::Session;
+            };
+            let attempt = attempt_root(&registry, &root, &c, generation, &mut watcher, &ctx).await;
+            drop(c);
+            match attempt {
                 Attempt::Done => pending.succeeded(),
                 Attempt::Failed(e) => {
                     need_list = true;
@@ -958,6 +976,8 @@ struct Inner {
     background: Mutex<Vec<JoinHandle<()>>>,
     /// Bounds how many watches arm and read at once.
     permits: Arc<Semaphore>,
+    /// Set by destroy: ends every call in flight.
+    closing: watch::Sender<bool>,
 }
 
 impl Drop for Inner {
@@ -987,6 +1007,7 @@ impl Inner {
             root: self.cfg.root.clone(),
             timeout: self.cfg.timeout,
             permits: self.permits.clone(),
+            closing: self.closing.subscribe(),
         }
     }
 
@@ -1063,7 +1084,14 @@ impl Inner {
     }
 
     /// Makes `client` the current session and starts its monitor.
-    fn install(self: &Arc<Self>, client: zk::Client) -> u64 {
+    /// Makes `client` the current session and starts its monitor; `None` (and the client
+    /// dropped, which closes its session) when the registry was destroyed meanwhile.
+    fn install(self: &Arc<Self>, client: zk::Client) -> Option<u64> {
+        // Under the state lock, which destroy holds when it sets `destroyed`.
+        let st = lock(&self.state);
+        if self.destroyed.load(Ordering::Acquire) {
+            return None;
+        }
         let generation = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::info!(
             registry = %self.cfg.label,
@@ -1073,13 +1101,17 @@ impl Inner {
             "ZooKeeper session established (the server clamps the session timeout to 2-20 ticks)"
         );
         let states = client.state_watcher();
-        *lock(&self.session) = Some(Session { client, generation });
+        *lock(&self.session) = Some(Session {
+            client: Arc::new(client),
+            generation,
+        });
+        drop(st);
         self.available.store(true, Ordering::Release);
         let h = tokio::spawn(monitor(Arc::downgrade(self), states, generation));
         let mut bg = lock(&self.background);
         bg.retain(|h| !h.is_finished());
         bg.push(h);
-        generation
+        Some(generation)
     }
 
     /// The command channel of a watch's task on the current session, starting it if needed.
@@ -1088,6 +1120,9 @@ impl Inner {
         retiring: &mut HashMap<String, JoinHandle<()>>,
         entry: &mut WatchEntry,
     ) -> Option<mpsc::UnboundedSender<Cmd>> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return None;
+        }
         let session = self.current()?;
         if let Some(t) = &entry.task {
             if t.generation == session.generation && !t.tx.is_closed() {
@@ -1108,7 +1143,7 @@ impl Inner {
             retiring.remove(&entry.watch.path),
             run_watch(
                 entry.watch.clone(),
-                session.client,
+                Arc::downgrade(&session.client),
                 session.generation,
                 rx,
                 self.ctx(),
@@ -1127,6 +1162,9 @@ impl Inner {
         retiring: &mut HashMap<String, JoinHandle<()>>,
         entry: &mut RootEntry,
     ) -> Option<mpsc::UnboundedSender<Cmd>> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return None;
+        }
         let session = self.current()?;
         if let Some(t) = &entry.task {
             if t.generation == session.generation && !t.tx.is_closed() {
@@ -1141,7 +1179,7 @@ impl Inner {
             run_root(
                 Arc::downgrade(self),
                 entry.root.clone(),
-                session.client,
+                Arc::downgrade(&session.client),
                 session.generation,
                 rx,
                 self.ctx(),
@@ -1388,8 +1426,20 @@ impl Inner {
 async fn monitor(registry: Weak<Inner>, mut states: zk::StateWatcher, generation: u64) {
     type Settling = std::pin::Pin<Box<dyn Future<Output = bool> + Send>>;
     let mut settling: Option<Settling> = None;
+    // `state_watcher()` consumed the state current at install: a session that ended (or a
+    // connection lost) between connect and install would otherwise never be seen.
+    let mut initial = Some(states.peek_state()).filter(|s| {
+        !matches!(
+            s,
+            zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+        )
+    });
     loop {
         let state = match settling.as_mut() {
+            _ if initial.is_some() => match initial.take() {
+                Some(s) => s,
+                None => continue,
+            },
             Some(wait) => tokio::select! {
                 state = states.changed() => {
                     settling = None;
@@ -1465,7 +1515,9 @@ async fn connector_loop(registry: Weak<Inner>) {
                 if inner.destroyed.load(Ordering::Acquire) {
                     return;
                 }
-                let generation = inner.install(client);
+                let Some(generation) = inner.install(client) else {
+                    return;
+                };
                 let settled = inner.settle(inner.reread_all(false));
                 drop(inner);
                 let complete = settled.await;
@@ -1533,11 +1585,16 @@ impl ZookeeperRegistry {
             state: Mutex::new(State::default()),
             background: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(READ_CONCURRENCY)),
+            closing: watch::channel(false).0,
             cfg,
         });
         if inner.cfg.check {
             let client = inner.connect_once().await?;
-            inner.install(client);
+            if inner.install(client).is_none() {
+                return Err(Error::Destroyed {
+                    registry: inner.cfg.label.clone(),
+                });
+            }
             inner.ever_connected.store(true, Ordering::Release);
             inner.emit(RegistryEvent::Connected);
         } else {
@@ -1675,6 +1732,8 @@ impl Registry for ZookeeperRegistry {
         let wildcard = url.service_interface() == ANY_VALUE;
         let (sub, existing) = {
             let mut st = lock(&inner.state);
+            // Checked under the lock destroy holds when it sets `destroyed` and drains.
+            inner.alive()?;
             match st.subs.get(&key) {
                 Some(sub) => (sub.clone(), true),
                 None => {
@@ -1777,12 +1836,11 @@ impl Registry for ZookeeperRegistry {
 
     async fn destroy(&self) {
         let inner = &self.inner;
-        if inner.destroyed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        inner.available.store(false, Ordering::Release);
         let (subs, tasks) = {
             let mut st = lock(&inner.state);
+            if inner.destroyed.swap(true, Ordering::AcqRel) {
+                return;
+            }
             let subs: Vec<Arc<Sub>> = st.subs.drain().map(|(_, s)| s).collect();
             let mut tasks: Vec<JoinHandle<()>> = st
                 .watches
@@ -1793,6 +1851,9 @@ impl Registry for ZookeeperRegistry {
             tasks.extend(st.retiring.drain().map(|(_, h)| h));
             (subs, tasks)
         };
+        inner.available.store(false, Ordering::Release);
+        // Calls in flight (each holds the client) end now.
+        inner.closing.send_replace(true);
         let background: Vec<JoinHandle<()>> = lock(&inner.background).drain(..).collect();
         for h in tasks.iter().chain(background.iter()) {
             h.abort();
@@ -1804,8 +1865,11 @@ impl Registry for ZookeeperRegistry {
             sub.active.store(false, Ordering::Release);
             sub.delivery.close().await;
         }
-        // Dropping the last client closes the session: the server deletes our ephemeral
-        // entries at once. Wait (up to `timeout`) until the close went through.
+        // zookeeper-client 0.11 has no `close()`: dropping the last client closes the
+        // session, and the server deletes our ephemeral entries at once. This is the last
+        // one: tasks hold it weakly (and were stopped above), calls in flight were ended by
+        // `closing`, and no task or session can be made after `destroyed` was set. Wait (up
+        // to `timeout`) until the close went through.
         let session = lock(&inner.session).take();
         if let Some(session) = session {
             let mut states = session.client.state_watcher();

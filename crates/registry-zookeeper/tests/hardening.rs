@@ -270,3 +270,59 @@ async fn revisions_stay_monotonic_across_a_recreated_watch() {
     );
     r.destroy().await;
 }
+
+/// Destroy while subscribes are racing with it: every subscribe either finished before
+/// (and destroy cleaned it up) or fails with `Destroyed`, and the session is closed by
+/// destroy itself: our ephemeral entry vanishes while the registry value still exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_racing_subscribes_closes_the_session() {
+    init_tracing();
+    let Some(addr) = shared_address(Kind::Zookeeper, "destroy_racing_subscribes") else {
+        return;
+    };
+    let group = unique_group("destroy");
+    let raw = raw_client(&addr).await;
+    for round in 0..5 {
+        let r = std::sync::Arc::new(registry(&format!("zookeeper://{addr}?group={group}")).await);
+        let s = unique_service(&format!("destroy{round}"));
+        let mine = provider(&s, 1, "");
+        r.register(&mine).await.expect("register");
+        let path = r.entry_path(&mine);
+        let subscribers: Vec<_> = (0..20)
+            .map(|i| {
+                let r = r.clone();
+                let s = unique_service(&format!("destroy{round}-{i}"));
+                tokio::spawn(async move {
+                    let rec = Recorder::new();
+                    r.subscribe(&consumer(&s, ""), rec.listener()).await
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        r.destroy().await;
+        for t in subscribers {
+            match t.await.expect("subscriber") {
+                Ok(()) => {}
+                Err(registry_core::Error::Destroyed { .. }) => {}
+                Err(e) if e.is_retryable() => {}
+                Err(e) => panic!("subscribe racing destroy: {e}"),
+            }
+        }
+        wait_until_gone(&raw, &path).await;
+        assert!(matches!(
+            r.subscribe(&consumer(&s, ""), Recorder::new().listener())
+                .await,
+            Err(registry_core::Error::Destroyed { .. })
+        ));
+        drop(r);
+    }
+}
+
+async fn wait_until_gone(raw: &zk::Client, path: &str) {
+    registry_core::testkit::wait_until(
+        &format!("{path} to vanish with the closed session"),
+        Duration::from_secs(10),
+        || async { matches!(raw.check_stat(path).await, Ok(None)) },
+    )
+    .await;
+}
