@@ -1065,9 +1065,17 @@ impl Inner {
         }
     }
 
+    /// One attempt to make a session. The client gives each host up to `timeout` (its
+    /// connection timeout, also the idle limit of a live connection) and tries them in a
+    /// random order, so the whole attempt gets `timeout` per host: one unreachable host
+    /// in front of a working one must not fail it.
     async fn connect_once(&self) -> Result<zk::Client> {
         let connector = self.connector();
-        match tokio::time::timeout(self.cfg.timeout, connector.connect(&self.cfg.connect)).await {
+        let hosts = u32::try_from(self.cfg.connect.split(',').count())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let budget = self.cfg.timeout.saturating_mul(hosts);
+        match tokio::time::timeout(budget, connector.connect(&self.cfg.connect)).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(Error::Unavailable {
                 registry: self.cfg.label.clone(),
@@ -1076,7 +1084,7 @@ impl Inner {
             Err(_) => Err(Error::Unavailable {
                 registry: self.cfg.label.clone(),
                 reason: format!(
-                    "cannot connect to ZooKeeper at {} within {:?}",
+                    "cannot connect to ZooKeeper at {} within {budget:?} ({:?} per host)",
                     self.cfg.connect, self.cfg.timeout
                 ),
             }),

@@ -326,3 +326,33 @@ async fn wait_until_gone(raw: &zk::Client, path: &str) {
     )
     .await;
 }
+
+/// A host that accepts connections and never answers (a blackhole as the client sees it)
+/// in front of the real server: creation with `check=true` succeeds every time, whichever
+/// host the client tries first (it shuffles them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unreachable_host_does_not_fail_startup() {
+    init_tracing();
+    let Some(addr) = shared_address(Kind::Zookeeper, "one_unreachable_host") else {
+        return;
+    };
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the blackhole");
+    let hole_addr = hole.local_addr().expect("address").to_string();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = hole.accept().await {
+            conns.push(c); // held open, never answered
+        }
+    });
+    for round in 0..5 {
+        let url = format!("zookeeper://{hole_addr},{addr}?timeout=1000&session=10000");
+        let r = ZookeeperRegistry::new(url.parse().expect("url"))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: creation failed: {e}"));
+        assert!(r.is_available());
+        r.destroy().await;
+    }
+    held.abort();
+}
