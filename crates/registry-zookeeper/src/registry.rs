@@ -1577,7 +1577,7 @@ impl std::fmt::Debug for ZookeeperRegistry {
 impl ZookeeperRegistry {
     /// Builds a registry for `url` (`zookeeper://host:port[,host:port]?...`). With
     /// `check=true` (the default) it connects first and fails with
-    /// [`Error::Unavailable`] when no session can be made within `timeout`; with
+    /// [`Error::Unavailable`] when no session can be made within `timeout` per host; with
     /// `check=false` it returns at once and connects in the background
     /// ([`Registry::is_available`] is false until then). Needs a tokio runtime.
     pub async fn new(url: Url) -> Result<ZookeeperRegistry> {
