@@ -12,8 +12,8 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 /// Default group: the root is `/dubbo`.
 pub const DEFAULT_GROUP: &str = "dubbo";
 
-/// What a registry URL says, checked.
-#[derive(Debug, Clone)]
+/// What a registry URL says, checked. Its `Debug` hides the password.
+#[derive(Clone)]
 pub(crate) struct Config {
     /// `h1:2181,h2:2181`: the address and every `backup`.
     pub connect: String,
@@ -31,6 +31,25 @@ pub(crate) struct Config {
     pub empty_protection: bool,
     /// The registry URL with the password hidden, for messages.
     pub label: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auth = self.auth.as_deref().map(|a| match a.split_once(':') {
+            Some((user, _)) => format!("{user}:***"),
+            None => "***".to_owned(),
+        });
+        f.debug_struct("Config")
+            .field("connect", &self.connect)
+            .field("root", &self.root)
+            .field("session_timeout", &self.session_timeout)
+            .field("timeout", &self.timeout)
+            .field("auth", &auth)
+            .field("check", &self.check)
+            .field("empty_protection", &self.empty_protection)
+            .field("label", &self.label)
+            .finish()
+    }
 }
 
 impl Config {
@@ -162,6 +181,14 @@ mod tests {
         assert_eq!(cfg("zookeeper://h:1?group=g").root, "/g");
         assert_eq!(cfg("zookeeper://h:1?group=/g/").root, "/g");
         assert_eq!(cfg("zookeeper://h:1?group=/").service_path("a.B"), "/a.B");
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let c = cfg("zookeeper://alice:s3cret-pw@h1:1");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(shown.contains("alice"), "{shown}");
     }
 
     #[test]

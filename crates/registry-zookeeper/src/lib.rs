@@ -33,7 +33,7 @@
 //! (ms, default 60000; the server clamps it to 2–20 ticks and the negotiated value is
 //! logged), `timeout` (ms, default 5000: connect and request timeout), `username:password@`
 //! (digest auth; the nodes we create get creator-only ACLs), `check` (default true: fail at
-//! creation when the server cannot be reached within `timeout`; `false`: connect in the
+//! creation when no host answers within `timeout` per host; `false`: connect in the
 //! background), `enable-empty-protection`.
 //!
 //! ```no_run

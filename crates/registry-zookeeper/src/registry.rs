@@ -26,7 +26,7 @@ use registry_core::{
     Error, Notification, NotifyListener, Registry, RegistryEvent, Result, Source, Url, decode,
     is_match, listener_id,
 };
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use zookeeper_client as zk;
 
@@ -49,6 +49,10 @@ struct Ctx {
     label: String,
     root: String,
     timeout: Duration,
+    /// Bounds how many watches arm and read at once.
+    permits: Arc<Semaphore>,
+    /// Becomes `true` when the registry is destroyed: calls in flight end at once.
+    closing: watch::Receiver<bool>,
 }
 
 impl Ctx {
@@ -59,10 +63,14 @@ impl Ctx {
     where
         T: Send,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(Fail::Zk(e)),
-            Err(_) => Err(Fail::Timeout(self.timeout)),
+        let mut closing = self.closing.clone();
+        tokio::select! {
+            r = tokio::time::timeout(self.timeout, fut) => match r {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(Fail::Zk(e)),
+                Err(_) => Err(Fail::Timeout(self.timeout)),
+            },
+            _ = closing.wait_for(|c| *c) => Err(Fail::Zk(zk::Error::ClientClosed)),
         }
     }
 
@@ -124,31 +132,61 @@ impl Ctx {
     }
 }
 
+/// The first pause before a failed arm or read of a watch is tried again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest pause between two attempts to arm or read a watch.
+const RETRY_MAX: Duration = Duration::from_secs(3);
+/// How many watches arm and read at once (after a reconnect every watch does).
+const READ_CONCURRENCY: usize = 8;
+
+/// Exponential backoff from [`RETRY_FIRST`] to [`RETRY_MAX`].
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: RETRY_FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = RETRY_FIRST;
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(RETRY_MAX);
+        d
+    }
+}
+
 /// The current session.
 #[derive(Clone)]
 struct Session {
-    client: zk::Client,
+    /// The only owner of the client besides operations in flight: tasks hold it weakly, so
+    /// dropping this closes the session.
+    client: Arc<zk::Client>,
     generation: u64,
 }
 
-enum Cmd {
-    /// Read the list again, push it, then answer.
-    Reread(oneshot::Sender<Result<()>>),
-    /// Drop the watch and add it again, then re-read (after a reconnect of the same session).
+/// A request to a watch (or root) task: read the list again (after arming the watch when
+/// needed) and push it.
+struct Cmd {
+    /// Drop the watch and add it again first (after a reconnect of the same session).
     ///
     /// zookeeper-client 0.11.2 re-sends persistent watches with the old `SetWatches` request,
     /// which cannot carry them (`resend_watches` computes `index.max(index)` where it means
     /// `index.max(i)`), so after a reconnect the server no longer knows them. Adding them
     /// again ourselves works with any client version.
-    Rearm(oneshot::Sender<Result<()>>),
-}
-
-impl Cmd {
-    fn into_ack(self) -> oneshot::Sender<Result<()>> {
-        match self {
-            Cmd::Reread(a) | Cmd::Rearm(a) => a,
-        }
-    }
+    rearm: bool,
+    /// Answer only once the watch is armed and read (or no longer needed); otherwise the
+    /// answer is the result of the next attempt. Either way the task keeps trying after a
+    /// failure, with backoff, until it succeeds or its session ends.
+    until_ok: bool,
+    /// A subscription that starts receiving this list with this read (see [`WatchData::joining`]).
+    admit: Option<Arc<Sub>>,
+    ack: oneshot::Sender<Result<()>>,
 }
 
 struct TaskRef {
@@ -164,7 +202,8 @@ struct Sub {
     wildcard: bool,
     delivery: Delivery,
     active: AtomicBool,
-    /// Services attached (wildcard: every service seen) and the watched paths it is on.
+    /// Services attached (their first read succeeded; wildcard: every service seen) and the
+    /// watched paths the subscription is on.
     attached: Mutex<(HashSet<String>, Vec<String>)>,
     /// The last list pushed per (service, category), so an unchanged list is not pushed again.
     last: Mutex<LastPushed>,
@@ -224,7 +263,25 @@ struct WatchData {
     revision: u64,
     /// The session generation of the task allowed to change this list.
     generation: u64,
+    /// Whether a read of this generation succeeded. Until then events are applied but
+    /// nothing is pushed: the list may be the previous session's, or empty.
+    primed: bool,
+    /// Whether the watch is armed and its list read, with no read pending.
+    ready: bool,
+    /// Subscriptions that receive this list.
     subs: Vec<Arc<Sub>>,
+    /// Subscriptions waiting for their first read of this list (asked with
+    /// [`Cmd::admit`]), so their first notifications come in category order and complete.
+    joining: Vec<Arc<Sub>>,
+}
+
+impl WatchData {
+    fn has(&self, sub: &Arc<Sub>) -> bool {
+        self.subs
+            .iter()
+            .chain(&self.joining)
+            .any(|s| Arc::ptr_eq(s, sub))
+    }
 }
 
 struct Watch {
@@ -290,7 +347,8 @@ impl Watch {
         changed
     }
 
-    /// Applies a batch of events from the task of `generation`, then pushes once.
+    /// Applies a batch of events from the task of `generation`, then pushes once (only when
+    /// a read of this generation succeeded before).
     fn apply_batch(&self, generation: u64, batch: &[zk::WatchedEvent]) {
         let mut data = lock(&self.data);
         if data.generation != generation {
@@ -302,18 +360,20 @@ impl Watch {
                 changed |= self.apply(&mut data, ev);
             }
         }
-        if changed {
+        if changed && data.primed {
             self.push_all(&data);
         }
     }
 
     /// Replaces the list with a read (`None`: the node does not exist), applies the events
-    /// that arrived with it, and pushes to every subscription.
+    /// that arrived with it, admits the joining subscriptions in `admit`, and pushes to every
+    /// subscription.
     fn replace(
         &self,
         generation: u64,
         read: Option<(Vec<String>, i64)>,
         batch: &[zk::WatchedEvent],
+        admit: &[Arc<Sub>],
     ) {
         let mut data = lock(&self.data);
         if data.generation != generation {
@@ -321,17 +381,37 @@ impl Watch {
         }
         let (names, pzxid) = read.unwrap_or_default();
         let mut old = std::mem::take(&mut data.children);
+        let mut changed = old.len() != names.len();
         for name in names {
             let url = match old.remove(&name) {
                 Some(u) => u,
-                None => decode_child(&self.path, &name),
+                None => {
+                    changed = true;
+                    decode_child(&self.path, &name)
+                }
             };
             data.children.insert(name, url);
         }
-        data.revision = data.revision.max(u64::try_from(pzxid).unwrap_or(0));
+        let read_revision = u64::try_from(pzxid).unwrap_or(0);
+        data.revision = if read_revision > data.revision {
+            read_revision
+        } else if changed {
+            // Our own revisions ran ahead of the server's (several events per zxid): a
+            // changed list still gets a newer revision.
+            data.revision + 1
+        } else {
+            data.revision
+        };
         for ev in batch {
             if ev.event_type != zk::EventType::Session {
                 self.apply(&mut data, ev);
+            }
+        }
+        data.primed = true;
+        for sub in admit {
+            if let Some(i) = data.joining.iter().position(|s| Arc::ptr_eq(s, sub)) {
+                let s = data.joining.swap_remove(i);
+                data.subs.push(s);
             }
         }
         self.push_all(&data);
@@ -358,6 +438,22 @@ fn drain(watcher: &mut zk::PersistentWatcher, batch: &mut Vec<zk::WatchedEvent>)
     }
 }
 
+/// The next event of `watcher`, or never when there is none.
+async fn next_event(watcher: &mut Option<zk::PersistentWatcher>) -> zk::WatchedEvent {
+    match watcher {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn arm(
     ctx: &Ctx,
     client: &zk::Client,
@@ -369,85 +465,240 @@ async fn arm(
         .map_err(|f| ctx.error("watch", path, f))
 }
 
-fn refuse_all(rx: &mut mpsc::UnboundedReceiver<Cmd>, make: impl Fn() -> Error) {
-    rx.close();
-    while let Ok(cmd) = rx.try_recv() {
-        let _ = cmd.into_ack().send(Err(make()));
+/// The outcome of one attempt of a watch or root task.
+enum Attempt {
+    Done,
+    Failed(Error),
+    /// The session ended: the task stops (a task of the next session takes over).
+    SessionEnded,
+}
+
+/// Why a watch or root task stopped.
+enum End {
+    /// Nobody needs the watch any more.
+    Dropped,
+    /// The session ended.
+    Session,
+}
+
+/// What a watch or root task keeps between attempts: the requests waiting for an answer
+/// and when to try again.
+struct Pending {
+    label: String,
+    path: String,
+    waiters: Vec<Cmd>,
+    /// Try now (a request came).
+    now: bool,
+    /// Try again then (the last attempt failed).
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Backoff,
+    failures: u32,
+}
+
+impl Pending {
+    fn new(ctx: &Ctx, path: &str) -> Pending {
+        Pending {
+            label: ctx.label.clone(),
+            path: path.to_owned(),
+            waiters: Vec::new(),
+            now: false,
+            retry_at: None,
+            backoff: Backoff::new(),
+            failures: 0,
+        }
+    }
+
+    fn take(&mut self, cmd: Cmd) {
+        if cmd.rearm {
+            self.backoff.reset();
+        }
+        self.now = true;
+        self.waiters.push(cmd);
+    }
+
+    /// Whether an attempt is due (`work`: arming or reading is still needed).
+    fn due(&self, work: bool) -> bool {
+        work && self.now
+    }
+
+    fn admitted(&self) -> Vec<Arc<Sub>> {
+        self.waiters
+            .iter()
+            .filter_map(|w| w.admit.clone())
+            .collect()
+    }
+
+    fn succeeded(&mut self) {
+        self.now = false;
+        self.retry_at = None;
+        self.backoff.reset();
+        if self.failures > 0 {
+            tracing::info!(registry = %self.label, path = %self.path, attempts = self.failures + 1, "watch armed and read after retrying");
+        }
+        self.failures = 0;
+        for w in self.waiters.drain(..) {
+            let _ = w.ack.send(Ok(()));
+        }
+    }
+
+    fn failed(&mut self, e: &Error) {
+        self.now = false;
+        self.failures += 1;
+        let pause = self.backoff.next();
+        self.retry_at = Some(tokio::time::Instant::now() + pause);
+        if self.failures == 1 || self.failures % 10 == 0 {
+            tracing::warn!(registry = %self.label, path = %self.path, error = %e, failures = self.failures, retry_in = ?pause, "cannot watch or read; retrying");
+        } else {
+            tracing::debug!(registry = %self.label, path = %self.path, error = %e, failures = self.failures, retry_in = ?pause, "cannot watch or read; retrying");
+        }
+        let (answer, keep): (Vec<Cmd>, Vec<Cmd>) =
+            self.waiters.drain(..).partition(|w| !w.until_ok);
+        self.waiters = keep;
+        for w in answer {
+            let _ = w.ack.send(Err(copy_error(e, &self.label)));
+        }
+    }
+
+    /// Answers everything still waiting when the task stops.
+    fn end(mut self, end: End, rx: &mut mpsc::UnboundedReceiver<Cmd>) {
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            self.waiters.push(cmd);
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.ack.send(match end {
+                End::Dropped => Ok(()),
+                End::Session => Err(Error::Unavailable {
+                    registry: self.label.clone(),
+                    reason: format!("the session ended before {} was read", self.path),
+                }),
+            });
+        }
     }
 }
 
-/// The watch task of one category path for one session.
+/// A copy of an error for several waiters (`Error` is not `Clone`), as retryable as it.
+fn copy_error(e: &Error, label: &str) -> Error {
+    if e.is_retryable() {
+        Error::Unavailable {
+            registry: label.to_owned(),
+            reason: e.to_string(),
+        }
+    } else {
+        Error::Backend {
+            registry: label.to_owned(),
+            message: e.to_string(),
+            retryable: false,
+            source: None,
+        }
+    }
+}
+
+/// The watch task of one category path for one session: arms the watch, reads the list
+/// when asked, applies events, and after a failure tries again with backoff until it
+/// succeeds, the watch is dropped or the session ends.
 async fn run_watch(
     watch: Arc<Watch>,
-    client: zk::Client,
+    client: Weak<zk::Client>,
     generation: u64,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     ctx: Ctx,
 ) {
-    // A re-arm request waiting for its answer (given after the re-read).
-    let mut rearmed: Option<oneshot::Sender<Result<()>>> = None;
-    'arm: loop {
-        // The previous watcher (if any) was dropped when the last iteration ended, so its
-        // removal reaches the server before this new watch.
-        let mut watcher = match arm(
-            &ctx,
-            &client,
+    let mut watcher: Option<zk::PersistentWatcher> = None;
+    let mut need_read = true;
+    let mut pending = Pending::new(&ctx, &watch.path);
+    let end = 'task: loop {
+        if pending.due(watcher.is_none() || need_read) {
+            lock(&watch.data).ready = false;
+            let admit = pending.admitted();
+            let Some(c) = client.upgrade() else {
+                break 'task End::Session;
+            };
+            let attempt = attempt_watch(&watch, &c, generation, &mut watcher, &ctx, &admit).await;
+            drop(c);
+            match attempt {
+                Attempt::Done => {
+                    need_read = false;
+                    lock(&watch.data).ready = true;
+                    pending.succeeded();
+                }
+                Attempt::Failed(e) => pending.failed(&e),
+                Attempt::SessionEnded => break 'task End::Session,
+            }
+        }
+        tokio::select! {
+            ev = next_event(&mut watcher) => {
+                let mut batch = vec![ev];
+                if let Some(w) = watcher.as_mut() {
+                    drain(w, &mut batch);
+                }
+                watch.apply_batch(generation, &batch);
+                if batch.last().is_some_and(is_terminal) {
+                    break 'task End::Session;
+                }
+            }
+            cmd = rx.recv() => match cmd {
+                None => break 'task End::Dropped,
+                Some(cmd) => {
+                    if cmd.rearm {
+                        // Dropped before the new watch is added, so its removal reaches
+                        // the server first.
+                        watcher = None;
+                    }
+                    need_read = true;
+                    lock(&watch.data).ready = false;
+                    pending.take(cmd);
+                }
+            },
+            () = sleep_until(pending.retry_at) => {
+                pending.now = true;
+            }
+        }
+    };
+    pending.end(end, &mut rx);
+    tracing::debug!(registry = %ctx.label, path = %watch.path, "watch task ended");
+}
+
+/// Arms the watch when needed, then reads the list.
+async fn attempt_watch(
+    watch: &Watch,
+    client: &zk::Client,
+    generation: u64,
+    watcher: &mut Option<zk::PersistentWatcher>,
+    ctx: &Ctx,
+    admit: &[Arc<Sub>],
+) -> Attempt {
+    if client.state().is_terminated() {
+        return Attempt::SessionEnded;
+    }
+    let _permit = ctx.permits.acquire().await;
+    let w = match watcher {
+        Some(w) => w,
+        None => match arm(
+            ctx,
+            client,
             &watch.path,
             zk::AddWatchMode::PersistentRecursive,
         )
         .await
         {
-            Ok(w) => w,
+            Ok(w) => watcher.insert(w),
             Err(e) => {
-                tracing::warn!(registry = %ctx.label, path = %watch.path, error = %e, "cannot watch");
-                let msg = e.to_string();
-                let refuse = || Error::Unavailable {
-                    registry: ctx.label.clone(),
-                    reason: msg.clone(),
+                return if client.state().is_terminated() {
+                    Attempt::SessionEnded
+                } else {
+                    Attempt::Failed(e)
                 };
-                if let Some(ack) = rearmed.take() {
-                    let _ = ack.send(Err(refuse()));
-                }
-                refuse_all(&mut rx, refuse);
-                return;
             }
-        };
-        if let Some(ack) = rearmed.take() {
-            let (result, end) = reread_watch(&watch, &client, generation, &mut watcher, &ctx).await;
-            let _ = ack.send(result);
-            if end {
-                break;
-            }
-        }
-        loop {
-            tokio::select! {
-                ev = watcher.changed() => {
-                    let mut batch = vec![ev];
-                    drain(&mut watcher, &mut batch);
-                    watch.apply_batch(generation, &batch);
-                    if batch.last().is_some_and(is_terminal) {
-                        break 'arm;
-                    }
-                }
-                cmd = rx.recv() => match cmd {
-                    None => break 'arm,
-                    Some(Cmd::Rearm(ack)) => {
-                        rearmed = Some(ack);
-                        continue 'arm;
-                    }
-                    Some(Cmd::Reread(ack)) => {
-                        let (result, end) =
-                            reread_watch(&watch, &client, generation, &mut watcher, &ctx).await;
-                        let _ = ack.send(result);
-                        if end {
-                            break 'arm;
-                        }
-                    }
-                }
-            }
-        }
+        },
+    };
+    let (result, end) = reread_watch(watch, client, generation, w, ctx, admit).await;
+    match result {
+        _ if end => Attempt::SessionEnded,
+        Ok(()) => Attempt::Done,
+        Err(_) if client.state().is_terminated() => Attempt::SessionEnded,
+        Err(e) => Attempt::Failed(e),
     }
-    tracing::debug!(registry = %ctx.label, path = %watch.path, "watch task ended");
 }
 
 /// Reads the list, applies the events that came meanwhile, pushes. Returns the result and
@@ -458,6 +709,7 @@ async fn reread_watch(
     generation: u64,
     watcher: &mut zk::PersistentWatcher,
     ctx: &Ctx,
+    admit: &[Arc<Sub>],
 ) -> (Result<()>, bool) {
     let read = ctx.call(client.get_children(&watch.path)).await;
     // Events that came before the reply are already in the read; applying them again on
@@ -467,11 +719,11 @@ async fn reread_watch(
     drain(watcher, &mut batch);
     let result = match read {
         Ok((names, stat)) => {
-            watch.replace(generation, Some((names, stat.pzxid)), &batch);
+            watch.replace(generation, Some((names, stat.pzxid)), &batch, admit);
             Ok(())
         }
         Err(Fail::Zk(zk::Error::NoNode)) => {
-            watch.replace(generation, None, &batch);
+            watch.replace(generation, None, &batch, admit);
             Ok(())
         }
         Err(f) => {
@@ -479,9 +731,6 @@ async fn reread_watch(
             Err(ctx.error("list children of", &watch.path, f))
         }
     };
-    if let Err(e) = &result {
-        tracing::warn!(registry = %ctx.label, path = %watch.path, error = %e, "cannot read the child list");
-    }
     (result, batch.last().is_some_and(is_terminal))
 }
 
@@ -500,68 +749,102 @@ struct RootEntry {
     task: Option<TaskRef>,
 }
 
-/// The root task for one session.
+/// The root task for one session: arms the root watch, lists the services on every root
+/// event and when asked, attaches new ones; after a failure it tries again with backoff.
 async fn run_root(
     registry: Weak<Inner>,
     root: Arc<RootWatch>,
-    client: zk::Client,
+    client: Weak<zk::Client>,
     generation: u64,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     ctx: Ctx,
 ) {
-    let mut rearmed: Option<oneshot::Sender<Result<()>>> = None;
-    'arm: loop {
-        let mut watcher = match arm(&ctx, &client, &ctx.root, zk::AddWatchMode::Persistent).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(registry = %ctx.label, path = %ctx.root, error = %e, "cannot watch the root");
-                let msg = e.to_string();
-                let refuse = || Error::Unavailable {
-                    registry: ctx.label.clone(),
-                    reason: msg.clone(),
-                };
-                if let Some(ack) = rearmed.take() {
-                    let _ = ack.send(Err(refuse()));
+    let mut watcher: Option<zk::PersistentWatcher> = None;
+    let mut need_list = true;
+    let mut pending = Pending::new(&ctx, &ctx.root);
+    let end = 'task: loop {
+        if pending.due(watcher.is_none() || need_list) {
+            // Events from here on ask for another listing.
+            need_list = false;
+            let Some(c) = client.upgrade() else {
+                break 'task End::Session;
+            };
+            let attempt = attempt_root(&registry, &root, &c, generation, &mut watcher, &ctx).await;
+            drop(c);
+            match attempt {
+                Attempt::Done => pending.succeeded(),
+                Attempt::Failed(e) => {
+                    need_list = true;
+                    pending.failed(&e);
                 }
-                refuse_all(&mut rx, refuse);
-                return;
+                Attempt::SessionEnded => break 'task End::Session,
             }
+        }
+        tokio::select! {
+            ev = next_event(&mut watcher) => {
+                let mut batch = vec![ev];
+                if let Some(w) = watcher.as_mut() {
+                    drain(w, &mut batch);
+                }
+                if batch.last().is_some_and(is_terminal) {
+                    break 'task End::Session;
+                }
+                if batch.iter().any(|e| e.event_type != zk::EventType::Session) {
+                    need_list = true;
+                    pending.now = true;
+                }
+            }
+            cmd = rx.recv() => match cmd {
+                None => break 'task End::Dropped,
+                Some(cmd) => {
+                    if cmd.rearm {
+                        watcher = None;
+                    }
+                    need_list = true;
+                    pending.take(cmd);
+                }
+            },
+            () = sleep_until(pending.retry_at) => {
+                pending.now = true;
+            }
+        }
+    };
+    pending.end(end, &mut rx);
+    tracing::debug!(registry = %ctx.label, path = %ctx.root, "root task ended");
+}
+
+/// Arms the root watch when needed, then lists and attaches the services.
+async fn attempt_root(
+    registry: &Weak<Inner>,
+    root: &RootWatch,
+    client: &zk::Client,
+    generation: u64,
+    watcher: &mut Option<zk::PersistentWatcher>,
+    ctx: &Ctx,
+) -> Attempt {
+    if client.state().is_terminated() {
+        return Attempt::SessionEnded;
+    }
+    if watcher.is_none() {
+        let armed = {
+            let _permit = ctx.permits.acquire().await;
+            arm(ctx, client, &ctx.root, zk::AddWatchMode::Persistent).await
         };
-        if let Some(ack) = rearmed.take() {
-            let _ = ack.send(relist(&registry, &root, &client, generation, &ctx).await);
+        match armed {
+            Ok(w) => *watcher = Some(w),
+            Err(_) if client.state().is_terminated() => return Attempt::SessionEnded,
+            Err(e) => return Attempt::Failed(e),
         }
-        loop {
-            tokio::select! {
-                ev = watcher.changed() => {
-                    let mut batch = vec![ev];
-                    drain(&mut watcher, &mut batch);
-                    if batch.iter().any(|e| e.event_type != zk::EventType::Session)
-                        && let Err(e) = relist(&registry, &root, &client, generation, &ctx).await
-                    {
-                        tracing::warn!(registry = %ctx.label, error = %e, "cannot list the services");
-                    }
-                    if batch.last().is_some_and(is_terminal) {
-                        break 'arm;
-                    }
-                }
-                cmd = rx.recv() => match cmd {
-                    None => break 'arm,
-                    Some(Cmd::Rearm(ack)) => {
-                        rearmed = Some(ack);
-                        continue 'arm;
-                    }
-                    Some(Cmd::Reread(ack)) => {
-                        let r = relist(&registry, &root, &client, generation, &ctx).await;
-                        let _ = ack.send(r);
-                    }
-                }
-            }
-        }
+    }
+    match relist(registry, root, client, generation, ctx).await {
+        Ok(()) => Attempt::Done,
+        Err(_) if client.state().is_terminated() => Attempt::SessionEnded,
+        Err(e) => Attempt::Failed(e),
     }
 }
 
-/// Lists the services under the root and attaches the new ones to every wildcard
-/// subscription (each service's categories read in order).
+/// Lists the services under the root and attaches the ones not attached yet to every
+/// wildcard subscription (each service's categories read in order).
 async fn relist(
     registry: &Weak<Inner>,
     root: &RootWatch,
@@ -569,7 +852,11 @@ async fn relist(
     generation: u64,
     ctx: &Ctx,
 ) -> Result<()> {
-    let names = match ctx.call(client.get_children(&ctx.root)).await {
+    let read = {
+        let _permit = ctx.permits.acquire().await;
+        ctx.call(client.get_children(&ctx.root)).await
+    };
+    let names = match read {
         Ok((names, _)) => names,
         Err(Fail::Zk(zk::Error::NoNode)) => Vec::new(),
         Err(f) => return Err(ctx.error("list children of", &ctx.root, f)),
@@ -593,64 +880,62 @@ async fn relist(
         }
         data.subs.clone()
     };
-    let Some(inner) = registry.upgrade() else {
-        return Ok(());
+    let jobs = {
+        let Some(inner) = registry.upgrade() else {
+            return Ok(());
+        };
+        let mut jobs = Vec::new();
+        for sub in &subs {
+            for svc in &services {
+                if !lock(&sub.attached).0.contains(svc) {
+                    jobs.push(inner.attach_service(sub, svc, false));
+                }
+            }
+        }
+        jobs
     };
     let mut first_error = None;
-    for sub in subs {
-        let jobs: Vec<_> = services
-            .iter()
-            .map(|svc| inner.attach_service(&sub, svc))
-            .collect();
-        let results = futures_util::future::join_all(
-            jobs.into_iter().map(|j| reread_in_order(&ctx.label, j)),
-        )
-        .await;
-        for r in results {
-            if let Err(e) = r {
-                first_error.get_or_insert(e);
-            }
+    for r in futures_util::future::join_all(jobs).await {
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
         }
     }
     first_error.map_or(Ok(()), Err)
 }
 
-/// Asks each watch task in turn to re-read and push, waiting for each answer, so the
-/// categories of a service are notified in order.
-async fn reread_in_order(
-    label: &str,
-    targets: Vec<(String, Option<mpsc::UnboundedSender<Cmd>>)>,
-) -> Result<()> {
-    for (path, tx) in targets {
-        wait_reread(label, &path, tx, false).await?;
-    }
-    Ok(())
-}
-
-/// Sends a re-read (or, with `rearm`, a re-arm and re-read) and waits for the answer.
-async fn wait_reread(
-    label: &str,
-    path: &str,
+/// Sends a request to a task; the answer comes on the returned receiver (`None`: there is
+/// no task, no session).
+fn send_cmd(
     tx: Option<mpsc::UnboundedSender<Cmd>>,
     rearm: bool,
+    until_ok: bool,
+    admit: Option<Arc<Sub>>,
+) -> Option<oneshot::Receiver<Result<()>>> {
+    let (ack, answer) = oneshot::channel();
+    tx?.send(Cmd {
+        rearm,
+        until_ok,
+        admit,
+        ack,
+    })
+    .ok()?;
+    Some(answer)
+}
+
+/// Waits for the answer of [`send_cmd`].
+async fn answer(
+    label: &str,
+    path: &str,
+    answer: Option<oneshot::Receiver<Result<()>>>,
 ) -> Result<()> {
     let stopped = || Error::Unavailable {
         registry: label.to_owned(),
         reason: format!("the watch on {path} is not running (no session)"),
     };
-    let Some(tx) = tx else {
-        return Err(stopped());
-    };
-    let (ack, answer) = oneshot::channel();
-    let cmd = if rearm {
-        Cmd::Rearm(ack)
-    } else {
-        Cmd::Reread(ack)
-    };
-    if tx.send(cmd).is_err() {
-        return Err(stopped());
+    match answer {
+        Some(rx) => rx.await.unwrap_or_else(|_| Err(stopped())),
+        None => Err(stopped()),
     }
-    answer.await.unwrap_or_else(|_| Err(stopped()))
 }
 
 #[derive(Default)]
@@ -663,6 +948,10 @@ struct State {
     /// server before the new watch, or it would remove the new one (ZooKeeper removes
     /// persistent watches per path, ZOOKEEPER-4472).
     retiring: HashMap<String, JoinHandle<()>>,
+    /// The highest revision reported for each path, kept when its watch is dropped, so a
+    /// watch made again for the path (whose read gives the real `pzxid`, possibly lower
+    /// than the revisions we made up from events) never reports an older revision.
+    high_water: HashMap<String, u64>,
 }
 
 /// Runs `task` once the retiring task of the same path (if any) has ended.
@@ -685,6 +974,10 @@ struct Inner {
     state: Mutex<State>,
     /// The monitor and connector tasks.
     background: Mutex<Vec<JoinHandle<()>>>,
+    /// Bounds how many watches arm and read at once.
+    permits: Arc<Semaphore>,
+    /// Set by destroy: ends every call in flight.
+    closing: watch::Sender<bool>,
 }
 
 impl Drop for Inner {
@@ -713,7 +1006,15 @@ impl Inner {
             label: self.cfg.label.clone(),
             root: self.cfg.root.clone(),
             timeout: self.cfg.timeout,
+            permits: self.permits.clone(),
+            closing: self.closing.subscribe(),
         }
+    }
+
+    /// How long `Reconnected` and `NewSession` wait for every watch to be armed and read;
+    /// the watches not done by then keep trying in the background.
+    fn settle_bound(&self) -> Duration {
+        self.cfg.timeout * 3
     }
 
     fn alive(&self) -> Result<()> {
@@ -764,9 +1065,17 @@ impl Inner {
         }
     }
 
+    /// One attempt to make a session. The client gives each host up to `timeout` (its
+    /// connection timeout, also the idle limit of a live connection) and tries them in a
+    /// random order, so the whole attempt gets `timeout` per host: one unreachable host
+    /// in front of a working one must not fail it.
     async fn connect_once(&self) -> Result<zk::Client> {
         let connector = self.connector();
-        match tokio::time::timeout(self.cfg.timeout, connector.connect(&self.cfg.connect)).await {
+        let hosts = u32::try_from(self.cfg.connect.split(',').count())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let budget = self.cfg.timeout.saturating_mul(hosts);
+        match tokio::time::timeout(budget, connector.connect(&self.cfg.connect)).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(Error::Unavailable {
                 registry: self.cfg.label.clone(),
@@ -775,7 +1084,7 @@ impl Inner {
             Err(_) => Err(Error::Unavailable {
                 registry: self.cfg.label.clone(),
                 reason: format!(
-                    "cannot connect to ZooKeeper at {} within {:?}",
+                    "cannot connect to ZooKeeper at {} within {budget:?} ({:?} per host)",
                     self.cfg.connect, self.cfg.timeout
                 ),
             }),
@@ -783,7 +1092,14 @@ impl Inner {
     }
 
     /// Makes `client` the current session and starts its monitor.
-    fn install(self: &Arc<Self>, client: zk::Client) {
+    /// Makes `client` the current session and starts its monitor; `None` (and the client
+    /// dropped, which closes its session) when the registry was destroyed meanwhile.
+    fn install(self: &Arc<Self>, client: zk::Client) -> Option<u64> {
+        // Under the state lock, which destroy holds when it sets `destroyed`.
+        let st = lock(&self.state);
+        if self.destroyed.load(Ordering::Acquire) {
+            return None;
+        }
         let generation = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::info!(
             registry = %self.cfg.label,
@@ -793,12 +1109,17 @@ impl Inner {
             "ZooKeeper session established (the server clamps the session timeout to 2-20 ticks)"
         );
         let states = client.state_watcher();
-        *lock(&self.session) = Some(Session { client, generation });
+        *lock(&self.session) = Some(Session {
+            client: Arc::new(client),
+            generation,
+        });
+        drop(st);
         self.available.store(true, Ordering::Release);
         let h = tokio::spawn(monitor(Arc::downgrade(self), states, generation));
         let mut bg = lock(&self.background);
         bg.retain(|h| !h.is_finished());
         bg.push(h);
+        Some(generation)
     }
 
     /// The command channel of a watch's task on the current session, starting it if needed.
@@ -807,6 +1128,9 @@ impl Inner {
         retiring: &mut HashMap<String, JoinHandle<()>>,
         entry: &mut WatchEntry,
     ) -> Option<mpsc::UnboundedSender<Cmd>> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return None;
+        }
         let session = self.current()?;
         if let Some(t) = &entry.task {
             if t.generation == session.generation && !t.tx.is_closed() {
@@ -814,13 +1138,20 @@ impl Inner {
             }
             t.handle.abort();
         }
-        lock(&entry.watch.data).generation = session.generation;
+        {
+            let mut data = lock(&entry.watch.data);
+            if data.generation != session.generation {
+                data.generation = session.generation;
+                data.primed = false;
+            }
+            data.ready = false;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = tokio::spawn(after(
             retiring.remove(&entry.watch.path),
             run_watch(
                 entry.watch.clone(),
-                session.client,
+                Arc::downgrade(&session.client),
                 session.generation,
                 rx,
                 self.ctx(),
@@ -839,6 +1170,9 @@ impl Inner {
         retiring: &mut HashMap<String, JoinHandle<()>>,
         entry: &mut RootEntry,
     ) -> Option<mpsc::UnboundedSender<Cmd>> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return None;
+        }
         let session = self.current()?;
         if let Some(t) = &entry.task {
             if t.generation == session.generation && !t.tx.is_closed() {
@@ -853,7 +1187,7 @@ impl Inner {
             run_root(
                 Arc::downgrade(self),
                 entry.root.clone(),
-                session.client,
+                Arc::downgrade(&session.client),
                 session.generation,
                 rx,
                 self.ctx(),
@@ -867,48 +1201,92 @@ impl Inner {
         Some(tx)
     }
 
-    /// Puts `sub` on the watches of `service`'s categories (once); returns the watches to
-    /// re-read, in the subscription's category order.
+    /// Puts `sub` on the watches of `service`'s categories, and returns a future that reads
+    /// them one after another in the subscription's category order (each read admits `sub`,
+    /// see [`WatchData::joining`]) and marks the service attached once all of them were read.
+    /// An attached service is read again only with `force`.
     fn attach_service(
         &self,
         sub: &Arc<Sub>,
         service: &str,
-    ) -> Vec<(String, Option<mpsc::UnboundedSender<Cmd>>)> {
-        let mut st = lock(&self.state);
-        let st = &mut *st;
-        if !sub.active.load(Ordering::Acquire) {
-            return Vec::new();
+        force: bool,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
+        let mut targets = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            let st = &mut *st;
+            let mut attached = lock(&sub.attached);
+            if sub.active.load(Ordering::Acquire) && (force || !attached.0.contains(service)) {
+                for category in &sub.categories {
+                    let path = self.cfg.category_path(service, category);
+                    let revision = st.high_water.get(&path).copied().unwrap_or(0);
+                    let entry = st
+                        .watches
+                        .entry(path.clone())
+                        .or_insert_with(|| WatchEntry {
+                            watch: Arc::new(Watch {
+                                path: path.clone(),
+                                service: service.to_owned(),
+                                category: category.clone(),
+                                data: Mutex::new(WatchData {
+                                    children: BTreeMap::new(),
+                                    revision,
+                                    generation: 0,
+                                    primed: false,
+                                    ready: false,
+                                    subs: Vec::new(),
+                                    joining: Vec::new(),
+                                }),
+                            }),
+                            task: None,
+                        });
+                    {
+                        let mut d = lock(&entry.watch.data);
+                        if !d.has(sub) {
+                            d.joining.push(sub.clone());
+                        }
+                    }
+                    if !attached.1.contains(&path) {
+                        attached.1.push(path.clone());
+                    }
+                    let tx = self.watch_task(&mut st.retiring, entry);
+                    targets.push((path, tx));
+                }
+            }
         }
-        let mut attached = lock(&sub.attached);
-        if !attached.0.insert(service.to_owned()) {
-            return Vec::new();
+        let label = self.cfg.label.clone();
+        let sub = sub.clone();
+        let service = service.to_owned();
+        async move {
+            for (path, tx) in targets {
+                answer(&label, &path, send_cmd(tx, false, false, Some(sub.clone()))).await?;
+            }
+            lock(&sub.attached).0.insert(service);
+            Ok(())
         }
-        let mut out = Vec::new();
-        for category in &sub.categories {
-            let path = self.cfg.category_path(service, category);
-            let entry = st
-                .watches
-                .entry(path.clone())
-                .or_insert_with(|| WatchEntry {
-                    watch: Arc::new(Watch {
-                        path: path.clone(),
-                        service: service.to_owned(),
-                        category: category.clone(),
-                        data: Mutex::new(WatchData {
-                            children: BTreeMap::new(),
-                            revision: 0,
-                            generation: 0,
-                            subs: Vec::new(),
-                        }),
-                    }),
-                    task: None,
-                });
-            lock(&entry.watch.data).subs.push(sub.clone());
-            attached.1.push(path.clone());
-            let tx = self.watch_task(&mut st.retiring, entry);
-            out.push((path, tx));
-        }
-        out
+    }
+
+    /// Whether every watch of `sub` is armed and read on the current session, with `sub`
+    /// receiving its list.
+    fn is_ready(&self, sub: &Arc<Sub>) -> bool {
+        let Some(session) = self.current() else {
+            return false;
+        };
+        let st = lock(&self.state);
+        let paths = lock(&sub.attached).1.clone();
+        !paths.is_empty()
+            && paths.iter().all(|path| {
+                st.watches.get(path).is_some_and(|e| {
+                    let live = e
+                        .task
+                        .as_ref()
+                        .is_some_and(|t| t.generation == session.generation && !t.tx.is_closed());
+                    let d = lock(&e.watch.data);
+                    live && d.ready
+                        && d.generation == session.generation
+                        && d.subs.iter().any(|s| Arc::ptr_eq(s, sub))
+                })
+            })
     }
 
     /// Takes `sub` off every watch; drops the watches nobody needs any more.
@@ -921,14 +1299,22 @@ impl Inner {
                 Some(e) => {
                     let mut d = lock(&e.watch.data);
                     d.subs.retain(|s| !Arc::ptr_eq(s, sub));
-                    d.subs.is_empty()
+                    d.joining.retain(|s| !Arc::ptr_eq(s, sub));
+                    d.subs.is_empty() && d.joining.is_empty()
                 }
                 None => false,
             };
-            if empty
-                && let Some(e) = st.watches.remove(&path)
-                && let Some(t) = e.task
-            {
+            let removed = if empty {
+                st.watches.remove(&path)
+            } else {
+                None
+            };
+            if let Some(e) = &removed {
+                let revision = lock(&e.watch.data).revision;
+                let hw = st.high_water.entry(path.clone()).or_default();
+                *hw = (*hw).max(revision);
+            }
+            if let Some(t) = removed.and_then(|e| e.task) {
                 // Dropping the sender ends the task, which drops the watcher.
                 st.retiring.retain(|_, h| !h.is_finished());
                 st.retiring.insert(path, t.handle);
@@ -955,11 +1341,17 @@ impl Inner {
         }
     }
 
-    /// Re-reads every watch and pushes the lists. Watches of a new session are armed by
-    /// their new tasks; with `rearm` (a reconnect of the same session) the existing watches
-    /// are dropped and added again first (see [`Cmd::Rearm`]).
-    async fn reread_all(self: &Arc<Self>, rearm: bool) {
-        let (targets, root) = {
+    /// Asks every watch (and the root watch) to read its list again and push it; with
+    /// `rearm` (a reconnect of the same session) each watch is dropped and added again first
+    /// (see [`Cmd::rearm`]). Watches of a new session are armed by their new tasks. The
+    /// requests are sent before this returns; the future ends once every watch is armed and
+    /// read, and yields the paths whose task stopped first (their session ended). The tasks
+    /// keep trying after a failure whether or not the future is still awaited.
+    fn reread_all(
+        self: &Arc<Self>,
+        rearm: bool,
+    ) -> impl Future<Output = Vec<String>> + Send + 'static {
+        let answers = {
             let mut st = lock(&self.state);
             let st = &mut *st;
             let State {
@@ -968,25 +1360,54 @@ impl Inner {
                 retiring,
                 ..
             } = st;
-            let targets: Vec<_> = watches
+            let mut answers: Vec<_> = watches
                 .iter_mut()
-                .map(|(path, e)| (path.clone(), self.watch_task(retiring, e)))
+                .map(|(path, e)| {
+                    let tx = self.watch_task(retiring, e);
+                    (path.clone(), send_cmd(tx, rearm, true, None))
+                })
                 .collect();
-            let root = root.as_mut().map(|r| self.root_task(retiring, r));
-            (targets, root)
-        };
-        let jobs = targets.into_iter().map(|(path, tx)| async move {
-            (wait_reread(&self.cfg.label, &path, tx, rearm).await, path)
-        });
-        for (r, path) in futures_util::future::join_all(jobs).await {
-            if let Err(e) = r {
-                tracing::warn!(registry = %self.cfg.label, path, error = %e, "re-read failed");
+            if let Some(r) = root.as_mut() {
+                let tx = self.root_task(retiring, r);
+                answers.push((self.cfg.root.clone(), send_cmd(tx, rearm, true, None)));
             }
+            answers
+        };
+        async move {
+            let mut stopped = Vec::new();
+            for (path, rx) in answers {
+                let done = match rx {
+                    Some(rx) => matches!(rx.await, Ok(Ok(()))),
+                    None => false,
+                };
+                if !done {
+                    stopped.push(path);
+                }
+            }
+            stopped
         }
-        if let Some(tx) = root
-            && let Err(e) = wait_reread(&self.cfg.label, &self.cfg.root, tx, rearm).await
-        {
-            tracing::warn!(registry = %self.cfg.label, error = %e, "re-listing the services failed");
+    }
+
+    /// Waits (up to [`Inner::settle_bound`]) for a [`Inner::reread_all`], logging what is
+    /// not done; whether everything was armed and read.
+    fn settle(
+        &self,
+        wait: impl Future<Output = Vec<String>> + Send + 'static,
+    ) -> impl Future<Output = bool> + Send + 'static {
+        let bound = self.settle_bound();
+        let label = self.cfg.label.clone();
+        async move {
+            match tokio::time::timeout(bound, wait).await {
+                Ok(stopped) if stopped.is_empty() => true,
+                Ok(stopped) => {
+                    tracing::warn!(registry = %label, paths = ?stopped, "the session ended before these watches were read again");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(registry = %label, after = ?bound, "not every watch was armed and read in time; they keep trying in the background");
+                    true
+                }
+            }
         }
     }
 
@@ -1007,10 +1428,47 @@ impl Inner {
     }
 }
 
-/// Turns the session's states into events; replaces an expired session.
+/// Turns the session's states into events; replaces an expired session. After a reconnect
+/// of the same session every watch is added again and read, then `Reconnected` is sent; a
+/// state change meanwhile (another disconnection) supersedes it.
 async fn monitor(registry: Weak<Inner>, mut states: zk::StateWatcher, generation: u64) {
+    type Settling = std::pin::Pin<Box<dyn Future<Output = bool> + Send>>;
+    let mut settling: Option<Settling> = None;
+    // `state_watcher()` consumed the state current at install: a session that ended (or a
+    // connection lost) between connect and install would otherwise never be seen.
+    let mut initial = Some(states.peek_state()).filter(|s| {
+        !matches!(
+            s,
+            zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+        )
+    });
     loop {
-        let state = states.changed().await;
+        let state = match settling.as_mut() {
+            _ if initial.is_some() => match initial.take() {
+                Some(s) => s,
+                None => continue,
+            },
+            Some(wait) => tokio::select! {
+                state = states.changed() => {
+                    settling = None;
+                    state
+                }
+                _ = wait => {
+                    settling = None;
+                    let Some(inner) = registry.upgrade() else {
+                        return;
+                    };
+                    if inner.destroyed.load(Ordering::Acquire)
+                        || inner.generations.load(Ordering::Acquire) != generation
+                    {
+                        return;
+                    }
+                    inner.emit(RegistryEvent::Reconnected);
+                    continue;
+                }
+            },
+            None => states.changed().await,
+        };
         let Some(inner) = registry.upgrade() else {
             return;
         };
@@ -1028,8 +1486,8 @@ async fn monitor(registry: Weak<Inner>, mut states: zk::StateWatcher, generation
             zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                 inner.available.store(true, Ordering::Release);
                 tracing::info!(registry = %inner.cfg.label, "reconnected to ZooKeeper with the same session; re-reading every watched list");
-                inner.reread_all(true).await;
-                inner.emit(RegistryEvent::Reconnected);
+                let wait = inner.reread_all(true);
+                settling = Some(Box::pin(inner.settle(wait)));
             }
             other => {
                 inner.available.store(false, Ordering::Release);
@@ -1065,10 +1523,23 @@ async fn connector_loop(registry: Weak<Inner>) {
                 if inner.destroyed.load(Ordering::Acquire) {
                     return;
                 }
-                inner.install(client);
-                inner.reread_all(false).await;
+                let Some(generation) = inner.install(client) else {
+                    return;
+                };
+                let settled = inner.settle(inner.reread_all(false));
+                drop(inner);
+                let complete = settled.await;
+                let Some(inner) = registry.upgrade() else {
+                    return;
+                };
+                if inner.destroyed.load(Ordering::Acquire)
+                    || inner.current().is_none_or(|s| s.generation != generation)
+                {
+                    // That session ended already; its monitor started another connector.
+                    return;
+                }
                 let first = !inner.ever_connected.swap(true, Ordering::AcqRel);
-                tracing::info!(registry = %inner.cfg.label, after_ms = started.elapsed().as_millis() as u64, first, "ZooKeeper session ready");
+                tracing::info!(registry = %inner.cfg.label, after_ms = started.elapsed().as_millis() as u64, first, complete, "ZooKeeper session ready");
                 inner.emit(if first {
                     RegistryEvent::Connected
                 } else {
@@ -1106,7 +1577,7 @@ impl std::fmt::Debug for ZookeeperRegistry {
 impl ZookeeperRegistry {
     /// Builds a registry for `url` (`zookeeper://host:port[,host:port]?...`). With
     /// `check=true` (the default) it connects first and fails with
-    /// [`Error::Unavailable`] when no session can be made within `timeout`; with
+    /// [`Error::Unavailable`] when no session can be made within `timeout` per host; with
     /// `check=false` it returns at once and connects in the background
     /// ([`Registry::is_available`] is false until then). Needs a tokio runtime.
     pub async fn new(url: Url) -> Result<ZookeeperRegistry> {
@@ -1121,11 +1592,17 @@ impl ZookeeperRegistry {
             session: Mutex::new(None),
             state: Mutex::new(State::default()),
             background: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(READ_CONCURRENCY)),
+            closing: watch::channel(false).0,
             cfg,
         });
         if inner.cfg.check {
             let client = inner.connect_once().await?;
-            inner.install(client);
+            if inner.install(client).is_none() {
+                return Err(Error::Destroyed {
+                    registry: inner.cfg.label.clone(),
+                });
+            }
             inner.ever_connected.store(true, Ordering::Release);
             inner.emit(RegistryEvent::Connected);
         } else {
@@ -1261,31 +1738,35 @@ impl Registry for ZookeeperRegistry {
         inner.session()?;
         let key = (url.clone(), listener_id(&listener));
         let wildcard = url.service_interface() == ANY_VALUE;
-        let sub = {
+        let (sub, existing) = {
             let mut st = lock(&inner.state);
-            if st.subs.contains_key(&key) {
-                return Ok(());
+            // Checked under the lock destroy holds when it sets `destroyed` and drains.
+            inner.alive()?;
+            match st.subs.get(&key) {
+                Some(sub) => (sub.clone(), true),
+                None => {
+                    let sub = Arc::new(Sub {
+                        url: url.clone(),
+                        categories: url.categories(),
+                        wildcard,
+                        delivery: Delivery::spawn(
+                            listener,
+                            DeliveryOptions {
+                                empty_protection: inner.cfg.empty_protection,
+                                label: url.to_full_string(),
+                            },
+                        ),
+                        active: AtomicBool::new(true),
+                        attached: Mutex::new((HashSet::new(), Vec::new())),
+                        last: Mutex::new(HashMap::new()),
+                    });
+                    st.subs.insert(key.clone(), sub.clone());
+                    (sub, false)
+                }
             }
-            let sub = Arc::new(Sub {
-                url: url.clone(),
-                categories: url.categories(),
-                wildcard,
-                delivery: Delivery::spawn(
-                    listener,
-                    DeliveryOptions {
-                        empty_protection: inner.cfg.empty_protection,
-                        label: url.to_full_string(),
-                    },
-                ),
-                active: AtomicBool::new(true),
-                attached: Mutex::new((HashSet::new(), Vec::new())),
-                last: Mutex::new(HashMap::new()),
-            });
-            st.subs.insert(key.clone(), sub.clone());
-            sub
         };
         let result = if wildcard {
-            let tx = {
+            let rx = {
                 let mut st = lock(&inner.state);
                 let State { root, retiring, .. } = &mut *st;
                 let entry = root.get_or_insert_with(|| RootEntry {
@@ -1297,16 +1778,27 @@ impl Registry for ZookeeperRegistry {
                     }),
                     task: None,
                 });
-                lock(&entry.root.data).subs.push(sub.clone());
-                inner.root_task(retiring, entry)
+                {
+                    let mut d = lock(&entry.root.data);
+                    if !d.subs.iter().any(|s| Arc::ptr_eq(s, &sub)) {
+                        d.subs.push(sub.clone());
+                    }
+                }
+                send_cmd(inner.root_task(retiring, entry), false, false, None)
             };
-            wait_reread(&inner.cfg.label, &inner.cfg.root, tx, false).await
+            answer(&inner.cfg.label, &inner.cfg.root, rx).await
         } else {
-            let targets = inner.attach_service(&sub, url.service_interface());
-            reread_in_order(&inner.cfg.label, targets).await
+            // Subscribing again (the reliability layer does after a new session) reads
+            // again whatever is not armed and read on the current session.
+            let force = existing && !inner.is_ready(&sub);
+            inner
+                .attach_service(&sub, url.service_interface(), force)
+                .await
         };
         if let Err(e) = result {
-            inner.remove_sub(&key).await;
+            if !existing {
+                inner.remove_sub(&key).await;
+            }
             return Err(e);
         }
         sub.delivery.flush_handle().await;
@@ -1352,12 +1844,11 @@ impl Registry for ZookeeperRegistry {
 
     async fn destroy(&self) {
         let inner = &self.inner;
-        if inner.destroyed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        inner.available.store(false, Ordering::Release);
         let (subs, tasks) = {
             let mut st = lock(&inner.state);
+            if inner.destroyed.swap(true, Ordering::AcqRel) {
+                return;
+            }
             let subs: Vec<Arc<Sub>> = st.subs.drain().map(|(_, s)| s).collect();
             let mut tasks: Vec<JoinHandle<()>> = st
                 .watches
@@ -1368,6 +1859,9 @@ impl Registry for ZookeeperRegistry {
             tasks.extend(st.retiring.drain().map(|(_, h)| h));
             (subs, tasks)
         };
+        inner.available.store(false, Ordering::Release);
+        // Calls in flight (each holds the client) end now.
+        inner.closing.send_replace(true);
         let background: Vec<JoinHandle<()>> = lock(&inner.background).drain(..).collect();
         for h in tasks.iter().chain(background.iter()) {
             h.abort();
@@ -1379,8 +1873,11 @@ impl Registry for ZookeeperRegistry {
             sub.active.store(false, Ordering::Release);
             sub.delivery.close().await;
         }
-        // Dropping the last client closes the session: the server deletes our ephemeral
-        // entries at once. Wait (up to `timeout`) until the close went through.
+        // zookeeper-client 0.11 has no `close()`: dropping the last client closes the
+        // session, and the server deletes our ephemeral entries at once. This is the last
+        // one: tasks hold it weakly (and were stopped above), calls in flight were ended by
+        // `closing`, and no task or session can be made after `destroyed` was set. Wait (up
+        // to `timeout`) until the close went through.
         let session = lock(&inner.session).take();
         if let Some(session) = session {
             let mut states = session.client.state_watcher();
