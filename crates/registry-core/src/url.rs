@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -87,8 +88,16 @@ pub const ALL_CATEGORIES: [&str; 4] = [
 /// );
 /// # Ok::<(), registry_core::Error>(())
 /// ```
+///
+/// A `Url` is a pointer to shared, immutable parts: cloning one (into a list, a cache, a
+/// notification) copies a pointer, and the builders copy the parts only when they are shared.
 #[derive(Clone)]
 pub struct Url {
+    d: Arc<UrlData>,
+}
+
+#[derive(Clone)]
+struct UrlData {
     protocol: String,
     username: Option<String>,
     password: Option<String>,
@@ -108,13 +117,15 @@ impl Url {
     ) -> Url {
         let path: String = path.into();
         Url {
-            protocol: protocol.into(),
-            username: None,
-            password: None,
-            host: host.into(),
-            port,
-            path: path.trim_start_matches('/').to_owned(),
-            params: BTreeMap::new(),
+            d: Arc::new(UrlData {
+                protocol: protocol.into(),
+                username: None,
+                password: None,
+                host: host.into(),
+                port,
+                path: path.trim_start_matches('/').to_owned(),
+                params: BTreeMap::new(),
+            }),
         }
     }
 
@@ -205,13 +216,15 @@ impl Url {
             params.insert(BACKUP_KEY.to_owned(), backup.join(","));
         }
         Ok(Url {
-            protocol: protocol.to_owned(),
-            username: username.filter(|u| !u.is_empty()),
-            password: password.filter(|p| !p.is_empty()),
-            host,
-            port,
-            path: path.to_owned(),
-            params,
+            d: Arc::new(UrlData {
+                protocol: protocol.to_owned(),
+                username: username.filter(|u| !u.is_empty()),
+                password: password.filter(|p| !p.is_empty()),
+                host,
+                port,
+                path: path.to_owned(),
+                params,
+            }),
         })
     }
 
@@ -223,10 +236,10 @@ impl Url {
     /// The full string: protocol, credentials, host, `:port` when set, `/path`, then every
     /// parameter as `?k=v&...` in key order. Values are written as they are.
     pub fn to_full_string(&self) -> String {
-        let mut s = String::with_capacity(64 + self.params.len() * 24);
+        let mut s = String::with_capacity(64 + self.d.params.len() * 24);
         self.write_base(&mut s, true);
         let mut first = true;
-        for (k, v) in &self.params {
+        for (k, v) in &self.d.params {
             s.push(if first { '?' } else { '&' });
             first = false;
             s.push_str(k);
@@ -247,8 +260,8 @@ impl Url {
     /// messages and logs.
     pub fn to_identity_string_redacted(&self) -> String {
         let mut s = String::new();
-        if let Some(u) = &self.username {
-            s.push_str(&self.protocol);
+        if let Some(u) = &self.d.username {
+            s.push_str(&self.d.protocol);
             s.push_str("://");
             s.push_str(u);
             s.push('@');
@@ -262,66 +275,66 @@ impl Url {
     }
 
     fn write_base(&self, s: &mut String, credentials: bool) {
-        s.push_str(&self.protocol);
+        s.push_str(&self.d.protocol);
         s.push_str("://");
-        if credentials && (self.username.is_some() || self.password.is_some()) {
-            s.push_str(self.username.as_deref().unwrap_or(""));
-            if let Some(p) = &self.password {
+        if credentials && (self.d.username.is_some() || self.d.password.is_some()) {
+            s.push_str(self.d.username.as_deref().unwrap_or(""));
+            if let Some(p) = &self.d.password {
                 s.push(':');
                 s.push_str(p);
             }
             s.push('@');
         }
-        s.push_str(&self.host);
-        if self.port != 0 {
+        s.push_str(&self.d.host);
+        if self.d.port != 0 {
             s.push(':');
-            s.push_str(&self.port.to_string());
+            s.push_str(&self.d.port.to_string());
         }
-        if !self.path.is_empty() {
+        if !self.d.path.is_empty() {
             s.push('/');
-            s.push_str(&self.path);
+            s.push_str(&self.d.path);
         }
     }
 
     /// The protocol (scheme).
     pub fn protocol(&self) -> &str {
-        &self.protocol
+        &self.d.protocol
     }
     /// The user name, if any.
     pub fn username(&self) -> Option<&str> {
-        self.username.as_deref()
+        self.d.username.as_deref()
     }
     /// The password, if any.
     pub fn password(&self) -> Option<&str> {
-        self.password.as_deref()
+        self.d.password.as_deref()
     }
     /// The host (empty when none).
     pub fn host(&self) -> &str {
-        &self.host
+        &self.d.host
     }
     /// The port; 0 when none was given.
     pub fn port(&self) -> u16 {
-        self.port
+        self.d.port
     }
     /// The path, without the leading `/`.
     pub fn path(&self) -> &str {
-        &self.path
+        &self.d.path
     }
     /// `host:port`, or `host` when there is no port.
     pub fn address(&self) -> String {
-        if self.port == 0 {
-            self.host.clone()
+        if self.d.port == 0 {
+            self.d.host.clone()
         } else {
-            format!("{}:{}", self.host, self.port)
+            format!("{}:{}", self.d.host, self.d.port)
         }
     }
     /// The main address followed by every `backup` address, as `host[:port]` strings.
     pub fn addresses(&self) -> Vec<String> {
         let mut all = Vec::new();
-        if !self.host.is_empty() {
+        if !self.d.host.is_empty() {
             all.push(self.address());
         }
-        if let Some(b) = self.params.get(BACKUP_KEY) {
+        if let Some(b) = self.d.params.get(BACKUP_KEY) {
             all.extend(
                 b.split(',')
                     .map(str::trim)
@@ -334,17 +347,17 @@ impl Url {
 
     /// Whether the host is `0.0.0.0` or `anyhost=true` is set.
     pub fn is_anyhost(&self) -> bool {
-        self.host == ANYHOST_VALUE || self.parameter_bool(ANYHOST_KEY, false)
+        self.d.host == ANYHOST_VALUE || self.parameter_bool(ANYHOST_KEY, false)
     }
 
     /// The parameters, sorted by key.
     pub fn parameters(&self) -> &BTreeMap<String, String> {
-        &self.params
+        &self.d.params
     }
 
     /// The value of `key`; when absent, the value of `default.<key>`.
     pub fn parameter(&self, key: &str) -> Option<&str> {
-        if let Some(v) = self.params.get(key) {
+        if let Some(v) = self.d.params.get(key) {
             return Some(v);
         }
         if key.starts_with(DEFAULT_KEY_PREFIX) {
@@ -353,7 +366,7 @@ impl Url {
         let mut dk = String::with_capacity(DEFAULT_KEY_PREFIX.len() + key.len());
         dk.push_str(DEFAULT_KEY_PREFIX);
         dk.push_str(key);
-        self.params.get(&dk).map(String::as_str)
+        self.d.params.get(&dk).map(String::as_str)
     }
 
     /// The value of `key` (or `default.<key>`), or `default` when absent or empty.
@@ -390,7 +403,7 @@ impl Url {
     pub fn service_interface(&self) -> &str {
         match self.parameter(INTERFACE_KEY) {
             Some(i) if !i.is_empty() => i,
-            _ => &self.path,
+            _ => &self.d.path,
         }
     }
     /// Parameter `group`.
@@ -464,7 +477,7 @@ impl Url {
 
     /// Whether this is an `empty://` marker.
     pub fn is_empty_marker(&self) -> bool {
-        self.protocol == EMPTY_PROTOCOL
+        self.d.protocol == EMPTY_PROTOCOL
     }
 
     /// The marker notified for an empty category: this subscription URL with protocol
@@ -478,33 +491,33 @@ impl Url {
     /// Replaces the protocol.
     #[must_use]
     pub fn with_protocol(mut self, protocol: impl Into<String>) -> Url {
-        self.protocol = protocol.into();
+        Arc::make_mut(&mut self.d).protocol = protocol.into();
         self
     }
     /// Replaces the credentials (`None` removes them).
     #[must_use]
     pub fn with_credentials(mut self, username: Option<&str>, password: Option<&str>) -> Url {
-        self.username = username.filter(|s| !s.is_empty()).map(str::to_owned);
-        self.password = password.filter(|s| !s.is_empty()).map(str::to_owned);
+        Arc::make_mut(&mut self.d).username = username.filter(|s| !s.is_empty()).map(str::to_owned);
+        Arc::make_mut(&mut self.d).password = password.filter(|s| !s.is_empty()).map(str::to_owned);
         self
     }
     /// Replaces the host.
     #[must_use]
     pub fn with_host(mut self, host: impl Into<String>) -> Url {
-        self.host = host.into();
+        Arc::make_mut(&mut self.d).host = host.into();
         self
     }
     /// Replaces the port (0 for none).
     #[must_use]
     pub fn with_port(mut self, port: u16) -> Url {
-        self.port = port;
+        Arc::make_mut(&mut self.d).port = port;
         self
     }
     /// Replaces the path (a leading `/` is dropped).
     #[must_use]
     pub fn with_path(mut self, path: impl Into<String>) -> Url {
         let p: String = path.into();
-        self.path = p.trim_start_matches('/').to_owned();
+        Arc::make_mut(&mut self.d).path = p.trim_start_matches('/').to_owned();
         self
     }
     /// Sets a parameter. An empty key is ignored, as the parser drops it.
@@ -512,14 +525,16 @@ impl Url {
     pub fn with_parameter(mut self, key: impl Into<String>, value: impl Into<String>) -> Url {
         let key: String = key.into();
         if !key.is_empty() {
-            self.params.insert(key, value.into().trim().to_owned());
+            Arc::make_mut(&mut self.d)
+                .params
+                .insert(key, value.into().trim().to_owned());
         }
         self
     }
     /// Sets a parameter unless it is already present.
     #[must_use]
     pub fn with_parameter_if_absent(self, key: &str, value: impl Into<String>) -> Url {
-        if self.params.contains_key(key) {
+        if self.d.params.contains_key(key) {
             self
         } else {
             self.with_parameter(key, value)
@@ -540,20 +555,21 @@ impl Url {
     /// Removes a parameter.
     #[must_use]
     pub fn without_parameter(mut self, key: &str) -> Url {
-        self.params.remove(key);
+        Arc::make_mut(&mut self.d).params.remove(key);
         self
     }
     /// Removes several parameters.
     #[must_use]
     pub fn without_parameters<'k>(mut self, keys: impl IntoIterator<Item = &'k str>) -> Url {
         for k in keys {
-            self.params.remove(k);
+            Arc::make_mut(&mut self.d).params.remove(k);
         }
         self
     }
 
     fn eq_key(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.params
+        self.d
+            .params
             .iter()
             .filter(|(k, _)| k.as_str() != TIMESTAMP_KEY)
     }
@@ -614,12 +630,15 @@ fn parse_port(p: &str, whole: &str) -> std::result::Result<u16, String> {
 
 impl PartialEq for Url {
     fn eq(&self, other: &Url) -> bool {
-        self.protocol == other.protocol
-            && self.username == other.username
-            && self.password == other.password
-            && self.host == other.host
-            && self.port == other.port
-            && self.path == other.path
+        if Arc::ptr_eq(&self.d, &other.d) {
+            return true;
+        }
+        self.d.protocol == other.d.protocol
+            && self.d.username == other.d.username
+            && self.d.password == other.d.password
+            && self.d.host == other.d.host
+            && self.d.port == other.d.port
+            && self.d.path == other.d.path
             && self.eq_key().eq(other.eq_key())
     }
 }
@@ -627,12 +646,12 @@ impl Eq for Url {}
 
 impl Hash for Url {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.protocol.hash(state);
-        self.username.hash(state);
-        self.password.hash(state);
-        self.host.hash(state);
-        self.port.hash(state);
-        self.path.hash(state);
+        self.d.protocol.hash(state);
+        self.d.username.hash(state);
+        self.d.password.hash(state);
+        self.d.host.hash(state);
+        self.d.port.hash(state);
+        self.d.path.hash(state);
         for (k, v) in self.eq_key() {
             k.hash(state);
             v.hash(state);
@@ -663,9 +682,9 @@ impl fmt::Display for Url {
 impl fmt::Debug for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the password in logs.
-        let shown = if self.password.is_some() {
+        let shown = if self.d.password.is_some() {
             self.clone()
-                .with_credentials(self.username.as_deref(), Some("***"))
+                .with_credentials(self.d.username.as_deref(), Some("***"))
         } else {
             self.clone()
         };
@@ -751,6 +770,19 @@ mod tests {
             Url::parse("consumer://h/x").unwrap().categories(),
             vec!["providers"]
         );
+    }
+
+    #[test]
+    fn clones_share_and_builders_copy_on_write() {
+        let a = Url::parse("dubbo://h:1/S?x=1").unwrap();
+        let b = a.clone();
+        assert!(Arc::ptr_eq(&a.d, &b.d), "a clone is a pointer copy");
+        let c = b.clone().with_parameter("y", "2").with_port(2).with_protocol("tri");
+        assert_eq!(a.to_full_string(), "dubbo://h:1/S?x=1", "the original is untouched");
+        assert_eq!(b, a);
+        assert_eq!(c.to_full_string(), "tri://h:2/S?x=1&y=2");
+        let d = Url::parse("dubbo://h:1/S?x=1").unwrap();
+        assert_eq!(a, d, "equal by value without sharing");
     }
 
     #[test]
