@@ -18,8 +18,7 @@ use registry_test_servers::{Kind, shared_address};
 
 const SENTINELS: &str = ".registry-leases";
 
-const WILDCARD: &str =
-    "consumer://10.0.0.250/*?interface=*&group=*&version=*&classifier=*&category=providers,consumers";
+const WILDCARD: &str = "consumer://10.0.0.250/*?interface=*&group=*&version=*&classifier=*&category=providers,consumers";
 
 /// The sentinels under `/<group>/.registry-leases/`: (key, value, lease).
 async fn sentinels(raw: &mut Client, group: &str) -> Vec<(String, String, i64)> {
@@ -85,11 +84,7 @@ async fn a_revoked_lease_is_noticed_in_milliseconds_with_a_long_keep_alive_perio
         .expect("entry");
     assert_ne!(old, 0);
     let before = sentinels(&mut raw, &group).await;
-    assert_eq!(
-        before.len(),
-        1,
-        "one sentinel per registry: {before:?}"
-    );
+    assert_eq!(before.len(), 1, "one sentinel per registry: {before:?}");
     assert_eq!(before[0].0, format!("/{group}/{SENTINELS}/{old:x}"));
     assert_eq!(before[0].2, old, "the sentinel is on the registry's lease");
     assert!(
@@ -153,9 +148,16 @@ async fn a_revoked_lease_is_noticed_in_milliseconds_with_a_long_keep_alive_perio
     assert!(r.is_available());
 
     r.destroy().await;
-    assert_eq!(sentinels(&mut raw, &group).await, vec![], "no sentinel left");
+    assert_eq!(
+        sentinels(&mut raw, &group).await,
+        vec![],
+        "no sentinel left"
+    );
     assert!(!lease_alive(&mut raw, now).await, "no lease left");
-    assert_eq!(keys_under(&mut raw, &format!("/{group}/")).await, Vec::<String>::new());
+    assert_eq!(
+        keys_under(&mut raw, &format!("/{group}/")).await,
+        Vec::<String>::new()
+    );
 }
 
 /// The sentinel is never an entry: not in the notifications or lookups of a service, nor of
@@ -230,7 +232,14 @@ async fn the_sentinel_never_reaches_subscriptions_or_lookups() {
         .collect();
     assert_eq!(leases.len(), 1, "the destroyed registry's sentinel is gone");
     r.destroy().await;
-    assert_eq!(sentinels(&mut raw, &group).await, vec![], "no sentinel left");
+    assert_eq!(
+        sentinels(&mut raw, &group).await,
+        vec![],
+        "no sentinel left"
+    );
     assert!(!lease_alive(&mut raw, leases[0]).await, "no lease left");
-    assert_eq!(keys_under(&mut raw, &format!("/{group}/")).await, Vec::<String>::new());
+    assert_eq!(
+        keys_under(&mut raw, &format!("/{group}/")).await,
+        Vec::<String>::new()
+    );
 }
