@@ -41,6 +41,18 @@ async fn sentinels(raw: &mut Client, group: &str) -> Vec<(String, String, i64)> 
         .collect()
 }
 
+/// Waits until `n` sentinels are under `/<group>/.registry-leases/` (the session task puts
+/// a registry's sentinel right after `new` returns) and returns them.
+async fn wait_sentinels(addr: &str, group: &str, n: usize) -> Vec<(String, String, i64)> {
+    wait_until(
+        &format!("{n} sentinels under /{group}"),
+        DEADLINE,
+        || async { sentinels(&mut raw(addr).await, group).await.len() == n },
+    )
+    .await;
+    sentinels(&mut raw(addr).await, group).await
+}
+
 /// Whether etcd still knows `lease` (a revoked or expired one answers TTL -1).
 async fn lease_alive(raw: &mut Client, lease: i64) -> bool {
     match raw.lease_time_to_live(lease, None).await {
@@ -83,7 +95,7 @@ async fn a_revoked_lease_is_noticed_in_milliseconds_with_a_long_keep_alive_perio
         .await
         .expect("entry");
     assert_ne!(old, 0);
-    let before = sentinels(&mut raw, &group).await;
+    let before = wait_sentinels(&addr, &group, 1).await;
     assert_eq!(before.len(), 1, "one sentinel per registry: {before:?}");
     assert_eq!(before[0].0, format!("/{group}/{SENTINELS}/{old:x}"));
     assert_eq!(before[0].2, old, "the sentinel is on the registry's lease");
@@ -189,7 +201,7 @@ async fn the_sentinel_never_reaches_subscriptions_or_lookups() {
     // A second registry under the same root: its sentinel is seen by the first one's watches.
     let other = registry(&base).await;
     let mut raw = raw(&addr).await;
-    assert_eq!(sentinels(&mut raw, &group).await.len(), 2);
+    wait_sentinels(&addr, &group, 2).await;
 
     let old = lease_of(&mut raw, &key(&group, &s, &p1))
         .await
