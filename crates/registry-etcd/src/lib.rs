@@ -19,6 +19,10 @@
 //!   lost (expired or revoked) a new one is granted and [`RegistryEvent::SessionLost`] then
 //!   [`RegistryEvent::NewSession`] are reported, so the reliability layer puts every entry
 //!   again. Persistent entries (`dynamic=false`) carry no lease.
+//! - The loss is noticed within milliseconds: each registry puts a sentinel key,
+//!   `<root>/.registry-leases/<lease id in hex>`, on its lease and watches it; etcd deletes it
+//!   with the lease. The keep-alive is the fallback. The sentinel is never an entry (no
+//!   subscription or lookup sees it, `interface=*` ones included).
 //! - A subscription is one range read of `category path + "/"` (with the trailing slash, so
 //!   `providersX` never leaks into `providers`), then a watch from the read's revision + 1.
 //!   All watches of a registry share one watch stream; the lists are kept up to date from the

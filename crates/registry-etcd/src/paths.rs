@@ -9,6 +9,10 @@
 //!
 //! Reads and watches use `category path + "/"`, with the trailing slash, so a sibling such as
 //! `providersX` never leaks into `providers`.
+//!
+//! Besides the entries, each registry keeps one lease sentinel, `root + "/.registry-leases/" +
+//! lease id (hex)`, on its lease (see the session module). It has two segments under the root,
+//! so it is never an entry: no category prefix covers it and the root scope skips it.
 
 use registry_core::{Url, encode};
 
@@ -32,6 +36,16 @@ pub(crate) fn root_prefix(root: &str) -> String {
     format!("{root}/")
 }
 
+/// The folder under the root that holds the lease sentinels (one per live registry).
+pub(crate) const LEASES_DIR: &str = ".registry-leases";
+
+/// The sentinel key of `lease`: `root + "/.registry-leases/" + lease id in hex`. It is put
+/// on the lease itself, so etcd deletes it (and the watch on it reports that) the moment the
+/// lease is revoked or expires.
+pub(crate) fn sentinel_key(root: &str, lease: i64) -> String {
+    format!("{root}/{LEASES_DIR}/{lease:x}")
+}
+
 /// The key of an entry: `category path + "/" + encode(url.to_full_string())`.
 pub(crate) fn entry_key(root: &str, url: &Url) -> String {
     format!(
@@ -45,7 +59,7 @@ pub(crate) fn entry_key(root: &str, url: &Url) -> String {
 /// for keys that are not entries (too few or too many segments, an undecodable service).
 pub(crate) fn split_under_root(rest: &str) -> Option<(String, &str, &str)> {
     let mut parts = rest.split('/');
-    let service = parts.next().filter(|s| !s.is_empty())?;
+    let service = parts.next().filter(|s| !s.is_empty() && *s != LEASES_DIR)?;
     let category = parts.next().filter(|s| !s.is_empty())?;
     let entry = parts.next().filter(|s| !s.is_empty())?;
     if parts.next().is_some() {
@@ -83,5 +97,17 @@ mod tests {
         assert_eq!(split_under_root("a/providers/x/y"), None);
         assert_eq!(split_under_root("a//x"), None);
         assert_eq!(split_under_root("%zz/providers/x"), None);
+        // Lease sentinels are never entries, whatever their depth.
+        assert_eq!(split_under_root(".registry-leases/1a2b"), None);
+        assert_eq!(split_under_root(".registry-leases/providers/x"), None);
+    }
+
+    #[test]
+    fn sentinel_is_under_the_root_and_outside_every_category() {
+        let key = sentinel_key("/dubbo", 0x694d_9a1b_22c3_0f11);
+        assert_eq!(key, "/dubbo/.registry-leases/694d9a1b22c30f11");
+        assert!(key.starts_with(&root_prefix("/dubbo")));
+        assert!(!key.starts_with(&category_prefix("/dubbo", ".registry-leases", "providers")));
+        assert_eq!(split_under_root(&key["/dubbo/".len()..]), None);
     }
 }

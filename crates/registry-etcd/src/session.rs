@@ -3,9 +3,18 @@
 //! - The lease is renewed every TTL/3 by sending a keep-alive on the lease's keep-alive stream;
 //!   an answer with TTL 0 (or "not found" when the stream is opened again) means the lease is
 //!   gone: `SessionLost`, a new lease, then `NewSession`.
+//! - etcd never tells a lease holder that its lease was revoked or expired server-side, so
+//!   every time the streams are opened a sentinel key (`root/.registry-leases/<lease hex>`,
+//!   value the registry's identity) is put on the lease, and the watch stream is opened with
+//!   the anchor watch on that key, from the put's revision + 1. etcd deletes the sentinel with
+//!   the lease, so a DELETE event on the anchor watch means the lease is gone: the same path
+//!   as a TTL-0 keep-alive answer, within milliseconds instead of up to TTL/3. The keep-alive
+//!   stays the fallback (a partition that breaks the watch stream too). `destroy` stops this
+//!   task before revoking the lease, so the DELETE that revoke causes is never seen here.
 //! - Every watch of the registry is created on one watch stream with a watch id of our own, so
-//!   responses are routed by id. The stream is opened with an anchor watch on the root key
-//!   itself (which no entry uses).
+//!   responses are routed by id. The stream is opened with the anchor watch on the lease
+//!   sentinel (on the root key itself, which no entry uses, when etcd refuses the sentinel's
+//!   put: keep-alive detection only).
 //! - A broken stream (server down, network) is `Disconnected`; the task then reconnects with
 //!   backoff, renews the same lease and re-creates every watch from its last revision + 1, and
 //!   reports `Reconnected` (or `NewSession` when the lease did not survive).
@@ -32,10 +41,11 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::errors::{self, Kind};
+use crate::paths;
 use crate::registry::{Inner, connect, grant, lock};
 use crate::watches::{Changed, WatchState, parse_key};
 
-/// The watch id of the anchor watch that opens the stream.
+/// The watch id of the anchor watch that opens the stream (on the lease sentinel).
 const ANCHOR_WATCH_ID: i64 = 1;
 /// The first watch id of subscriptions.
 pub(crate) const FIRST_WATCH_ID: i64 = 2;
@@ -77,6 +87,9 @@ struct Streams {
     keep_alive: LeaseKeepAliveStream,
     watcher: Watcher,
     watch: WatchStream,
+    /// The lease sentinel the anchor watch is on (`None`: on the root key, etcd refused the
+    /// sentinel).
+    sentinel: Option<String>,
 }
 
 /// Where the session stands, for the events it reports.
@@ -88,6 +101,8 @@ struct Flags {
     renewed: Instant,
     /// The last refusal of the credentials logged at warn level.
     denied: Option<String>,
+    /// The last refusal of the sentinel's put logged at warn level.
+    sentinel_denied: Option<String>,
 }
 
 /// Whether `reason` differs from the last one recorded in `last` (and records it).
@@ -107,6 +122,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
         lost: false,
         renewed: Instant::now(),
         denied: None,
+        sentinel_denied: None,
     };
     let mut generation: u64 = 0;
     let mut backoff = BACKOFF_MIN;
@@ -363,16 +379,27 @@ async fn establish(
     .await
     .map_err(step_err)?;
     flags.renewed = Instant::now();
-    let anchor = inner.opts.root.clone();
+    let sentinel = put_sentinel(inner, &clients, lease, flags).await?;
+    let (anchor, options) = match &sentinel {
+        // From the put's revision + 1: a DELETE after the put (the lease revoked before the
+        // watch is created) is still reported.
+        Some((key, revision)) => (
+            key.clone(),
+            WatchOptions::new()
+                .with_watch_id(ANCHOR_WATCH_ID)
+                .with_start_revision(revision + 1),
+        ),
+        None => (
+            inner.opts.root.clone(),
+            WatchOptions::new().with_watch_id(ANCHOR_WATCH_ID),
+        ),
+    };
     let mut wc = clients.watch.clone();
     let (watcher, watch) = errors::timed(
         &inner.label,
         || "opening the watch stream".to_owned(),
         inner.opts.timeout,
-        wc.watch(
-            anchor,
-            Some(WatchOptions::new().with_watch_id(ANCHOR_WATCH_ID)),
-        ),
+        wc.watch(anchor, Some(options)),
     )
     .await
     .map_err(step_err)?;
@@ -381,7 +408,52 @@ async fn establish(
         keep_alive,
         watcher,
         watch,
+        sentinel: sentinel.map(|(key, _)| key),
     })
+}
+
+/// Puts the sentinel of `lease` on the lease (again, at every establish: cheap, and a lease
+/// gone meanwhile shows here as "lease not found"). Returns its key and the put's revision;
+/// `None` when etcd refuses the put (a user without write permission there): logged once,
+/// and the lease is then watched by its keep-alive only.
+async fn put_sentinel(
+    inner: &Inner,
+    clients: &crate::registry::Clients,
+    lease: i64,
+    flags: &mut Flags,
+) -> Result<Option<(String, i64)>, Step> {
+    let key = paths::sentinel_key(&inner.opts.root, lease);
+    let mut kv = clients.kv.clone();
+    let put = errors::timed(
+        &inner.label,
+        || format!("putting the lease sentinel {key}"),
+        inner.opts.timeout,
+        kv.put(
+            key.clone(),
+            inner.label.clone(),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        ),
+    )
+    .await;
+    match put {
+        Ok(resp) => {
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            flags.sentinel_denied = None;
+            Ok(Some((key, revision)))
+        }
+        Err((e, Kind::Denied)) if !e.to_string().contains("user name is empty") => {
+            let reason = e.to_string();
+            if first_time(&mut flags.sentinel_denied, &reason) {
+                tracing::warn!(
+                    registry = %inner.label,
+                    reason,
+                    "etcd refuses the lease sentinel; a revoked or expired lease is noticed at the next keep-alive only"
+                );
+            }
+            Ok(None)
+        }
+        Err(e) => Err(step_err(e)),
+    }
 }
 
 /// Creates every watch not yet created on stream `generation`, each from its revision + 1
@@ -450,6 +522,8 @@ struct Live {
     watch_rx: mpsc::UnboundedReceiver<WatchMessage>,
     keep_alive_rx: mpsc::UnboundedReceiver<KeepAlive>,
     check_lease: Arc<Notify>,
+    /// The lease sentinel the anchor watch is on.
+    sentinel: Option<String>,
     _tasks: [AbortOnDrop; 2],
 }
 
@@ -480,6 +554,7 @@ impl Live {
             watch_rx,
             keep_alive_rx,
             check_lease,
+            sentinel: s.sentinel,
             _tasks: [
                 AbortOnDrop(reader.abort_handle()),
                 AbortOnDrop(keeper.abort_handle()),
@@ -649,7 +724,7 @@ async fn connected(
             },
             m = live.watch_rx.recv() => match m {
                 Some(Ok(Some(r))) => {
-                    if let Err(exit) = on_watch_response(inner, reads, r) {
+                    if let Err(exit) = on_watch_response(inner, reads, live.sentinel.as_deref(), r) {
                         return exit;
                     }
                 }
@@ -700,8 +775,14 @@ async fn connected(
     }
 }
 
-/// Routes one watch response by its watch id.
-fn on_watch_response(inner: &Arc<Inner>, reads: &mut Reads, r: WatchResponse) -> Result<(), Exit> {
+/// Routes one watch response by its watch id. A DELETE of the lease `sentinel` (on the anchor
+/// watch) means the lease is gone.
+fn on_watch_response(
+    inner: &Arc<Inner>,
+    reads: &mut Reads,
+    sentinel: Option<&str>,
+    r: WatchResponse,
+) -> Result<(), Exit> {
     let id = r.watch_id();
     if r.created() && r.canceled() {
         // etcd refused to create a watch: 3.5+ answers watch id -1 with "invalid auth token"
@@ -730,6 +811,14 @@ fn on_watch_response(inner: &Arc<Inner>, reads: &mut Reads, r: WatchResponse) ->
                 "the anchor watch was cancelled: {}",
                 r.cancel_reason()
             )));
+        }
+        let deleted = r.events().iter().any(|ev| {
+            ev.event_type() == EventType::Delete
+                && ev.kv().and_then(|kv| kv.key_str().ok()) == sentinel
+        });
+        if let (true, Some(key)) = (deleted, sentinel) {
+            tracing::debug!(registry = %inner.label, key, "the lease sentinel was deleted");
+            return Err(Exit::LeaseLost);
         }
         return Ok(());
     }

@@ -268,3 +268,18 @@ impl WatchState {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paths::{root_prefix, sentinel_key};
+
+    #[test]
+    fn a_lease_sentinel_is_not_an_entry_of_the_root() {
+        let prefix = root_prefix("/dubbo");
+        let key = sentinel_key("/dubbo", 0x1a2b);
+        assert_eq!(parse_key("r", &prefix, &Scope::Root, &key), None);
+        let entries = parse_entries("r", &prefix, &Scope::Root, [key.as_bytes()].into_iter());
+        assert!(entries.is_empty());
+    }
+}

@@ -820,6 +820,11 @@ async fn destroy_during_the_background_connection_leaves_no_lease() {
             "attempt {i}: a lease outlived destroy: {:?}",
             leases.leases().iter().map(|l| l.id()).collect::<Vec<_>>()
         );
+        assert_eq!(
+            keys_under(&mut rawc, "/dubbo/.registry-leases/").await,
+            Vec::<String>::new(),
+            "attempt {i}: a lease sentinel outlived destroy"
+        );
         match r
             .subscribe(&consumer("x", ""), Recorder::new().listener())
             .await

@@ -103,8 +103,9 @@ async fn keys_values_and_leases_as_a_raw_client_sees_them() {
     raw.delete(pkey.as_str(), None).await.expect("clean up");
 }
 
-/// A lease revoked from outside: SessionLost then NewSession within one keep-alive period;
-/// registering again puts the entry on the new lease, and subscriptions go on.
+/// A lease revoked from outside: SessionLost then NewSession within a second, from the lease
+/// sentinel's DELETE event (not the next keep-alive; see tests/lease_sentinel.rs for a long
+/// keep-alive period); registering again puts the entry on the new lease, and subscriptions go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_revoked_from_outside_gives_a_new_session() {
     let Some(addr) = shared_address(Kind::Etcd, "lease_revoked_from_outside") else {
@@ -132,8 +133,10 @@ async fn lease_revoked_from_outside_gives_a_new_session() {
     let old = lease_of(&mut raw, &key).await.expect("entry").max(0);
     let revoked = Instant::now();
     raw.lease_revoke(old).await.expect("revoke from outside");
-    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &[], DEADLINE)
-        .await;
+    // No wait for the empty list here: the factory's reliability layer puts the entry back
+    // within milliseconds of NewSession, so the subscription may never see the gap (the
+    // DELETE and the PUT can arrive in one watch response, or the empty list be replaced
+    // before delivery).
     let lost = log
         .wait_for(RegistryEvent::SessionLost, revoked, DEADLINE)
         .await;
@@ -141,14 +144,14 @@ async fn lease_revoked_from_outside_gives_a_new_session() {
         .wait_for(RegistryEvent::NewSession, revoked, DEADLINE)
         .await;
     eprintln!(
-        "lease revoked from outside: SessionLost after {:?}, NewSession after {:?} (keep-alive period 1 s)",
+        "lease revoked from outside: SessionLost after {:?}, NewSession after {:?} (lease sentinel; keep-alive period 1 s)",
         lost - revoked,
         new - revoked
     );
     assert!(lost <= new);
     assert!(
-        new - revoked < Duration::from_millis(1000 + 1000),
-        "NewSession within one keep-alive period (+ 1 s slack for a loaded machine)"
+        new - revoked < Duration::from_millis(1000),
+        "NewSession within 1 s (the sentinel's DELETE, milliseconds on an idle machine)"
     );
     // What FailbackRegistry does on NewSession:
     r.register(&p).await.expect("register again");
@@ -166,7 +169,7 @@ async fn lease_revoked_from_outside_gives_a_new_session() {
 
 /// With the reliability layer in the factory, a lease revoked from outside heals by itself:
 /// every dynamic entry is put again on the new lease and every subscription sees changes
-/// made afterwards, within about one keep-alive period.
+/// made afterwards, within a second (the lease sentinel's DELETE event, not the keep-alive).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_lease_entries_come_back_by_themselves() {
     let Some(addr) = shared_address(Kind::Etcd, "revoked_lease_entries_come_back") else {
@@ -222,12 +225,12 @@ async fn revoked_lease_entries_come_back_by_themselves() {
     }
     eprintln!(
         "lease revoked from outside: 10 entries back on a new lease after {restored:?}, \
-         3 subscriptions current after {:?} (keep-alive period 1 s)",
+         3 subscriptions current after {:?} (lease sentinel; keep-alive period 1 s)",
         revoked.elapsed()
     );
     assert!(
-        restored < Duration::from_secs(3),
-        "restored within the keep-alive period plus slack"
+        restored < Duration::from_secs(1),
+        "restored within 1 s of the revoke"
     );
     r.destroy().await;
 }
