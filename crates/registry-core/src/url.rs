@@ -777,8 +777,16 @@ mod tests {
         let a = Url::parse("dubbo://h:1/S?x=1").unwrap();
         let b = a.clone();
         assert!(Arc::ptr_eq(&a.d, &b.d), "a clone is a pointer copy");
-        let c = b.clone().with_parameter("y", "2").with_port(2).with_protocol("tri");
-        assert_eq!(a.to_full_string(), "dubbo://h:1/S?x=1", "the original is untouched");
+        let c = b
+            .clone()
+            .with_parameter("y", "2")
+            .with_port(2)
+            .with_protocol("tri");
+        assert_eq!(
+            a.to_full_string(),
+            "dubbo://h:1/S?x=1",
+            "the original is untouched"
+        );
         assert_eq!(b, a);
         assert_eq!(c.to_full_string(), "tri://h:2/S?x=1&y=2");
         let d = Url::parse("dubbo://h:1/S?x=1").unwrap();
