@@ -111,6 +111,29 @@ pub fn providers_line(n: &Notification) -> String {
     )
 }
 
+/// The whole `main` of both binaries: logging, arguments (usage errors are one line and exit
+/// code 2), a runtime, then `run`; a failure is one line on stderr and exit code 2.
+pub fn main_with<A, F, Fut>(program: &str, run: F) -> ExitCode
+where
+    A: clap::Parser,
+    F: FnOnce(A) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Failure>>,
+{
+    init_logging();
+    let args = match parse_args::<A>(program) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(program, &Failure(format!("cannot start the runtime: {e}"))),
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => fail(program, &f),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use futures_util::StreamExt;
 use provider_consumer::{
-    DEFAULT_SERVICE, Failure, fail, init_logging, parse_args, providers_line, registry_from_config,
-    shutdown_signal,
+    DEFAULT_SERVICE, Failure, providers_line, registry_from_config, shutdown_signal,
 };
 use registry_core::Url;
 
@@ -36,24 +35,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    init_logging();
-    let args = match parse_args::<Args>("consumer") {
-        Ok(a) => a,
-        Err(code) => return code,
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            return fail(
-                "consumer",
-                &Failure(format!("cannot start the runtime: {e}")),
-            );
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => fail("consumer", &f),
-    }
+    provider_consumer::main_with("consumer", run)
 }
 
 async fn run(args: Args) -> Result<(), Failure> {

@@ -8,9 +8,7 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use provider_consumer::{
-    DEFAULT_SERVICE, Failure, fail, init_logging, parse_args, registry_from_config, shutdown_signal,
-};
+use provider_consumer::{DEFAULT_SERVICE, Failure, registry_from_config, shutdown_signal};
 use registry_core::Url;
 
 // Every backend this binary can use, linked so that its scheme is known.
@@ -34,24 +32,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    init_logging();
-    let args = match parse_args::<Args>("provider") {
-        Ok(a) => a,
-        Err(code) => return code,
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            return fail(
-                "provider",
-                &Failure(format!("cannot start the runtime: {e}")),
-            );
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => fail("provider", &f),
-    }
+    provider_consumer::main_with("provider", run)
 }
 
 async fn run(args: Args) -> Result<(), Failure> {
