@@ -1,6 +1,6 @@
 //! Shared pieces: provider URLs, the layout paths, event trackers, a TCP proxy.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,70 +143,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A TCP proxy that can cut every connection (a network partition for one client only): how
-/// the victim of a ZooKeeper session expiry is kept from taking its session back.
-pub struct Proxy {
-    addr: String,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    /// Starts a proxy to `target` on a free loopback port.
-    pub async fn start(target: &str) -> anyhow::Result<Proxy> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?.to_string();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let (target, c2, k2) = (target.to_owned(), cut.clone(), conns.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if c2.load(Ordering::Acquire) {
-                    drop(inbound);
-                    continue;
-                }
-                let _ = inbound.set_nodelay(true);
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = outbound.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                lock(&k2).push(task.abort_handle());
-            }
-        });
-        Ok(Proxy {
-            addr,
-            cut,
-            conns,
-            accept,
-        })
-    }
-
-    /// The proxy's address.
-    pub fn address(&self) -> &str {
-        &self.addr
-    }
-
-    /// Closes every connection and refuses new ones until [`Proxy::restore`].
-    pub fn cut(&self) {
-        self.cut.store(true, Ordering::Release);
-        for c in lock(&self.conns).drain(..) {
-            c.abort();
-        }
-    }
-
-    /// Lets connections through again.
-    pub fn restore(&self) {
-        self.cut.store(false, Ordering::Release);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
+/// The cut-able TCP proxy of the test servers crate: how the victim of a ZooKeeper session
+/// expiry is kept from taking its session back.
+pub use registry_test_servers::Proxy;

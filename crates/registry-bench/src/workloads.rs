@@ -662,7 +662,7 @@ pub async fn recovery(ctx: &mut Ctx) -> anyhow::Result<()> {
 
     // Ours, as the factory builds it; on ZooKeeper typed (for the session id and password)
     // and behind a proxy (to cut the victim's connection while its session is closed).
-    let proxy = Proxy::start(&ctx.addr).await?;
+    let proxy = Proxy::start(&ctx.addr).await.map_err(anyhow::Error::msg)?;
     let mut zk_reg = None;
     let reg: Arc<dyn Registry> = match b {
         Backend::Zookeeper => {
@@ -805,7 +805,7 @@ pub async fn recovery(ctx: &mut Ctx) -> anyhow::Result<()> {
     let meets = m.ratio_p50.is_some_and(|r| r <= 1.2) && t.p50 < 1000.0;
     ctx.push(m.target("≤ 1.2× raw and < 1 s", meets).note(match b {
         Backend::Zookeeper => "loss = the session closed by a second client while the victim's connection was cut; includes the client noticing the expiry on reconnect",
-        Backend::Etcd => "loss = lease revoked by another client; includes detection, which waits for the next keep-alive (every TTL/3 = 10 s with the default session of 60 s)",
+        Backend::Etcd => "loss = lease revoked by another client; includes detection, through the registry's sentinel key on its lease (the revoke deletes it; the keep-alive every TTL/3 is only the fallback)",
     }));
     ctx.push(Measurement::new(
         b.name(),

@@ -19,7 +19,7 @@ use crate::matching::is_match;
 use crate::registry::{
     Notification, NotifyListener, Registry, RegistryEvent, RegistryFactory, Source, listener_id,
 };
-use crate::url::{ANY_VALUE, GROUP_KEY, INTERFACE_KEY, Url};
+use crate::url::{ANY_VALUE, GROUP_KEY, Url};
 
 /// The scheme of the memory backend.
 pub const MEMORY_SCHEME: &str = "memory";
@@ -74,7 +74,7 @@ struct Store {
 }
 
 impl Data {
-    fn list(&self, sub_url: &Url, service: &str, category: &str, wildcard: bool) -> Vec<Url> {
+    fn list(&self, sub_url: &Url, service: &str, category: &str) -> Vec<Url> {
         let mut urls: Vec<Url> = self
             .services
             .get(service)
@@ -89,21 +89,13 @@ impl Data {
             .unwrap_or_default();
         urls.sort_by_cached_key(Url::to_full_string);
         if urls.is_empty() {
-            let base = if wildcard {
-                sub_url
-                    .clone()
-                    .with_path(service)
-                    .with_parameter(INTERFACE_KEY, service)
-            } else {
-                sub_url.clone()
-            };
-            urls.push(base.to_empty_marker(category));
+            urls.push(sub_url.to_empty_marker_for(service, category));
         }
         urls
     }
 
     fn notify(&self, sub: &Sub, service: &str, category: &str) {
-        let urls = self.list(&sub.url, service, category, sub.wildcard);
+        let urls = self.list(&sub.url, service, category);
         sub.delivery.push(Notification::new(
             service,
             category,

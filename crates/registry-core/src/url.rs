@@ -488,6 +488,20 @@ impl Url {
             .with_parameter(CATEGORY_KEY, category)
     }
 
+    /// The empty marker this subscription is told for `service`: [`Url::to_empty_marker`],
+    /// except that an `interface=*` subscription names the service (path and `interface`),
+    /// since it is notified per service.
+    pub fn to_empty_marker_for(&self, service: &str, category: &str) -> Url {
+        if self.service_interface() == ANY_VALUE {
+            self.clone()
+                .with_path(service)
+                .with_parameter(INTERFACE_KEY, service)
+                .to_empty_marker(category)
+        } else {
+            self.to_empty_marker(category)
+        }
+    }
+
     /// Replaces the protocol.
     #[must_use]
     pub fn with_protocol(mut self, protocol: impl Into<String>) -> Url {
@@ -791,6 +805,24 @@ mod tests {
         assert_eq!(c.to_full_string(), "tri://h:2/S?x=1&y=2");
         let d = Url::parse("dubbo://h:1/S?x=1").unwrap();
         assert_eq!(a, d, "equal by value without sharing");
+    }
+
+    #[test]
+    fn empty_markers_name_the_service_for_wildcards() {
+        let one = Url::parse("consumer://h/a.B?interface=a.B&version=1").unwrap();
+        let m = one.to_empty_marker_for("a.B", "routers");
+        assert_eq!(m, one.to_empty_marker("routers"));
+        assert_eq!(
+            m.to_full_string(),
+            "empty://h/a.B?category=routers&interface=a.B&version=1"
+        );
+        let all = Url::parse("consumer://h/*?interface=*&group=*").unwrap();
+        let m = all.to_empty_marker_for("c.D", "providers");
+        assert_eq!(
+            m.to_full_string(),
+            "empty://h/c.D?category=providers&group=*&interface=c.D"
+        );
+        assert_eq!(m.service_interface(), "c.D");
     }
 
     #[test]

@@ -401,7 +401,6 @@ impl Registry for EtcdRegistry {
             }
             let sub = Arc::new(Sub {
                 url: url.clone(),
-                wildcard,
                 categories: url.categories(),
                 delivery: Delivery::spawn(
                     listener,

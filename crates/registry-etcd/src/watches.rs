@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use registry_core::delivery::Delivery;
-use registry_core::url::INTERFACE_KEY;
 use registry_core::{Notification, Source, Url, is_match};
 
 use crate::paths::split_under_root;
@@ -14,7 +13,6 @@ use crate::paths::split_under_root;
 /// One subscription: (URL, listener) and its delivery task.
 pub(crate) struct Sub {
     pub url: Url,
-    pub wildcard: bool,
     pub categories: Vec<String>,
     pub delivery: Delivery,
 }
@@ -34,15 +32,7 @@ impl Sub {
             .collect();
         urls.sort_by_cached_key(Url::to_full_string);
         if urls.is_empty() {
-            let base = if self.wildcard {
-                self.url
-                    .clone()
-                    .with_path(service)
-                    .with_parameter(INTERFACE_KEY, service)
-            } else {
-                self.url.clone()
-            };
-            urls.push(base.to_empty_marker(category));
+            urls.push(self.url.to_empty_marker_for(service, category));
         }
         urls
     }

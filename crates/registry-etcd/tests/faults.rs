@@ -254,7 +254,7 @@ async fn partition_longer_than_ttl_gives_a_new_lease() {
         return;
     };
     let addr = server.address();
-    let proxy = Proxy::start(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
     let s = unique_service("partition");
     let a = registry(&format!(
         "etcd://{}?session=4000&timeout=1000",
@@ -295,7 +295,7 @@ async fn partition_longer_than_ttl_gives_a_new_lease() {
         .await
         .expect("raw put");
     let healed = Instant::now();
-    proxy.heal();
+    proxy.restore();
     let new = a_log
         .wait_for(RegistryEvent::NewSession, healed, DEADLINE)
         .await;
@@ -342,7 +342,7 @@ async fn compaction_while_disconnected_ends_with_the_true_list() {
         return;
     };
     let addr = server.address();
-    let proxy = Proxy::start(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
     let s = unique_service("compact");
     let a = registry(&format!(
         "etcd://{}?session=30000&timeout=1000",
@@ -393,7 +393,7 @@ async fn compaction_while_disconnected_ends_with_the_true_list() {
     .await
     .expect("compact");
     let healed = Instant::now();
-    proxy.heal();
+    proxy.restore();
     let want = [p[1].clone(), p[2].clone()];
     rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &want, DEADLINE)
         .await;
@@ -684,7 +684,7 @@ async fn expired_auth_token_then_a_reconnect_keeps_subscriptions_alive() {
     };
     let addr = etcd.address();
     common::enable_auth(&addr).await;
-    let proxy = Proxy::start(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
     let s = unique_service("tokenttl");
     let r = registry(&format!(
         "etcd://root:rootpw@{}?session=60000&timeout=2000",
@@ -710,7 +710,7 @@ async fn expired_auth_token_then_a_reconnect_keeps_subscriptions_alive() {
     proxy.cut();
     log.wait_for(RegistryEvent::Disconnected, cut, DEADLINE)
         .await;
-    proxy.heal();
+    proxy.restore();
     log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
         .await;
 
@@ -742,7 +742,7 @@ async fn many_watches_catching_up_after_a_reconnect_do_not_deadlock() {
         return;
     };
     let addr = server.address();
-    let proxy = Proxy::start(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
     let s = unique_service("catchup");
     let categories: Vec<String> = (0..CATEGORIES).map(|c| format!("c{c}")).collect();
     let a = registry(&format!(
@@ -780,7 +780,7 @@ async fn many_watches_catching_up_after_a_reconnect_do_not_deadlock() {
         want.push((c.clone(), urls));
     }
     let healed = Instant::now();
-    proxy.heal();
+    proxy.restore();
     log.wait_for(RegistryEvent::Reconnected, healed, DEADLINE)
         .await;
     for (c, urls) in &want {

@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use registry_core::url::INTERFACE_KEY;
 use registry_core::{Notification, Source, Url, is_match};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -161,7 +160,6 @@ impl Cache {
         let Some(m) = lists.get(&sub.service_key()) else {
             return Vec::new();
         };
-        let wildcard = sub.service_interface() == "*";
         let categories = sub.categories();
         let mut out = Vec::new();
         let mut services: Vec<&String> = m.keys().map(|(s, _)| s).collect();
@@ -178,14 +176,7 @@ impl Cache {
                     .cloned()
                     .collect();
                 if urls.is_empty() {
-                    let base = if wildcard {
-                        sub.clone()
-                            .with_path(service.as_str())
-                            .with_parameter(INTERFACE_KEY, service.as_str())
-                    } else {
-                        sub.clone()
-                    };
-                    urls.push(base.to_empty_marker(c));
+                    urls.push(sub.to_empty_marker_for(service, c));
                 }
                 out.push(Notification::new(
                     service.as_str(),

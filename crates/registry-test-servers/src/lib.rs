@@ -13,6 +13,10 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod proxy;
+
+pub use proxy::Proxy;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

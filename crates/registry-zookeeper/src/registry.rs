@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::FutureExt;
 use registry_core::delivery::{Delivery, DeliveryOptions};
-use registry_core::url::{ANY_VALUE, INTERFACE_KEY};
+use registry_core::url::ANY_VALUE;
 use registry_core::{
     Error, Notification, NotifyListener, Registry, RegistryEvent, Result, Source, Url, decode,
     is_match, listener_id,
@@ -225,15 +225,7 @@ impl Sub {
             .cloned()
             .collect();
         if urls.is_empty() {
-            let base = if self.wildcard {
-                self.url
-                    .clone()
-                    .with_path(service)
-                    .with_parameter(INTERFACE_KEY, service)
-            } else {
-                self.url.clone()
-            };
-            urls.push(base.to_empty_marker(category));
+            urls.push(self.url.to_empty_marker_for(service, category));
         }
         let urls: Arc<[Url]> = urls.into();
         {

@@ -36,7 +36,7 @@ async fn session_expiry_is_reported_and_recovered() {
         return;
     };
     let addr = server.address();
-    let proxy = Proxy::start(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
     let r = registry(&format!(
         "zookeeper://{}?session=10000&timeout=3000",
         proxy.address()

@@ -45,7 +45,7 @@ async fn failed_reread_after_reconnect_is_retried() {
         return;
     };
     let group = unique_group("reread");
-    let proxy = Proxy::start(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
     let r = registry(&format!(
         "zookeeper://{}?group={group}&session=10000&timeout=1000",
         proxy.address()
@@ -98,7 +98,7 @@ async fn failed_read_on_a_new_session_is_retried() {
         return;
     };
     let group = unique_group("newsession");
-    let proxy = Proxy::start(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
     let r = registry(&format!(
         "zookeeper://{}?group={group}&session=10000&timeout=1000",
         proxy.address()

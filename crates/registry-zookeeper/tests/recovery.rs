@@ -44,7 +44,7 @@ async fn session_expiry_restores_everything() {
         return;
     };
     let addr = server.address();
-    let proxy = Proxy::start(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
     let r = stack(&format!(
         "zookeeper://{}?session=10000&timeout=3000&file=false",
         proxy.address()

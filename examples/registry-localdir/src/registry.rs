@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use registry_core::delivery::{Delivery, DeliveryOptions};
-use registry_core::url::{ANY_VALUE, GROUP_KEY, INTERFACE_KEY};
+use registry_core::url::{ANY_VALUE, GROUP_KEY};
 use registry_core::{
     Error, Notification, NotifyListener, Registry, RegistryEvent, Result, Source, Url,
     check_accepts, is_match, listener_id,
@@ -59,15 +59,7 @@ impl Sub {
             .collect();
         urls.sort_by_cached_key(Url::to_full_string);
         if urls.is_empty() {
-            let base = if self.wildcard {
-                self.url
-                    .clone()
-                    .with_path(service)
-                    .with_parameter(INTERFACE_KEY, service)
-            } else {
-                self.url.clone()
-            };
-            urls.push(base.to_empty_marker(category));
+            urls.push(self.url.to_empty_marker_for(service, category));
         }
         self.delivery.push(Notification::new(
             service,

@@ -1,16 +1,14 @@
-//! Helpers of the etcd tests: a raw etcd client, a registry event log, and a TCP proxy that
-//! can cut the connection between a registry and a real etcd (a network partition).
+//! Helpers of the etcd tests: a raw etcd client, a registry event log, and (from the test
+//! servers crate) a TCP proxy that can cut the connection between a registry and a real etcd.
 
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use registry_core::{Registry, RegistryEvent, RegistryManager};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
 
 /// Logs of the code under test, filtered by `RUST_LOG` (default: warnings).
 pub fn init_tracing() {
@@ -103,72 +101,8 @@ impl EventLog {
     }
 }
 
-/// A TCP proxy in front of a real server. `cut()` drops every connection and refuses new
-/// ones (a partition); `heal()` lets connections through again.
-pub struct Proxy {
-    address: String,
-    open: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<AbortHandle>>>,
-    task: AbortHandle,
-}
-
-impl Proxy {
-    pub async fn start(upstream: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
-        let address = listener.local_addr().expect("proxy address").to_string();
-        let open = Arc::new(AtomicBool::new(true));
-        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::new(Mutex::new(Vec::new()));
-        let upstream = upstream.to_owned();
-        let (o, c) = (open.clone(), conns.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut down, _)) = listener.accept().await else {
-                    return;
-                };
-                if !o.load(Ordering::SeqCst) {
-                    drop(down);
-                    continue;
-                }
-                let up = upstream.clone();
-                let h = tokio::spawn(async move {
-                    if let Ok(mut up) = TcpStream::connect(&up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
-                });
-                c.lock().unwrap().push(h.abort_handle());
-            }
-        })
-        .abort_handle();
-        Proxy {
-            address,
-            open,
-            conns,
-            task,
-        }
-    }
-
-    pub fn address(&self) -> &str {
-        &self.address
-    }
-
-    pub fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        for h in self.conns.lock().unwrap().drain(..) {
-            h.abort();
-        }
-    }
-
-    pub fn heal(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.task.abort();
-    }
-}
+#[allow(unused_imports)]
+pub use registry_test_servers::Proxy;
 
 /// The lease of `key` (0: none), or `None` when the key does not exist.
 pub async fn lease_of(raw: &mut Client, key: &str) -> Option<i64> {

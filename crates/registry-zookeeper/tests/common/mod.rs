@@ -102,81 +102,8 @@ pub fn private_zookeeper(test: &str, tick_ms: u32) -> Option<registry_test_serve
     }
 }
 
-/// A TCP proxy in front of a server that a test can cut (every connection closed, new ones
-/// closed at once) and restore: a network partition for one client only.
-pub struct Proxy {
-    addr: String,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    /// Starts a proxy to `target` on a free loopback port.
-    pub async fn start(target: &str) -> Proxy {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let addr = listener.local_addr().expect("proxy address").to_string();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (target, c2, k2) = (target.to_owned(), cut.clone(), conns.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if c2.load(Ordering::Acquire) {
-                    drop(inbound);
-                    continue;
-                }
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                k2.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(task.abort_handle());
-            }
-        });
-        Proxy {
-            addr,
-            cut,
-            conns,
-            accept,
-        }
-    }
-
-    /// The proxy's address.
-    pub fn address(&self) -> &str {
-        &self.addr
-    }
-
-    /// Closes every connection and refuses new ones until [`Proxy::restore`].
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::Release);
-        for c in self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            c.abort();
-        }
-    }
-
-    /// Lets connections through again.
-    pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::Release);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
+#[allow(unused_imports)]
+pub use registry_test_servers::Proxy;
 
 /// Closes a session from outside, as a server-side expiry would: a second client attaches to
 /// it with its id and password and closes it. Cut the victim's connection first (see
