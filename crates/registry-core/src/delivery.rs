@@ -37,11 +37,21 @@ pub struct DeliveryOptions {
     pub label: String,
 }
 
+/// A notification and the epoch of the source it came from (see [`Delivery::rebase`]).
+#[derive(Clone)]
+struct Tagged {
+    n: Notification,
+    epoch: u64,
+}
+
 struct State {
     enqueued: u64,
+    /// Bumped by [`Delivery::rebase`]: lists of a newer epoch are never older than lists of an
+    /// earlier one, whatever their revisions.
+    epoch: u64,
     order: VecDeque<Key>,
-    pending: HashMap<Key, Notification>,
-    last: HashMap<Key, Notification>,
+    pending: HashMap<Key, Tagged>,
+    last: HashMap<Key, Tagged>,
     closed: bool,
 }
 
@@ -83,6 +93,7 @@ impl Delivery {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 enqueued: 0,
+                epoch: 0,
                 order: VecDeque::new(),
                 pending: HashMap::new(),
                 last: HashMap::new(),
@@ -100,7 +111,9 @@ impl Delivery {
     }
 
     /// Queues a notification; returns at once. A pending list of the same (service, category)
-    /// is replaced by this one unless this one is older.
+    /// is replaced by this one unless this one is older; the replacement takes its place at the
+    /// end of the queue, so a newer list never overtakes an older change of another category
+    /// (CONTRACT §4.5).
     pub fn push(&self, n: Notification) {
         {
             let mut st = lock(&self.inner.state);
@@ -109,14 +122,17 @@ impl Delivery {
             }
             st.enqueued += 1;
             let key = (n.service.clone(), n.category.clone());
+            let new = Tagged { n, epoch: st.epoch };
             match st.pending.get(&key) {
-                Some(p) if is_stale(p, &n) => {}
+                Some(p) if is_stale(p, &new) => {}
                 Some(_) => {
-                    st.pending.insert(key, n);
+                    st.order.retain(|k| k != &key);
+                    st.order.push_back(key.clone());
+                    st.pending.insert(key, new);
                 }
                 None => {
                     st.order.push_back(key.clone());
-                    st.pending.insert(key, n);
+                    st.pending.insert(key, new);
                 }
             }
         }
@@ -141,7 +157,11 @@ impl Delivery {
 
     /// The last list delivered for each (service, category).
     pub fn last_delivered(&self) -> Vec<Notification> {
-        lock(&self.inner.state).last.values().cloned().collect()
+        lock(&self.inner.state)
+            .last
+            .values()
+            .map(|t| t.n.clone())
+            .collect()
     }
 
     /// The last list delivered for one (service, category).
@@ -149,21 +169,50 @@ impl Delivery {
         lock(&self.inner.state)
             .last
             .get(&(service.to_owned(), category.to_owned()))
-            .cloned()
+            .map(|t| t.n.clone())
     }
 
-    /// Forgets the revisions delivered so far: the next list of each (service, category) is
-    /// taken whatever its revision. For when the source of the lists was re-established (a new
-    /// raw subscription after a new session) and may number its lists afresh.
+    /// Starts a new epoch of the source: lists pushed from now on are taken whatever their
+    /// revisions compared with lists delivered or still pending from before (those pending
+    /// ones are dropped when a newer-epoch list of their category arrives, and never delivered
+    /// after one). For when the source of the lists is re-established (a new raw subscription
+    /// after a new session) and may number its lists afresh. Call it before the source is
+    /// re-established, so its first lists belong to the new epoch.
     pub fn rebase(&self) {
-        let mut st = lock(&self.inner.state);
-        for n in st.last.values_mut() {
-            n.revision = 0;
-        }
+        lock(&self.inner.state).epoch += 1;
     }
 
     /// Stops the task. When this returns no listener call is running and none will start.
     pub async fn close(&self) {
+        self.begin_close();
+        *self.inner.gate.lock().await = false;
+        self.inner.delivered.send_replace(u64::MAX);
+    }
+
+    /// Like [`Delivery::close`], but waits at most `limit` for a listener call that is running.
+    /// No call starts after this returns either way; `false` says a call was still running
+    /// (it was logged: a listener must not block, least of all on the registry calling it).
+    pub async fn close_within(&self, limit: std::time::Duration) -> bool {
+        self.begin_close();
+        let done = match tokio::time::timeout(limit, self.inner.gate.lock()).await {
+            Ok(mut gate) => {
+                *gate = false;
+                true
+            }
+            Err(_) => {
+                tracing::warn!(
+                    subscription = %self.inner.options.label,
+                    waited_ms = limit.as_millis() as u64,
+                    "a listener call is still running; not waiting for it any longer (no further call will start)"
+                );
+                false
+            }
+        };
+        self.inner.delivered.send_replace(u64::MAX);
+        done
+    }
+
+    fn begin_close(&self) {
         {
             let mut st = lock(&self.inner.state);
             st.closed = true;
@@ -171,8 +220,6 @@ impl Delivery {
             st.order.clear();
         }
         self.inner.wake.notify_one();
-        *self.inner.gate.lock().await = false;
-        self.inner.delivered.send_replace(u64::MAX);
     }
 
     /// Whether [`Delivery::close`] was called.
@@ -193,7 +240,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// `new` is older than `old` and must not replace it.
-fn is_stale(old: &Notification, new: &Notification) -> bool {
+fn is_stale(old: &Tagged, new: &Tagged) -> bool {
+    stale(&old.n, old.epoch, &new.n, new.epoch)
+}
+
+fn stale(old: &Notification, old_epoch: u64, new: &Notification, new_epoch: u64) -> bool {
+    if new_epoch != old_epoch {
+        return new_epoch < old_epoch;
+    }
     if old.source == Source::Cache && new.source == Source::Live {
         return false;
     }
@@ -225,9 +279,10 @@ async fn run(inner: Arc<Inner>) {
                 continue;
             }
             let gate = inner.gate.lock().await;
-            if !*gate {
+            if !*gate || lock(&inner.state).closed {
                 return;
             }
+            let n = n.n;
             let panicked = if inner.isolated {
                 let listener = inner.listener.clone();
                 match tokio::task::spawn_blocking(move || listener.notify(n)).await {
@@ -255,11 +310,13 @@ async fn run(inner: Arc<Inner>) {
 }
 
 /// The revision guard, duplicate filter and empty protection; records what is delivered.
-fn admit(inner: &Inner, n: &Notification) -> bool {
+fn admit(inner: &Inner, t: &Tagged) -> bool {
     let mut st = lock(&inner.state);
+    let n = &t.n;
     let key = (n.service.clone(), n.category.clone());
     if let Some(last) = st.last.get(&key) {
-        if is_stale(last, n) {
+        let (last_epoch, last) = (last.epoch, &last.n);
+        if stale(last, last_epoch, n, t.epoch) {
             tracing::debug!(
                 subscription = %inner.options.label,
                 category = %n.category,
@@ -271,9 +328,14 @@ fn admit(inner: &Inner, n: &Notification) -> bool {
         }
         if last.source == n.source && last.urls == n.urls {
             // The list just delivered, perhaps re-read at a newer revision: not news.
-            let revision = last.revision.max(n.revision);
+            let revision = if t.epoch == last_epoch {
+                last.revision.max(n.revision)
+            } else {
+                n.revision
+            };
             if let Some(l) = st.last.get_mut(&key) {
-                l.revision = revision;
+                l.n.revision = revision;
+                l.epoch = t.epoch;
             }
             return false;
         }
@@ -290,6 +352,6 @@ fn admit(inner: &Inner, n: &Notification) -> bool {
             return false;
         }
     }
-    st.last.insert(key, n.clone());
+    st.last.insert(key, t.clone());
     true
 }

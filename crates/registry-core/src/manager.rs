@@ -99,20 +99,33 @@ impl RegistryManager {
         validate_registry_url(&url)?;
         let factory = factory_for(url.protocol())?;
         let key = registry_key(&url);
-        let slot = {
+        loop {
+            let slot = {
+                let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+                slots.entry(key.clone()).or_default().clone()
+            };
+            let reg = slot
+                .get_or_try_init(|| async { factory.create(&url).await })
+                .await?;
+            if !reg.is_destroyed() {
+                return Ok(reg.clone());
+            }
+            // Destroyed directly (not through this manager): forget it and build a new one.
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.entry(key).or_default().clone()
-        };
-        let reg = slot
-            .get_or_try_init(|| async { factory.create(&url).await })
-            .await?;
-        Ok(reg.clone())
+            if slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                slots.remove(&key);
+            }
+        }
     }
 
     /// The registries built so far.
     pub fn registries(&self) -> Vec<Arc<dyn Registry>> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.values().filter_map(|s| s.get().cloned()).collect()
+        slots
+            .values()
+            .filter_map(|s| s.get().cloned())
+            .filter(|r| !r.is_destroyed())
+            .collect()
     }
 
     /// Destroys the registry for `url`, if one was built, and forgets it.

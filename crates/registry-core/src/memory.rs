@@ -188,6 +188,11 @@ impl Registry for MemoryRegistry {
             .or_default();
         if let Some(e) = entries.get_mut(url) {
             e.owner = self.id;
+            // One entry per identity: a re-register with another timestamp replaces it.
+            if e.url.parameter("timestamp") != url.parameter("timestamp") {
+                e.url = url.clone();
+                data.changed(&service, &category);
+            }
             return Ok(());
         }
         entries.insert(
@@ -343,10 +348,15 @@ impl Registry for MemoryRegistry {
         for sub in closing {
             sub.delivery.close().await;
         }
+        let _ = self.events.send(RegistryEvent::Destroyed);
         tracing::debug!(registry = %self.url.to_identity_string_redacted(), "memory registry destroyed");
     }
 
     fn events(&self) -> broadcast::Receiver<RegistryEvent> {
         self.events.subscribe()
+    }
+
+    fn is_destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::Acquire)
     }
 }

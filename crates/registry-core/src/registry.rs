@@ -69,6 +69,13 @@ pub trait Registry: Send + Sync + 'static {
     /// to restore registrations and subscriptions. A receiver that lags behind gets
     /// `RecvError::Lagged` and should assume a new session.
     fn events(&self) -> broadcast::Receiver<RegistryEvent>;
+
+    /// Whether [`Registry::destroy`] was called. The [`crate::RegistryManager`] builds a new
+    /// registry in place of a destroyed one. The default says `false`: a backend that can be
+    /// destroyed should answer.
+    fn is_destroyed(&self) -> bool {
+        false
+    }
 }
 
 /// A connection event of a backend.
@@ -85,6 +92,8 @@ pub enum RegistryEvent {
     SessionLost,
     /// A new session replaced a lost one: every registration and subscription must be restored.
     NewSession,
+    /// [`Registry::destroy`] was called: nothing more will come from this registry.
+    Destroyed,
 }
 
 /// Where a notification's list came from.
@@ -223,5 +232,8 @@ impl<T: Registry + ?Sized> Registry for Arc<T> {
     }
     fn events(&self) -> broadcast::Receiver<RegistryEvent> {
         (**self).events()
+    }
+    fn is_destroyed(&self) -> bool {
+        (**self).is_destroyed()
     }
 }

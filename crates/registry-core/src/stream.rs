@@ -8,18 +8,34 @@ use std::task::{Context, Poll, Waker};
 use futures_core::Stream;
 
 use crate::error::Result;
-use crate::registry::{Notification, NotifyListener, Registry};
+use crate::registry::{Notification, NotifyListener, Registry, RegistryEvent};
+use tokio::sync::broadcast;
 use crate::url::Url;
 
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Notification>,
     waker: Option<Waker>,
+    /// The registry was destroyed: the stream ends after what is queued.
+    ended: bool,
 }
 
 #[derive(Default)]
 struct Shared {
     queue: Mutex<Queue>,
+}
+
+impl Shared {
+    fn end(&self) {
+        let waker = {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.ended = true;
+            q.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
 }
 
 impl NotifyListener for Shared {
@@ -48,11 +64,13 @@ type Subscription = (Arc<dyn Registry>, Url, Arc<dyn NotifyListener>);
 
 /// The notifications of one subscription as a [`Stream`]. Dropping it unsubscribes (in the
 /// background, on the runtime it was created on). A consumer slower than the changes gets
-/// the latest list of each category, not every intermediate one.
+/// the latest list of each category, not every intermediate one. The stream ends (`None`)
+/// after the registry is destroyed.
 pub struct NotificationStream {
     shared: Arc<Shared>,
     subscription: Option<Subscription>,
     runtime: Option<tokio::runtime::Handle>,
+    watcher: tokio::task::AbortHandle,
 }
 
 /// Subscribes to `url` on `registry` and returns the notifications as a stream. Like
@@ -73,11 +91,40 @@ pub struct NotificationStream {
 pub async fn subscribe_stream(registry: Arc<dyn Registry>, url: Url) -> Result<NotificationStream> {
     let shared = Arc::new(Shared::default());
     let listener: Arc<dyn NotifyListener> = shared.clone();
-    registry.subscribe(&url, listener.clone()).await?;
+    // Watch for the end before subscribing, so a destroy in between is not missed.
+    let mut events = registry.events();
+    let weak_registry = Arc::downgrade(&registry);
+    let weak_shared = Arc::downgrade(&shared);
+    let watcher = tokio::spawn(async move {
+        loop {
+            let ended = match events.recv().await {
+                Ok(RegistryEvent::Destroyed) | Err(broadcast::error::RecvError::Closed) => true,
+                Ok(_) => false,
+                Err(broadcast::error::RecvError::Lagged(_)) => weak_registry
+                    .upgrade()
+                    .is_none_or(|r| r.is_destroyed()),
+            };
+            if ended {
+                if let Some(s) = weak_shared.upgrade() {
+                    s.end();
+                }
+                return;
+            }
+        }
+    })
+    .abort_handle();
+    if let Err(e) = registry.subscribe(&url, listener.clone()).await {
+        watcher.abort();
+        return Err(e);
+    }
+    if registry.is_destroyed() {
+        shared.end();
+    }
     Ok(NotificationStream {
         shared,
         subscription: Some((registry, url, listener)),
         runtime: tokio::runtime::Handle::try_current().ok(),
+        watcher,
     })
 }
 
@@ -98,6 +145,7 @@ impl Stream for NotificationStream {
         let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
         match q.items.pop_front() {
             Some(n) => Poll::Ready(Some(n)),
+            None if q.ended => Poll::Ready(None),
             None => {
                 q.waker = Some(cx.waker().clone());
                 Poll::Pending
@@ -108,6 +156,7 @@ impl Stream for NotificationStream {
 
 impl Drop for NotificationStream {
     fn drop(&mut self) {
+        self.watcher.abort();
         if let (Some((reg, url, listener)), Some(rt)) = (self.subscription.take(), &self.runtime) {
             rt.spawn(async move {
                 if let Err(e) = reg.unsubscribe(&url, &listener).await {

@@ -134,7 +134,7 @@ impl Url {
     /// Several hosts (`zookeeper://h1:2181,h2:2181`) become the first host plus a `backup`
     /// parameter listing the others, which is Dubbo's own form.
     pub fn parse(input: &str) -> Result<Url> {
-        let invalid = |reason: &str| Error::invalid_url(input, reason);
+        let invalid = |reason: &str| invalid_url_redacted(input, reason);
         let mut rest = input.trim();
         if rest.is_empty() {
             return Err(invalid("the URL is empty"));
@@ -156,9 +156,11 @@ impl Url {
             }
             rest = &rest[..q];
         }
-        // A fragment before the parameters is not part of the URL (Dubbo drops it).
-        if let Some(h) = rest.find('#') {
-            rest = &rest[..h];
+        // A fragment before the parameters is not part of the URL (Dubbo drops it). A `#` in
+        // the credentials (`admin:p#ss@host`) is part of the password, not a fragment.
+        let fragment_from = credentials_end(rest).unwrap_or(0);
+        if let Some(h) = rest[fragment_from..].find('#') {
+            rest = &rest[..fragment_from + h];
         }
         let protocol = match rest.find("://") {
             Some(0) => return Err(invalid("missing protocol")),
@@ -631,6 +633,45 @@ fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
         }
         Some(i) => Ok((s[..i].to_owned(), parse_port(&s[i + 1..], s)?)),
         None => Ok((s.to_owned(), 0)),
+    }
+}
+
+/// The byte offset just past the `@` that ends the credentials of `s` (`proto://user:pass@`),
+/// if it has any: the last `@` before the first `/` after `://`.
+fn credentials_end(s: &str) -> Option<usize> {
+    let start = s.find("://")? + 3;
+    let authority = &s[start..];
+    let end = authority.find('/').unwrap_or(authority.len());
+    authority[..end].rfind('@').map(|at| start + at + 1)
+}
+
+/// Redacts a password from `input` for an error message: everything between the first `:`
+/// of the credentials and their `@` becomes `***`. `None` when there is nothing to redact.
+pub(crate) fn redact_credentials(input: &str) -> Option<String> {
+    let start = input.find("://")? + 3;
+    // The last `@` anywhere after the scheme: a password may hold `/`, `?` or `#`, and the
+    // message must not show any of it, even when the URL cannot be parsed.
+    let at = start + input[start..].rfind('@')?;
+    let colon = start + input[start..at].find(':')?;
+    Some(format!("{}***{}", &input[..colon + 1], &input[at..]))
+}
+
+/// An [`Error::InvalidUrl`] that never shows a password: with credentials in the input, the
+/// input is redacted and the reason loses the parts it quotes (they may come from the password).
+fn invalid_url_redacted(input: &str, reason: &str) -> Error {
+    match redact_credentials(input) {
+        None => Error::invalid_url(input, reason),
+        Some(redacted) => {
+            let mut safe = String::with_capacity(reason.len());
+            for (i, part) in reason.split('`').enumerate() {
+                if i % 2 == 1 {
+                    safe.push_str("`…`");
+                } else {
+                    safe.push_str(part);
+                }
+            }
+            Error::invalid_url(&redacted, &safe)
+        }
     }
 }
 

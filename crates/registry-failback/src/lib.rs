@@ -44,9 +44,10 @@ pub use cache::{CACHE_FORMAT, CacheFile, CachedList, read_file as read_cache_fil
 pub use config::{FailbackConfig, cache_file};
 pub use status::{Health, IntentStatus, ListStatus, RegistryStatus, SubscriptionStatus};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -64,25 +65,67 @@ use retry::{TaskKey, backoff};
 
 type SubKey = (Url, usize);
 
-/// One subscription: the user's listener behind a delivery task, and the listener handed to the
-/// raw backend, which forwards into that task and the cache.
-struct Sub {
-    url: Url,
-    delivery: Arc<Delivery>,
-    forward: Arc<dyn NotifyListener>,
-}
+/// How many locks serialize the backend calls of the keys (a URL, or a subscription): calls
+/// for one key never overlap, calls for different keys mostly run side by side.
+const KEY_LOCKS: usize = 64;
 
+/// The listener handed to the raw backend for one subscription. It forwards into the
+/// subscription's delivery task and the cache until it is deactivated (unsubscribe, destroy,
+/// a failed subscribe), after which whatever the backend still sends is dropped.
 struct Forward {
+    active: RwLock<bool>,
     delivery: Arc<Delivery>,
     cache: Arc<Cache>,
     service_key: String,
 }
 
+impl Forward {
+    /// Returns once no notification is being forwarded, and none will be.
+    fn deactivate(&self) {
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) = false;
+    }
+}
+
 impl NotifyListener for Forward {
     fn notify(&self, n: Notification) {
-        self.cache.update(&self.service_key, &n);
-        self.delivery.push(n);
+        let active = self.active.read().unwrap_or_else(|p| p.into_inner());
+        if *active {
+            self.cache.update(&self.service_key, &n);
+            self.delivery.push(n);
+        }
     }
+}
+
+/// One subscription: the user's listener behind a delivery task, and the listener handed to
+/// the raw backend.
+struct Sub {
+    delivery: Arc<Delivery>,
+    forward: Arc<Forward>,
+    /// The same allocation as `forward`, as the backend sees it.
+    raw_listener: Arc<dyn NotifyListener>,
+}
+
+/// The intent for one URL (compared without `timestamp`).
+struct Reg {
+    /// The URL as last registered or unregistered by the application.
+    url: Url,
+    /// Registered (`true`) or to be removed (`false`, kept until the backend confirms).
+    present: bool,
+    /// Earlier forms of the URL (other timestamps) that may still be in the backend.
+    old: Vec<Url>,
+    /// Bumped by every change of this intent.
+    seq: u64,
+}
+
+/// The intent for one (subscription URL, listener).
+#[derive(Default)]
+struct SubSlot {
+    /// The subscription, while the application wants it.
+    live: Option<Arc<Sub>>,
+    /// Raw listeners whose backend subscription must be removed.
+    stale: Vec<Arc<dyn NotifyListener>>,
+    /// Bumped by every change of this intent.
+    seq: u64,
 }
 
 struct Pending {
@@ -95,18 +138,34 @@ struct Pending {
 
 #[derive(Default)]
 struct State {
-    registered: HashSet<Url>,
-    subscriptions: HashMap<SubKey, Arc<Sub>>,
-    /// Raw listeners of subscriptions whose raw unsubscribe is being retried.
-    unsubscribing: HashMap<SubKey, Arc<dyn NotifyListener>>,
+    regs: HashMap<Url, Reg>,
+    subs: HashMap<SubKey, SubSlot>,
     tasks: HashMap<TaskKey, Pending>,
     given_up: HashMap<TaskKey, (u32, String)>,
+    destroyed: bool,
+    seq: u64,
+}
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn healthy(&self, key: &TaskKey) -> bool {
+        !self.tasks.contains_key(key) && !self.given_up.contains_key(key)
+    }
 }
 
 struct Shared<R: Registry> {
     raw: R,
     config: FailbackConfig,
+    /// The bound of every backend call and of every wait for a running listener (the
+    /// registry URL's `timeout`).
+    call_timeout: Duration,
     state: Mutex<State>,
+    key_locks: Vec<tokio::sync::Mutex<()>>,
+    hasher: std::collections::hash_map::RandomState,
     cache: Arc<Cache>,
     destroyed: AtomicBool,
     /// Wakes every sleeping retry task (the backend is back).
@@ -139,10 +198,15 @@ impl<R: Registry> FailbackRegistry<R> {
         let cache = Arc::new(Cache::load(raw.url(), config.cache_file.clone()));
         let writer = cache.spawn_writer(config.cache_debounce);
         let mut raw_events = raw.events();
+        let call_timeout =
+            Duration::from_millis(raw.url().parameter_num("timeout", 5000).unwrap_or(5000).max(1));
         let shared = Arc::new(Shared {
             raw,
             config,
+            call_timeout,
             state: Mutex::new(State::default()),
+            key_locks: (0..KEY_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
             cache,
             destroyed: AtomicBool::new(false),
             kick: Arc::new(Notify::new()),
@@ -185,6 +249,11 @@ impl<R: Registry> FailbackRegistry<R> {
     pub fn status(&self) -> RegistryStatus {
         self.shared.status()
     }
+
+    /// How many retry tasks are pending (for tests and health checks).
+    pub fn pending_retries(&self) -> usize {
+        lock(&self.shared.state).tasks.len()
+    }
 }
 
 impl<R: Registry> Shared<R> {
@@ -192,11 +261,15 @@ impl<R: Registry> Shared<R> {
         self.raw.url().to_identity_string_redacted()
     }
 
+    fn destroyed_error(&self) -> Error {
+        Error::Destroyed {
+            registry: self.label(),
+        }
+    }
+
     fn alive(&self) -> Result<()> {
         if self.destroyed.load(Ordering::Acquire) {
-            Err(Error::Destroyed {
-                registry: self.label(),
-            })
+            Err(self.destroyed_error())
         } else {
             Ok(())
         }
@@ -212,6 +285,29 @@ impl<R: Registry> Shared<R> {
         self.config.check && url.check()
     }
 
+    /// The lock that serializes the backend calls of `key`.
+    fn key_lock(&self, key: &TaskKey) -> &tokio::sync::Mutex<()> {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        &self.key_locks[(h.finish() % KEY_LOCKS as u64) as usize]
+    }
+
+    /// A backend call bounded by the registry's `timeout`: a hung call is a retryable
+    /// [`Error::Timeout`] whose outcome is unknown.
+    async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                operation: operation.to_owned(),
+                after: self.call_timeout,
+            }),
+        }
+    }
+
     fn on_event(self: Arc<Self>, ev: RegistryEvent) {
         let _ = self.events.send(ev);
         match ev {
@@ -220,7 +316,7 @@ impl<R: Registry> Shared<R> {
                 self.spawn_recovery();
             }
             RegistryEvent::Connected | RegistryEvent::Reconnected => {
-                tracing::info!(registry = %self.label(), event = ?ev, "backend reachable; pending retries run now");
+                tracing::info!(registry = %self.label(), event = ?ev, "backend reachable; pending retries run soon");
                 self.kick.notify_waiters();
             }
             RegistryEvent::SessionLost => {
@@ -240,18 +336,17 @@ impl<R: Registry> Shared<R> {
         tokio::spawn(async move { self.recover().await });
     }
 
-    /// Re-registers every intent and re-subscribes every subscription at once, with bounded
-    /// concurrency; what fails goes to the retry queue.
+    /// Brings every registration and subscription to its current intent at once, with
+    /// bounded concurrency; what fails goes to the retry queue. Each key is brought to the
+    /// intent current when its turn comes, so a call the application makes meanwhile is
+    /// never undone.
     async fn recover(self: &Arc<Self>) {
         let start = Instant::now();
-        let (regs, subs): (Vec<Url>, Vec<(SubKey, Arc<Sub>)>) = {
+        let (regs, subs): (Vec<Url>, Vec<SubKey>) = {
             let st = lock(&self.state);
             (
-                st.registered.iter().cloned().collect(),
-                st.subscriptions
-                    .iter()
-                    .map(|(k, s)| (k.clone(), s.clone()))
-                    .collect(),
+                st.regs.keys().cloned().collect(),
+                st.subs.keys().cloned().collect(),
             )
         };
         let failed = AtomicU64::new(0);
@@ -260,9 +355,9 @@ impl<R: Registry> Shared<R> {
             .for_each_concurrent(n, |url| {
                 let failed = &failed;
                 async move {
-                    let key = TaskKey::Register(url.clone());
-                    match self.raw.register(url).await {
-                        Ok(()) => self.settle(&key),
+                    let key = TaskKey::Reg(url.clone());
+                    match self.reconcile_reg(url).await {
+                        Ok(seq) => self.settle(&key, seq),
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
                             self.schedule(key, &e);
@@ -272,16 +367,12 @@ impl<R: Registry> Shared<R> {
             })
             .await;
         futures_util::stream::iter(subs.iter())
-            .for_each_concurrent(n, |(key, sub)| {
+            .for_each_concurrent(n, |key| {
                 let failed = &failed;
                 async move {
-                    let task = TaskKey::Subscribe(key.0.clone(), key.1);
-                    match self.raw.subscribe(&sub.url, sub.forward.clone()).await {
-                        Ok(()) => {
-                            // The raw subscription may be new and number its lists afresh.
-                            sub.delivery.rebase();
-                            self.settle(&task);
-                        }
+                    let task = TaskKey::Sub(key.0.clone(), key.1);
+                    match self.reconcile_sub(key, true).await {
+                        Ok(seq) => self.settle(&task, seq),
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
                             self.schedule(task, &e);
@@ -300,29 +391,135 @@ impl<R: Registry> Shared<R> {
         );
     }
 
-    /// The intent behind `key` is in place: cancel its retry and forget a give-up.
-    fn settle(&self, key: &TaskKey) {
+    /// The seq of `key`'s intent now (`None`: no intent left).
+    fn current_seq(st: &State, key: &TaskKey) -> Option<u64> {
+        match key {
+            TaskKey::Reg(u) => st.regs.get(u).map(|r| r.seq),
+            TaskKey::Sub(u, id) => st.subs.get(&(u.clone(), *id)).map(|s| s.seq),
+        }
+    }
+
+    /// Nothing is left to do for `key` after its intent as of `applied` was brought to the
+    /// backend: the intent is gone, or still the one applied.
+    fn is_settled(st: &State, key: &TaskKey, applied: Option<u64>) -> bool {
+        match Self::current_seq(st, key) {
+            None => true,
+            current => current == applied,
+        }
+    }
+
+    /// The backend was brought to `key`'s intent as of `applied`: when that is still the
+    /// intent, its retry task (if any) has nothing left to do.
+    fn settle(&self, key: &TaskKey, applied: Option<u64>) {
         let mut st = lock(&self.state);
-        if let Some(p) = st.tasks.remove(key) {
-            p.abort.abort();
-        }
-        st.given_up.remove(key);
-    }
-
-    fn cancel(st: &mut State, key: &TaskKey) {
-        if let Some(p) = st.tasks.remove(key) {
-            p.abort.abort();
-        }
-        st.given_up.remove(key);
-    }
-
-    /// Puts `key` in the retry queue (one pending task per key; the opposite one is cancelled).
-    fn schedule(self: &Arc<Self>, key: TaskKey, error: &Error) {
-        if self.destroyed.load(Ordering::Acquire) {
+        if !Self::is_settled(&st, key, applied) {
             return;
         }
+        if let Some(p) = st.tasks.remove(key) {
+            p.abort.abort();
+        }
+        st.given_up.remove(key);
+    }
+
+    /// Brings the backend to the current intent for the registration `id` (under its key
+    /// lock, so calls for one URL never overlap). Returns the seq of the intent applied,
+    /// `None` when there was no intent left.
+    async fn reconcile_reg(&self, id: &Url) -> Result<Option<u64>> {
+        let _turn = self.key_lock(&TaskKey::Reg(id.clone())).lock().await;
+        let (url, present, old, seq) = {
+            let st = lock(&self.state);
+            match st.regs.get(id) {
+                Some(r) => (r.url.clone(), r.present, r.old.clone(), r.seq),
+                None => return Ok(None),
+            }
+        };
+        for o in &old {
+            // One entry per identity: an earlier form goes before the new one is written.
+            self.bounded("unregister", self.raw.unregister(o)).await?;
+            let mut st = lock(&self.state);
+            if let Some(r) = st.regs.get_mut(id) {
+                r.old.retain(|x| !same_form(x, o));
+            }
+        }
+        if present {
+            self.bounded("register", self.raw.register(&url)).await?;
+        } else {
+            self.bounded("unregister", self.raw.unregister(&url)).await?;
+            let mut st = lock(&self.state);
+            if st
+                .regs
+                .get(id)
+                .is_some_and(|r| r.seq == seq && !r.present && r.old.is_empty())
+            {
+                st.regs.remove(id);
+            }
+        }
+        Ok(Some(seq))
+    }
+
+    /// Brings the backend to the current intent for the subscription `key`: removes the raw
+    /// subscriptions of stale listeners, then (re-)subscribes the live one. `rebase`: the
+    /// raw subscription may be new and number its lists afresh.
+    async fn reconcile_sub(&self, key: &SubKey, rebase: bool) -> Result<Option<u64>> {
+        let _turn = self
+            .key_lock(&TaskKey::Sub(key.0.clone(), key.1))
+            .lock()
+            .await;
+        let (live, stale, seq) = {
+            let st = lock(&self.state);
+            match st.subs.get(key) {
+                Some(s) => (s.live.clone(), s.stale.clone(), s.seq),
+                None => return Ok(None),
+            }
+        };
+        for l in &stale {
+            self.bounded("unsubscribe", self.raw.unsubscribe(&key.0, l))
+                .await?;
+            let mut st = lock(&self.state);
+            if let Some(s) = st.subs.get_mut(key) {
+                let gone = listener_id(l);
+                s.stale.retain(|x| listener_id(x) != gone);
+            }
+        }
+        match live {
+            Some(sub) => {
+                if rebase {
+                    sub.delivery.rebase();
+                }
+                self.bounded(
+                    "subscribe",
+                    self.raw.subscribe(&key.0, sub.raw_listener.clone()),
+                )
+                .await?;
+            }
+            None => {
+                let mut st = lock(&self.state);
+                if st
+                    .subs
+                    .get(key)
+                    .is_some_and(|s| s.live.is_none() && s.stale.is_empty())
+                {
+                    st.subs.remove(key);
+                }
+            }
+        }
+        Ok(Some(seq))
+    }
+
+    async fn reconcile(&self, key: &TaskKey) -> Result<Option<u64>> {
+        match key {
+            TaskKey::Reg(u) => self.reconcile_reg(u).await,
+            TaskKey::Sub(u, id) => self.reconcile_sub(&(u.clone(), *id), true).await,
+        }
+    }
+
+    /// Puts `key` in the retry queue (one pending task per key; each attempt applies the
+    /// intent current at that time).
+    fn schedule(self: &Arc<Self>, key: TaskKey, error: &Error) {
         let mut st = lock(&self.state);
-        Self::cancel(&mut st, &key.opposite());
+        if st.destroyed {
+            return;
+        }
         st.given_up.remove(&key);
         if let Some(p) = st.tasks.get_mut(&key) {
             p.last_error = error.to_string();
@@ -330,8 +527,8 @@ impl<R: Registry> Shared<R> {
         }
         tracing::warn!(
             registry = %self.label(),
-            operation = key.operation(),
-            url = %key.url(),
+            intent = key.kind(),
+            url = %key.url().to_identity_string_redacted(),
             error = %error,
             "failed; retrying in the background"
         );
@@ -354,51 +551,6 @@ impl<R: Registry> Shared<R> {
         );
     }
 
-    /// One attempt of a retry: `Ok` also when the intent is gone (nothing left to do).
-    async fn attempt(&self, key: &TaskKey) -> Result<()> {
-        match key {
-            TaskKey::Register(url) => {
-                if !lock(&self.state).registered.contains(url) {
-                    return Ok(());
-                }
-                self.raw.register(url).await
-            }
-            TaskKey::Unregister(url) => {
-                if lock(&self.state).registered.contains(url) {
-                    return Ok(());
-                }
-                self.raw.unregister(url).await
-            }
-            TaskKey::Subscribe(url, id) => {
-                let sub = lock(&self.state)
-                    .subscriptions
-                    .get(&(url.clone(), *id))
-                    .cloned();
-                match sub {
-                    Some(sub) => {
-                        sub.delivery.rebase();
-                        self.raw.subscribe(url, sub.forward.clone()).await
-                    }
-                    None => Ok(()),
-                }
-            }
-            TaskKey::Unsubscribe(url, id) => {
-                let forward = lock(&self.state)
-                    .unsubscribing
-                    .get(&(url.clone(), *id))
-                    .cloned();
-                match forward {
-                    Some(f) => {
-                        self.raw.unsubscribe(url, &f).await?;
-                        lock(&self.state).unsubscribing.remove(&(url.clone(), *id));
-                        Ok(())
-                    }
-                    None => Ok(()),
-                }
-            }
-        }
-    }
-
     fn status(&self) -> RegistryStatus {
         let st = lock(&self.state);
         let health = |key: &TaskKey| -> Health {
@@ -417,45 +569,42 @@ impl<R: Registry> Shared<R> {
                 Health::Ok
             }
         };
-        let mut registrations: Vec<IntentStatus> = st
-            .registered
-            .iter()
-            .map(|u| IntentStatus {
-                url: u.clone(),
-                health: health(&TaskKey::Register(u.clone())),
-            })
-            .collect();
+        let mut registrations = Vec::new();
+        let mut unregistrations = Vec::new();
+        for (id, r) in &st.regs {
+            let status = IntentStatus {
+                url: r.url.clone(),
+                health: health(&TaskKey::Reg(id.clone())),
+            };
+            if r.present {
+                registrations.push(status);
+            } else {
+                unregistrations.push(status);
+            }
+        }
         registrations.sort_by_cached_key(|i| i.url.to_full_string());
-        let unregistrations = st
-            .tasks
-            .keys()
-            .chain(st.given_up.keys())
-            .filter_map(|k| match k {
-                TaskKey::Unregister(u) => Some(IntentStatus {
-                    url: u.clone(),
-                    health: health(k),
-                }),
-                _ => None,
-            })
-            .collect();
+        unregistrations.sort_by_cached_key(|i| i.url.to_full_string());
         let subscriptions = st
-            .subscriptions
+            .subs
             .iter()
-            .map(|((url, id), sub)| SubscriptionStatus {
-                url: url.clone(),
-                health: health(&TaskKey::Subscribe(url.clone(), *id)),
-                lists: sub
-                    .delivery
-                    .last_delivered()
-                    .into_iter()
-                    .map(|n| ListStatus {
-                        entries: n.entries().count(),
-                        service: n.service,
-                        category: n.category,
-                        revision: n.revision,
-                        source: n.source,
-                    })
-                    .collect(),
+            .filter_map(|((url, id), slot)| {
+                let sub = slot.live.as_ref()?;
+                Some(SubscriptionStatus {
+                    url: url.clone(),
+                    health: health(&TaskKey::Sub(url.clone(), *id)),
+                    lists: sub
+                        .delivery
+                        .last_delivered()
+                        .into_iter()
+                        .map(|n| ListStatus {
+                            entries: n.entries().count(),
+                            service: n.service,
+                            category: n.category,
+                            revision: n.revision,
+                            source: n.source,
+                        })
+                        .collect(),
+                })
             })
             .collect();
         RegistryStatus {
@@ -469,8 +618,14 @@ impl<R: Registry> Shared<R> {
     }
 }
 
-/// The life of one pending retry: wait (backoff with full jitter, or until the backend is
-/// back), try, and repeat until it succeeds, the intent is gone, it is cancelled, or
+/// `a` and `b` are the same form of a URL: equal, and with the same `timestamp`.
+fn same_form(a: &Url, b: &Url) -> bool {
+    a == b && a.parameter("timestamp") == b.parameter("timestamp")
+}
+
+/// The life of one pending retry: wait (backoff with full jitter; when the backend is back,
+/// a short jittered wait), bring the key to its current intent, and repeat until that
+/// succeeds for the intent current afterwards, the intent is gone, it is cancelled, or
 /// `retry.times` is exhausted. The task holds the registry weakly.
 async fn retry_loop<R: Registry>(
     weak: Weak<Shared<R>>,
@@ -480,7 +635,7 @@ async fn retry_loop<R: Registry>(
 ) {
     let mut attempt: u32 = 0;
     loop {
-        let delay = {
+        let (delay, base) = {
             let Some(s) = weak.upgrade() else { return };
             if let Some(max) = s.config.retry_times
                 && attempt >= max
@@ -498,8 +653,8 @@ async fn retry_loop<R: Registry>(
                         .unwrap_or_default();
                     tracing::error!(
                         registry = %s.label(),
-                        operation = key.operation(),
-                        url = %key.url(),
+                        intent = key.kind(),
+                        url = %key.url().to_identity_string_redacted(),
                         attempts = attempt,
                         last_error = %p,
                         "giving up after retry.times attempts"
@@ -516,16 +671,20 @@ async fn retry_loop<R: Registry>(
                 }
                 _ => return,
             }
-            delay
+            (delay, s.config.retry_base)
         };
         let woken = kick.notified();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = woken => {}
+            () = woken => {
+                // The backend is back: go soon, but not in step with every other task
+                // (and every other process) that was waiting for it.
+                tokio::time::sleep(backoff(1, base, base)).await;
+            }
         }
         attempt += 1;
         let Some(s) = weak.upgrade() else { return };
-        let result = s.attempt(&key).await;
+        let result = s.reconcile(&key).await;
         let mut st = lock(&s.state);
         let current = st
             .tasks
@@ -535,23 +694,27 @@ async fn retry_loop<R: Registry>(
             return;
         }
         match result {
-            Ok(()) => {
+            Ok(applied) if Shared::<R>::is_settled(&st, &key, applied) => {
                 st.tasks.remove(&key);
                 tracing::info!(
                     registry = %s.label(),
-                    operation = key.operation(),
-                    url = %key.url(),
+                    intent = key.kind(),
+                    url = %key.url().to_identity_string_redacted(),
                     attempts = attempt,
                     "retry succeeded"
                 );
                 return;
             }
+            Ok(_) => {
+                // The intent changed while this attempt ran: apply the new one.
+                attempt = attempt.saturating_sub(1);
+            }
             Err(e) if !e.is_retryable() => {
                 st.tasks.remove(&key);
                 tracing::error!(
                     registry = %s.label(),
-                    operation = key.operation(),
-                    url = %key.url(),
+                    intent = key.kind(),
+                    url = %key.url().to_identity_string_redacted(),
                     error = %e,
                     "giving up: the error is not one that retrying can fix"
                 );
@@ -561,8 +724,8 @@ async fn retry_loop<R: Registry>(
             Err(e) => {
                 tracing::debug!(
                     registry = %s.label(),
-                    operation = key.operation(),
-                    url = %key.url(),
+                    intent = key.kind(),
+                    url = %key.url().to_identity_string_redacted(),
                     attempt,
                     error = %e,
                     "retry failed"
@@ -586,25 +749,79 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         !self.shared.destroyed.load(Ordering::Acquire) && self.shared.raw.is_available()
     }
 
+    fn is_destroyed(&self) -> bool {
+        self.shared.destroyed.load(Ordering::Acquire)
+    }
+
     async fn register(&self, url: &Url) -> Result<()> {
         let s = &self.shared;
         s.alive()?;
         check_accepts(s.raw.url(), url)?;
-        let key = TaskKey::Register(url.clone());
-        {
+        let key = TaskKey::Reg(url.clone());
+        let seq = {
             let mut st = lock(&s.state);
-            st.registered.insert(url.clone());
-            Shared::<R>::cancel(&mut st, &key.opposite());
-        }
-        match s.raw.register(url).await {
-            Ok(()) => {
-                s.settle(&key);
-                Ok(())
+            if st.destroyed {
+                return Err(s.destroyed_error());
             }
-            Err(e) if !e.is_retryable() || s.check_registration(url) => {
+            let seq = st.next_seq();
+            match st.regs.get_mut(url) {
+                Some(r) => {
+                    if !same_form(&r.url, url) && !r.old.iter().any(|o| same_form(o, &r.url)) {
+                        let previous = r.url.clone();
+                        r.old.push(previous);
+                    }
+                    r.old.retain(|o| !same_form(o, url));
+                    r.url = url.clone();
+                    r.present = true;
+                    r.seq = seq;
+                }
+                None => {
+                    st.regs.insert(
+                        url.clone(),
+                        Reg {
+                            url: url.clone(),
+                            present: true,
+                            old: Vec::new(),
+                            seq,
+                        },
+                    );
+                }
+            }
+            // A registration given up before is made again.
+            st.given_up.remove(&key);
+            seq
+        };
+        match s.reconcile_reg(url).await {
+            Ok(applied) => {
+                s.settle(&key, applied);
+                s.alive()
+            }
+            Err(e) if !e.is_retryable() => {
+                // Refused before anything was written: forget the intent.
                 let mut st = lock(&s.state);
-                st.registered.remove(url);
-                Shared::<R>::cancel(&mut st, &key);
+                if st.regs.get(url).is_some_and(|r| r.seq == seq) {
+                    st.regs.remove(url);
+                }
+                Err(e)
+            }
+            Err(e) if s.check_registration(url) => {
+                // The outcome is unknown (the write may have been applied and only the reply
+                // lost): the caller is told it failed, so the entry must end absent.
+                let undo = {
+                    let mut st = lock(&s.state);
+                    let next = st.next_seq();
+                    match st.regs.get_mut(url) {
+                        Some(r) if r.seq == seq => {
+                            r.present = false;
+                            r.seq = next;
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if undo {
+                    s.schedule(key, &e);
+                }
                 Err(e)
             }
             Err(e) => {
@@ -617,21 +834,46 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
     async fn unregister(&self, url: &Url) -> Result<()> {
         let s = &self.shared;
         s.alive()?;
-        let key = TaskKey::Unregister(url.clone());
+        let key = TaskKey::Reg(url.clone());
         {
             let mut st = lock(&s.state);
-            st.registered.remove(url);
-            Shared::<R>::cancel(&mut st, &key.opposite());
+            if st.destroyed {
+                return Err(s.destroyed_error());
+            }
+            let seq = st.next_seq();
+            match st.regs.get_mut(url) {
+                Some(r) => {
+                    // Remove what was registered (its timestamp), whatever this URL says.
+                    r.present = false;
+                    r.seq = seq;
+                }
+                None => {
+                    st.regs.insert(
+                        url.clone(),
+                        Reg {
+                            url: url.clone(),
+                            present: false,
+                            old: Vec::new(),
+                            seq,
+                        },
+                    );
+                }
+            }
+            st.given_up.remove(&key);
         }
-        match s.raw.unregister(url).await {
-            Ok(()) => {
-                s.settle(&key);
+        match s.reconcile_reg(url).await {
+            Ok(applied) => {
+                s.settle(&key, applied);
                 Ok(())
             }
-            Err(e) if !e.is_retryable() || s.check_registration(url) => Err(e),
             Err(e) => {
+                // Carried out in the background whatever the caller is told.
                 s.schedule(key, &e);
-                Ok(())
+                if !e.is_retryable() || s.check_registration(url) {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
             }
         }
     }
@@ -641,41 +883,54 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         s.alive()?;
         let id = listener_id(&listener);
         let key: SubKey = (url.clone(), id);
+        let task = TaskKey::Sub(url.clone(), id);
         let sub = {
             let mut st = lock(&s.state);
-            if st.subscriptions.contains_key(&key) {
-                return Ok(());
+            if st.destroyed {
+                return Err(s.destroyed_error());
             }
-            // The application's listener: on the blocking pool, so it may block.
-            let delivery = Arc::new(Delivery::spawn_isolated(
-                listener,
-                DeliveryOptions {
-                    empty_protection: s.config.empty_protection,
-                    label: url.to_full_string(),
-                },
-            ));
-            let forward: Arc<dyn NotifyListener> = Arc::new(Forward {
-                delivery: delivery.clone(),
-                cache: s.cache.clone(),
-                service_key: url.service_key(),
-            });
-            let sub = Arc::new(Sub {
-                url: url.clone(),
-                delivery,
-                forward,
-            });
-            st.subscriptions.insert(key.clone(), sub.clone());
-            Shared::<R>::cancel(&mut st, &TaskKey::Unsubscribe(url.clone(), id));
-            // A raw unsubscribe still pending for this pair is moot now.
-            st.unsubscribing.remove(&key);
-            sub
+            let seq = st.next_seq();
+            let revive = st.given_up.remove(&task).is_some();
+            let slot = st.subs.entry(key.clone()).or_default();
+            match &slot.live {
+                Some(sub) if revive => {
+                    // Its retries gave up: subscribing again tries again.
+                    slot.seq = seq;
+                    sub.clone()
+                }
+                Some(_) => return Ok(()),
+                None => {
+                    // The application's listener: on the blocking pool, so it may block.
+                    let delivery = Arc::new(Delivery::spawn_isolated(
+                        listener,
+                        DeliveryOptions {
+                            empty_protection: s.config.empty_protection,
+                            label: url.to_identity_string_redacted(),
+                        },
+                    ));
+                    let forward = Arc::new(Forward {
+                        active: RwLock::new(true),
+                        delivery: delivery.clone(),
+                        cache: s.cache.clone(),
+                        service_key: url.service_key(),
+                    });
+                    let raw_listener: Arc<dyn NotifyListener> = forward.clone();
+                    let sub = Arc::new(Sub {
+                        delivery,
+                        forward,
+                        raw_listener,
+                    });
+                    slot.live = Some(sub.clone());
+                    slot.seq = seq;
+                    sub
+                }
+            }
         };
-        let task = TaskKey::Subscribe(url.clone(), id);
-        match s.raw.subscribe(url, sub.forward.clone()).await {
-            Ok(()) => {
-                s.settle(&task);
+        match s.reconcile_sub(&key, false).await {
+            Ok(applied) => {
+                s.settle(&task, applied);
                 sub.delivery.flush().await;
-                Ok(())
+                s.alive()
             }
             Err(e) => {
                 let cached = if e.is_retryable() {
@@ -686,7 +941,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 if !cached.is_empty() {
                     tracing::warn!(
                         registry = %s.label(),
-                        subscription = %url,
+                        subscription = %url.to_identity_string_redacted(),
                         error = %e,
                         lists = cached.len(),
                         "subscribe failed; delivering cached lists and retrying in the background"
@@ -699,8 +954,30 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                     return Ok(());
                 }
                 if !e.is_retryable() || s.check_subscription(url) {
-                    lock(&s.state).subscriptions.remove(&key);
-                    sub.delivery.close().await;
+                    // The subscription ends here; what the backend may have set up is removed.
+                    let undo = {
+                        let mut st = lock(&s.state);
+                        let seq = st.next_seq();
+                        match st.subs.get_mut(&key) {
+                            Some(slot)
+                                if slot
+                                    .live
+                                    .as_ref()
+                                    .is_some_and(|l| Arc::ptr_eq(l, &sub)) =>
+                            {
+                                slot.live = None;
+                                slot.stale.push(sub.raw_listener.clone());
+                                slot.seq = seq;
+                                true
+                            }
+                            _ => false,
+                        }
+                    };
+                    sub.forward.deactivate();
+                    sub.delivery.close_within(s.call_timeout).await;
+                    if undo {
+                        s.schedule(task, &e);
+                    }
                     return Err(e);
                 }
                 s.schedule(task, &e);
@@ -714,25 +991,40 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         s.alive()?;
         let id = listener_id(listener);
         let key: SubKey = (url.clone(), id);
+        let task = TaskKey::Sub(url.clone(), id);
         let sub = {
             let mut st = lock(&s.state);
-            let sub = st.subscriptions.remove(&key);
-            Shared::<R>::cancel(&mut st, &TaskKey::Subscribe(url.clone(), id));
+            if st.destroyed {
+                return Err(s.destroyed_error());
+            }
+            let seq = st.next_seq();
+            let Some(slot) = st.subs.get_mut(&key) else {
+                return Ok(());
+            };
+            let Some(sub) = slot.live.take() else {
+                return Ok(());
+            };
+            slot.stale.push(sub.raw_listener.clone());
+            slot.seq = seq;
+            st.given_up.remove(&task);
             sub
         };
-        let Some(sub) = sub else {
-            return Ok(());
-        };
-        sub.delivery.close().await;
-        match s.raw.unsubscribe(url, &sub.forward).await {
-            Ok(()) => Ok(()),
-            Err(e) if !e.is_retryable() || s.check_subscription(url) => Err(e),
-            Err(e) => {
-                lock(&s.state)
-                    .unsubscribing
-                    .insert(key.clone(), sub.forward.clone());
-                s.schedule(TaskKey::Unsubscribe(url.clone(), id), &e);
+        // Nothing reaches the listener or the cache from here on.
+        sub.forward.deactivate();
+        sub.delivery.close_within(s.call_timeout).await;
+        match s.reconcile_sub(&key, false).await {
+            Ok(applied) => {
+                s.settle(&task, applied);
                 Ok(())
+            }
+            Err(e) => {
+                // Carried out in the background whatever the caller is told.
+                s.schedule(task, &e);
+                if !e.is_retryable() || s.check_subscription(url) {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
             }
         }
     }
@@ -740,17 +1032,22 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
     async fn lookup(&self, url: &Url) -> Result<Vec<Url>> {
         let s = &self.shared;
         s.alive()?;
-        let subscribed = lock(&s.state)
-            .subscriptions
-            .iter()
-            .find(|((u, _), _)| u == url)
-            .map(|(_, sub)| sub.clone());
+        // The layer's lists answer only while the subscription is healthy and live: lists
+        // of a subscription being retried or given up may be stale (or from the cache).
+        let subscribed = {
+            let st = lock(&s.state);
+            st.subs
+                .iter()
+                .filter(|((u, id), _)| u == url && st.healthy(&TaskKey::Sub(u.clone(), *id)))
+                .find_map(|(_, slot)| slot.live.clone())
+        };
         if let Some(sub) = subscribed {
             let categories = url.categories();
             let lists = sub.delivery.last_delivered();
-            if categories
-                .iter()
-                .all(|c| lists.iter().any(|n| &n.category == c))
+            if lists.iter().all(|n| n.source == registry_core::Source::Live)
+                && categories
+                    .iter()
+                    .all(|c| lists.iter().any(|n| &n.category == c))
             {
                 let mut out = Vec::new();
                 for c in &categories {
@@ -761,54 +1058,63 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 return Ok(out);
             }
         }
-        s.raw.lookup(url).await
+        s.bounded("lookup", s.raw.lookup(url)).await
     }
 
     async fn destroy(&self) {
         let s = &self.shared;
-        if s.destroyed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (registered, subs, unsubscribing) = {
+        let (regs, subs) = {
             let mut st = lock(&s.state);
+            if st.destroyed {
+                return;
+            }
+            st.destroyed = true;
+            s.destroyed.store(true, Ordering::Release);
             for (_, p) in st.tasks.drain() {
                 p.abort.abort();
             }
             st.given_up.clear();
-            (
-                std::mem::take(&mut st.registered),
-                std::mem::take(&mut st.subscriptions),
-                std::mem::take(&mut st.unsubscribing),
-            )
+            (std::mem::take(&mut st.regs), std::mem::take(&mut st.subs))
         };
         let n = s.config.recovery_concurrency;
-        let limit =
-            Duration::from_millis(s.raw.url().parameter_num("timeout", 5000).unwrap_or(5000));
-        futures_util::stream::iter(registered.iter().filter(|u| u.is_dynamic()))
-            .for_each_concurrent(n, |url| async move {
-                match tokio::time::timeout(limit, s.raw.unregister(url)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(%url, error = %e, "destroy: unregister failed"),
-                    Err(_) => tracing::warn!(%url, "destroy: unregister timed out"),
+        // Registrations: dynamic ones go; pending unregistrations (persistent ones included)
+        // and earlier forms are tried once; persistent registrations stay.
+        futures_util::stream::iter(regs.iter())
+            .for_each_concurrent(n, |(id, r)| async move {
+                let _turn = s.key_lock(&TaskKey::Reg(id.clone())).lock().await;
+                let mut gone: Vec<&Url> = r.old.iter().collect();
+                if !r.present || r.url.is_dynamic() {
+                    gone.push(&r.url);
+                }
+                for url in gone {
+                    if let Err(e) = s.bounded("unregister", s.raw.unregister(url)).await {
+                        tracing::warn!(url = %url.to_identity_string_redacted(), error = %e, "destroy: unregister failed");
+                    }
                 }
             })
             .await;
-        for ((url, _), sub) in subs {
-            sub.delivery.close().await;
-            if let Ok(Err(e)) =
-                tokio::time::timeout(limit, s.raw.unsubscribe(&url, &sub.forward)).await
-            {
-                tracing::debug!(%url, error = %e, "destroy: unsubscribe failed");
-            }
-        }
-        for ((url, _), forward) in unsubscribing {
-            let _ = tokio::time::timeout(limit, s.raw.unsubscribe(&url, &forward)).await;
-        }
+        futures_util::stream::iter(subs.iter())
+            .for_each_concurrent(n, |(key, slot)| async move {
+                let mut raw: Vec<&Arc<dyn NotifyListener>> = slot.stale.iter().collect();
+                if let Some(sub) = &slot.live {
+                    sub.forward.deactivate();
+                    sub.delivery.close_within(s.call_timeout).await;
+                    raw.push(&sub.raw_listener);
+                }
+                let _turn = s.key_lock(&TaskKey::Sub(key.0.clone(), key.1)).lock().await;
+                for l in raw {
+                    if let Err(e) = s.bounded("unsubscribe", s.raw.unsubscribe(&key.0, l)).await {
+                        tracing::debug!(url = %key.0.to_identity_string_redacted(), error = %e, "destroy: unsubscribe failed");
+                    }
+                }
+            })
+            .await;
         s.cache.save().await;
         for h in lock(&s.background).drain(..) {
             h.abort();
         }
         s.raw.destroy().await;
+        let _ = s.events.send(RegistryEvent::Destroyed);
         tracing::info!(registry = %s.label(), "registry destroyed");
     }
 

@@ -1,49 +1,36 @@
 //! Backoff and the keys of the retry queue.
 //!
-//! One pending task per (operation, key): a register and an unregister of the same URL cancel
-//! each other, as do a subscribe and an unsubscribe of the same (URL, listener). Each pending
-//! task is a tokio task sleeping on a tokio timer; it leaves the queue when it succeeds, gives up
-//! or is cancelled, so an exhausted key can be retried again later (Dubbo #6810, #7665).
+//! One pending task per key: a registered URL, or a (subscription URL, listener) pair. A task
+//! does not carry an operation: each attempt brings the backend to the application's *current*
+//! intent for its key (register or unregister, subscribe or unsubscribe), so a register and an
+//! unregister of the same URL can never race each other from the queue. Each pending task is a
+//! tokio task sleeping on a tokio timer; it leaves the queue when it succeeds, gives up or is
+//! cancelled, so an exhausted key can be retried again later (Dubbo #6810, #7665).
 
 use std::time::Duration;
 
 use registry_core::Url;
 
-/// What a retry task retries.
+/// What a retry task brings to its intent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum TaskKey {
-    Register(Url),
-    Unregister(Url),
-    Subscribe(Url, usize),
-    Unsubscribe(Url, usize),
+    /// A registered (or unregistered) URL.
+    Reg(Url),
+    /// A (subscription URL, listener id) pair.
+    Sub(Url, usize),
 }
 
 impl TaskKey {
-    /// The task this one cancels.
-    pub(crate) fn opposite(&self) -> TaskKey {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
-            TaskKey::Register(u) => TaskKey::Unregister(u.clone()),
-            TaskKey::Unregister(u) => TaskKey::Register(u.clone()),
-            TaskKey::Subscribe(u, l) => TaskKey::Unsubscribe(u.clone(), *l),
-            TaskKey::Unsubscribe(u, l) => TaskKey::Subscribe(u.clone(), *l),
-        }
-    }
-
-    pub(crate) fn operation(&self) -> &'static str {
-        match self {
-            TaskKey::Register(_) => "register",
-            TaskKey::Unregister(_) => "unregister",
-            TaskKey::Subscribe(..) => "subscribe",
-            TaskKey::Unsubscribe(..) => "unsubscribe",
+            TaskKey::Reg(_) => "registration",
+            TaskKey::Sub(..) => "subscription",
         }
     }
 
     pub(crate) fn url(&self) -> &Url {
         match self {
-            TaskKey::Register(u)
-            | TaskKey::Unregister(u)
-            | TaskKey::Subscribe(u, _)
-            | TaskKey::Unsubscribe(u, _) => u,
+            TaskKey::Reg(u) | TaskKey::Sub(u, _) => u,
         }
     }
 }
@@ -87,16 +74,4 @@ mod tests {
         assert!(distinct.len() > 100, "full jitter spreads the waits");
     }
 
-    #[test]
-    fn opposites_pair_up() {
-        let u: Url = "dubbo://h:1/S".parse().unwrap();
-        assert_eq!(
-            TaskKey::Register(u.clone()).opposite(),
-            TaskKey::Unregister(u.clone())
-        );
-        assert_eq!(
-            TaskKey::Unsubscribe(u.clone(), 7).opposite(),
-            TaskKey::Subscribe(u, 7)
-        );
-    }
 }

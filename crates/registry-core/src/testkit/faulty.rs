@@ -1,12 +1,13 @@
 //! [`FaultyRegistry`]: a wrapper over any registry that makes chosen operations fail and
 //! emits connection events, for tests of the reliability layer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
 use crate::error::{Error, Result};
 use crate::registry::{Notification, NotifyListener, Registry, RegistryEvent, listener_id};
@@ -27,6 +28,22 @@ pub enum Op {
     Lookup,
 }
 
+/// What happens to one call of an operation; queued per operation with
+/// [`FaultyRegistry::inject`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Fails with a retryable [`Error::Injected`] before reaching the wrapped registry.
+    Fail,
+    /// Reaches the wrapped registry (the change is applied), then fails with a retryable
+    /// [`Error::Injected`]: the reply was lost, the outcome is unknown to the caller.
+    LoseReply,
+    /// Waits this long, then goes through.
+    Delay(Duration),
+    /// Never returns until [`FaultyRegistry::release_hung`] (then goes through); a caller that
+    /// bounds its calls sees a time-out.
+    Hang,
+}
+
 #[derive(Default)]
 struct Passed {
     registered: Vec<Url>,
@@ -39,7 +56,8 @@ struct Passed {
 /// trouble and emit the matching [`RegistryEvent`]s. Calls are counted per operation.
 pub struct FaultyRegistry {
     inner: Arc<dyn Registry>,
-    faults: Mutex<HashMap<Op, u32>>,
+    faults: Mutex<HashMap<Op, VecDeque<Fault>>>,
+    release: Notify,
     calls: Mutex<HashMap<Op, u64>>,
     down: AtomicBool,
     events: broadcast::Sender<RegistryEvent>,
@@ -58,6 +76,7 @@ impl FaultyRegistry {
             events: broadcast::channel(64).0,
             inner,
             faults: Mutex::default(),
+            release: Notify::new(),
             calls: Mutex::default(),
             down: AtomicBool::new(false),
             passed: Mutex::default(),
@@ -82,14 +101,33 @@ impl FaultyRegistry {
         &self.inner
     }
 
-    /// Makes the next `n` calls of `op` fail.
+    /// Makes the next `n` calls of `op` fail (before reaching the wrapped registry).
     pub fn fail_next(&self, op: Op, n: u32) {
-        *lock(&self.faults).entry(op).or_default() += n;
+        self.inject(op, Fault::Fail, n);
     }
 
-    /// Stops failing `op`.
+    /// Queues `fault` for the next `n` calls of `op`, after the faults already queued.
+    pub fn inject(&self, op: Op, fault: Fault, n: u32) {
+        lock(&self.faults)
+            .entry(op)
+            .or_default()
+            .extend(std::iter::repeat_n(fault, n as usize));
+    }
+
+    /// Stops failing `op`: drops its queued faults.
     pub fn clear_faults(&self, op: Op) {
         lock(&self.faults).remove(&op);
+    }
+
+    /// Drops every queued fault of every operation and lets every hung call go on.
+    pub fn clear_all_faults(&self) {
+        lock(&self.faults).clear();
+        self.release_hung();
+    }
+
+    /// Lets every call hung by [`Fault::Hang`] go on.
+    pub fn release_hung(&self) {
+        self.release.notify_waiters();
     }
 
     /// How many times `op` was called (failed calls included).
@@ -165,7 +203,8 @@ impl FaultyRegistry {
         lock(&self.passed).subscriptions.len()
     }
 
-    fn enter(&self, op: Op) -> Result<()> {
+    /// Counts the call, applies its queued fault and says whether the reply is to be lost.
+    async fn enter(&self, op: Op) -> Result<bool> {
         *lock(&self.calls).entry(op).or_default() += 1;
         if self.down.load(Ordering::SeqCst) {
             return Err(Error::Unavailable {
@@ -173,16 +212,35 @@ impl FaultyRegistry {
                 reason: "disconnected by the fault injector".to_owned(),
             });
         }
-        let mut faults = lock(&self.faults);
-        if let Some(n) = faults.get_mut(&op)
-            && *n > 0
-        {
-            *n -= 1;
-            return Err(Error::Injected {
-                operation: format!("{op:?}").to_lowercase(),
-            });
+        let fault = lock(&self.faults).get_mut(&op).and_then(VecDeque::pop_front);
+        match fault {
+            None => Ok(false),
+            Some(Fault::Fail) => Err(self.injected(op)),
+            Some(Fault::LoseReply) => Ok(true),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(false)
+            }
+            Some(Fault::Hang) => {
+                self.release.notified().await;
+                Ok(false)
+            }
         }
-        Ok(())
+    }
+
+    fn injected(&self, op: Op) -> Error {
+        Error::Injected {
+            operation: format!("{op:?}").to_lowercase(),
+        }
+    }
+
+    /// The outcome of a call that reached the wrapped registry.
+    fn leave<T>(&self, op: Op, lose: bool, value: T) -> Result<T> {
+        if lose {
+            Err(self.injected(op))
+        } else {
+            Ok(value)
+        }
     }
 }
 
@@ -197,50 +255,65 @@ impl Registry for FaultyRegistry {
     }
 
     async fn register(&self, url: &Url) -> Result<()> {
-        self.enter(Op::Register)?;
+        let lose = self.enter(Op::Register).await?;
         self.inner.register(url).await?;
-        let mut p = lock(&self.passed);
-        if !p.registered.contains(url) {
-            p.registered.push(url.clone());
+        {
+            let mut p = lock(&self.passed);
+            match p.registered.iter_mut().find(|u| *u == url) {
+                Some(u) => *u = url.clone(),
+                None => p.registered.push(url.clone()),
+            }
         }
-        Ok(())
+        self.leave(Op::Register, lose, ())
     }
 
     async fn unregister(&self, url: &Url) -> Result<()> {
-        self.enter(Op::Unregister)?;
+        let lose = self.enter(Op::Unregister).await?;
         self.inner.unregister(url).await?;
         lock(&self.passed).registered.retain(|u| u != url);
-        Ok(())
+        self.leave(Op::Unregister, lose, ())
     }
 
     async fn subscribe(&self, url: &Url, listener: Arc<dyn NotifyListener>) -> Result<()> {
-        self.enter(Op::Subscribe)?;
-        self.inner.subscribe(url, listener.clone()).await?;
-        let mut p = lock(&self.passed);
+        let lose = self.enter(Op::Subscribe).await?;
+        // Recorded first, so a session loss while the call runs removes it too.
         let id = listener_id(&listener);
-        if !p
-            .subscriptions
-            .iter()
-            .any(|(u, l)| u == url && listener_id(l) == id)
-        {
-            p.subscriptions.push((url.clone(), listener));
+        let new = {
+            let mut p = lock(&self.passed);
+            let new = !p
+                .subscriptions
+                .iter()
+                .any(|(u, l)| u == url && listener_id(l) == id);
+            if new {
+                p.subscriptions.push((url.clone(), listener.clone()));
+            }
+            new
+        };
+        if let Err(e) = self.inner.subscribe(url, listener.clone()).await {
+            if new {
+                lock(&self.passed)
+                    .subscriptions
+                    .retain(|(u, l)| !(u == url && listener_id(l) == id));
+            }
+            return Err(e);
         }
-        Ok(())
+        self.leave(Op::Subscribe, lose, ())
     }
 
     async fn unsubscribe(&self, url: &Url, listener: &Arc<dyn NotifyListener>) -> Result<()> {
-        self.enter(Op::Unsubscribe)?;
+        let lose = self.enter(Op::Unsubscribe).await?;
         self.inner.unsubscribe(url, listener).await?;
         let id = listener_id(listener);
         lock(&self.passed)
             .subscriptions
             .retain(|(u, l)| !(u == url && listener_id(l) == id));
-        Ok(())
+        self.leave(Op::Unsubscribe, lose, ())
     }
 
     async fn lookup(&self, url: &Url) -> Result<Vec<Url>> {
-        self.enter(Op::Lookup)?;
-        self.inner.lookup(url).await
+        let lose = self.enter(Op::Lookup).await?;
+        let found = self.inner.lookup(url).await?;
+        self.leave(Op::Lookup, lose, found)
     }
 
     async fn destroy(&self) {

@@ -23,7 +23,7 @@ mod faulty;
 mod recorder;
 
 pub use conformance::*;
-pub use faulty::{FaultyRegistry, Op};
+pub use faulty::{Fault, FaultyRegistry, Op};
 pub use recorder::{Recorder, wait_until};
 
 use std::sync::atomic::{AtomicU64, Ordering};
