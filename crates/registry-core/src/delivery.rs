@@ -53,6 +53,8 @@ struct State {
     pending: HashMap<Key, Tagged>,
     last: HashMap<Key, Tagged>,
     closed: bool,
+    /// A listener call is under way.
+    running: bool,
 }
 
 struct Inner {
@@ -98,6 +100,7 @@ impl Delivery {
                 pending: HashMap::new(),
                 last: HashMap::new(),
                 closed: false,
+                running: false,
             }),
             wake: Notify::new(),
             delivered: watch::channel(0).0,
@@ -199,6 +202,10 @@ impl Delivery {
                 *gate = false;
                 true
             }
+            Err(_) if !lock(&self.inner.state).running => {
+                // The call waiting for its turn on the blocking pool sees `closed` and skips.
+                true
+            }
             Err(_) => {
                 tracing::warn!(
                     subscription = %self.inner.options.label,
@@ -239,6 +246,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The same entries in the same order, timestamps included (`Url` equality ignores the
+/// `timestamp`, but a re-registration with a new one is news to a listener).
+fn same_lists(a: &[crate::Url], b: &[crate::Url]) -> bool {
+    a.len() == b.len()
+        && a
+            .iter()
+            .zip(b)
+            .all(|(x, y)| x == y && x.parameter("timestamp") == y.parameter("timestamp"))
+}
+
 /// `new` is older than `old` and must not replace it.
 fn is_stale(old: &Tagged, new: &Tagged) -> bool {
     stale(&old.n, old.epoch, &new.n, new.epoch)
@@ -248,10 +265,13 @@ fn stale(old: &Notification, old_epoch: u64, new: &Notification, new_epoch: u64)
     if new_epoch != old_epoch {
         return new_epoch < old_epoch;
     }
-    if old.source == Source::Cache && new.source == Source::Live {
-        return false;
+    match (old.source, new.source) {
+        // A live list after a cached one is always news; a cached list never replaces a
+        // live one of the same source (it was saved earlier).
+        (Source::Cache, Source::Live) => false,
+        (Source::Live, Source::Cache) => true,
+        _ => new.revision < old.revision,
     }
-    new.revision < old.revision
 }
 
 async fn run(inner: Arc<Inner>) {
@@ -284,14 +304,12 @@ async fn run(inner: Arc<Inner>) {
             }
             let n = n.n;
             let panicked = if inner.isolated {
-                let listener = inner.listener.clone();
-                match tokio::task::spawn_blocking(move || listener.notify(n)).await {
-                    Ok(()) => false,
-                    Err(e) => e.is_panic(),
-                }
+                let inner = inner.clone();
+                tokio::task::spawn_blocking(move || call_listener(&inner, n))
+                    .await
+                    .unwrap_or(true)
             } else {
-                let listener = &inner.listener;
-                catch_unwind(AssertUnwindSafe(|| listener.notify(n))).is_err()
+                call_listener(&inner, n)
             };
             if panicked {
                 tracing::error!(
@@ -307,6 +325,23 @@ async fn run(inner: Arc<Inner>) {
             changed
         });
     }
+}
+
+/// Calls the listener unless the delivery was closed meanwhile (a call queued on the blocking
+/// pool may start late: it must not start after `close` returned). Returns whether it
+/// panicked.
+fn call_listener(inner: &Inner, n: Notification) -> bool {
+    {
+        let mut st = lock(&inner.state);
+        if st.closed {
+            return false;
+        }
+        st.running = true;
+    }
+    let listener = &inner.listener;
+    let panicked = catch_unwind(AssertUnwindSafe(|| listener.notify(n))).is_err();
+    lock(&inner.state).running = false;
+    panicked
 }
 
 /// The revision guard, duplicate filter and empty protection; records what is delivered.
@@ -326,7 +361,7 @@ fn admit(inner: &Inner, t: &Tagged) -> bool {
             );
             return false;
         }
-        if last.source == n.source && last.urls == n.urls {
+        if last.source == n.source && same_lists(&last.urls, &n.urls) {
             // The list just delivered, perhaps re-read at a newer revision: not news.
             let revision = if t.epoch == last_epoch {
                 last.revision.max(n.revision)
