@@ -679,7 +679,8 @@ async fn retry_loop<R: Registry>(
             () = woken => {
                 // The backend is back: go soon, but not in step with every other task
                 // (and every other process) that was waiting for it.
-                tokio::time::sleep(backoff(1, base, base)).await;
+                let window = base.min(Duration::from_millis(500));
+                tokio::time::sleep(backoff(1, window, window)).await;
             }
         }
         attempt += 1;

@@ -703,6 +703,32 @@ pub async fn run_all(h: &dyn Harness) {
     crate::__conformance_cases!(__conformance_run, h);
 }
 
+/// CONTRACT §3 register: one entry per identity. A URL registered again with another
+/// `timestamp` replaces the entry (the node name / key of the old one included), and an
+/// unregister with yet another timestamp removes it: no ghost is left.
+pub async fn reregister_with_a_new_timestamp_replaces(h: &dyn Harness) {
+    let s = unique_service("stamp");
+    let a = h.registry().await;
+    let b = h.registry().await;
+    let v1 = provider(&s, 1, "timestamp=1000");
+    let v2 = provider(&s, 1, "timestamp=2000");
+    let v3 = provider(&s, 1, "timestamp=3000");
+    let full = |urls: Vec<Url>| -> Vec<String> { urls.iter().map(Url::to_full_string).collect() };
+    ok("register", a.register(&v1).await);
+    ok("register with a new timestamp", a.register(&v2).await);
+    let seen = ok("lookup", b.lookup(&consumer(&s, "")).await);
+    assert_eq!(
+        full(seen),
+        vec![v2.to_full_string()],
+        "a re-register with a new timestamp replaces the entry"
+    );
+    ok("unregister with another timestamp", a.unregister(&v3).await);
+    let seen = ok("lookup", b.lookup(&consumer(&s, "")).await);
+    assert!(seen.is_empty(), "no entry left after unregister: {:?}", full(seen));
+    a.destroy().await;
+    b.destroy().await;
+}
+
 /// The one list of conformance cases; calls `$crate::$callback!{ [args] case, case, ... }`.
 #[doc(hidden)]
 #[macro_export]
@@ -711,6 +737,7 @@ macro_rules! __conformance_cases {
         $crate::$callback! {
             [$($arg)*]
             register_is_idempotent,
+            reregister_with_a_new_timestamp_replaces,
             urls_differing_in_parameters_coexist,
             first_notification_covers_all_categories_in_order,
             empty_category_is_a_marker,

@@ -59,6 +59,7 @@ pub struct FaultyRegistry {
     faults: Mutex<HashMap<Op, VecDeque<Fault>>>,
     release: Notify,
     calls: Mutex<HashMap<Op, u64>>,
+    log: Mutex<Vec<(Op, std::time::Instant)>>,
     down: AtomicBool,
     events: broadcast::Sender<RegistryEvent>,
     passed: Mutex<Passed>,
@@ -78,6 +79,7 @@ impl FaultyRegistry {
             faults: Mutex::default(),
             release: Notify::new(),
             calls: Mutex::default(),
+            log: Mutex::default(),
             down: AtomicBool::new(false),
             passed: Mutex::default(),
         });
@@ -133,6 +135,15 @@ impl FaultyRegistry {
     /// How many times `op` was called (failed calls included).
     pub fn calls(&self, op: Op) -> u64 {
         lock(&self.calls).get(&op).copied().unwrap_or(0)
+    }
+
+    /// When each call of `op` was made, in order.
+    pub fn call_times(&self, op: Op) -> Vec<std::time::Instant> {
+        lock(&self.log)
+            .iter()
+            .filter(|(o, _)| *o == op)
+            .map(|(_, t)| *t)
+            .collect()
     }
 
     /// Emits an event to whoever listens to [`Registry::events`].
@@ -206,6 +217,7 @@ impl FaultyRegistry {
     /// Counts the call, applies its queued fault and says whether the reply is to be lost.
     async fn enter(&self, op: Op) -> Result<bool> {
         *lock(&self.calls).entry(op).or_default() += 1;
+        lock(&self.log).push((op, std::time::Instant::now()));
         if self.down.load(Ordering::SeqCst) {
             return Err(Error::Unavailable {
                 registry: self.inner.url().to_identity_string_redacted(),
