@@ -250,8 +250,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `timestamp`, but a re-registration with a new one is news to a listener).
 fn same_lists(a: &[crate::Url], b: &[crate::Url]) -> bool {
     a.len() == b.len()
-        && a
-            .iter()
+        && a.iter()
             .zip(b)
             .all(|(x, y)| x == y && x.parameter("timestamp") == y.parameter("timestamp"))
 }

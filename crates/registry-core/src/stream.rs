@@ -9,8 +9,8 @@ use futures_core::Stream;
 
 use crate::error::Result;
 use crate::registry::{Notification, NotifyListener, Registry, RegistryEvent};
-use tokio::sync::broadcast;
 use crate::url::Url;
+use tokio::sync::broadcast;
 
 #[derive(Default)]
 struct Queue {
@@ -100,9 +100,9 @@ pub async fn subscribe_stream(registry: Arc<dyn Registry>, url: Url) -> Result<N
             let ended = match events.recv().await {
                 Ok(RegistryEvent::Destroyed) | Err(broadcast::error::RecvError::Closed) => true,
                 Ok(_) => false,
-                Err(broadcast::error::RecvError::Lagged(_)) => weak_registry
-                    .upgrade()
-                    .is_none_or(|r| r.is_destroyed()),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    weak_registry.upgrade().is_none_or(|r| r.is_destroyed())
+                }
             };
             if ended {
                 if let Some(s) = weak_shared.upgrade() {

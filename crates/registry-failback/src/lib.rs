@@ -57,7 +57,7 @@ use registry_core::{
     Error, Notification, NotifyListener, Registry, RegistryEvent, Result, Url, check_accepts,
     listener_id,
 };
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
 use cache::Cache;
@@ -168,8 +168,9 @@ struct Shared<R: Registry> {
     hasher: std::collections::hash_map::RandomState,
     cache: Arc<Cache>,
     destroyed: AtomicBool,
-    /// Wakes every sleeping retry task (the backend is back).
-    kick: Arc<Notify>,
+    /// Counts the times the backend came back; every retry task watches it, so one that was
+    /// busy when it happened still sees it before its next wait.
+    kick: tokio::sync::watch::Sender<u64>,
     events: broadcast::Sender<RegistryEvent>,
     background: Mutex<Vec<AbortHandle>>,
     generation: AtomicU64,
@@ -198,18 +199,24 @@ impl<R: Registry> FailbackRegistry<R> {
         let cache = Arc::new(Cache::load(raw.url(), config.cache_file.clone()));
         let writer = cache.spawn_writer(config.cache_debounce);
         let mut raw_events = raw.events();
-        let call_timeout =
-            Duration::from_millis(raw.url().parameter_num("timeout", 5000).unwrap_or(5000).max(1));
+        let call_timeout = Duration::from_millis(
+            raw.url()
+                .parameter_num("timeout", 5000)
+                .unwrap_or(5000)
+                .max(1),
+        );
         let shared = Arc::new(Shared {
             raw,
             config,
             call_timeout,
             state: Mutex::new(State::default()),
-            key_locks: (0..KEY_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            key_locks: (0..KEY_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             cache,
             destroyed: AtomicBool::new(false),
-            kick: Arc::new(Notify::new()),
+            kick: tokio::sync::watch::channel(0).0,
             events: broadcast::channel(64).0,
             background: Mutex::new(writer.into_iter().collect()),
             generation: AtomicU64::new(0),
@@ -317,7 +324,7 @@ impl<R: Registry> Shared<R> {
             }
             RegistryEvent::Connected | RegistryEvent::Reconnected => {
                 tracing::info!(registry = %self.label(), event = ?ev, "backend reachable; pending retries run soon");
-                self.kick.notify_waiters();
+                self.kick.send_modify(|k| *k += 1);
             }
             RegistryEvent::SessionLost => {
                 tracing::warn!(registry = %self.label(), "backend session lost; dynamic entries are gone until a new session");
@@ -444,7 +451,8 @@ impl<R: Registry> Shared<R> {
         if present {
             self.bounded("register", self.raw.register(&url)).await?;
         } else {
-            self.bounded("unregister", self.raw.unregister(&url)).await?;
+            self.bounded("unregister", self.raw.unregister(&url))
+                .await?;
             let mut st = lock(&self.state);
             if st
                 .regs
@@ -535,7 +543,7 @@ impl<R: Registry> Shared<R> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let task = tokio::spawn(retry_loop(
             Arc::downgrade(self),
-            self.kick.clone(),
+            self.kick.subscribe(),
             key.clone(),
             generation,
         ));
@@ -629,7 +637,7 @@ fn same_form(a: &Url, b: &Url) -> bool {
 /// `retry.times` is exhausted. The task holds the registry weakly.
 async fn retry_loop<R: Registry>(
     weak: Weak<Shared<R>>,
-    kick: Arc<Notify>,
+    mut kick: tokio::sync::watch::Receiver<u64>,
     key: TaskKey,
     generation: u64,
 ) {
@@ -673,7 +681,11 @@ async fn retry_loop<R: Registry>(
             }
             (delay, s.config.retry_base)
         };
-        let woken = kick.notified();
+        let woken = async {
+            if kick.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = woken => {
@@ -961,10 +973,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                         let seq = st.next_seq();
                         match st.subs.get_mut(&key) {
                             Some(slot)
-                                if slot
-                                    .live
-                                    .as_ref()
-                                    .is_some_and(|l| Arc::ptr_eq(l, &sub)) =>
+                                if slot.live.as_ref().is_some_and(|l| Arc::ptr_eq(l, &sub)) =>
                             {
                                 slot.live = None;
                                 slot.stale.push(sub.raw_listener.clone());
@@ -1045,7 +1054,9 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         if let Some(sub) = subscribed {
             let categories = url.categories();
             let lists = sub.delivery.last_delivered();
-            if lists.iter().all(|n| n.source == registry_core::Source::Live)
+            if lists
+                .iter()
+                .all(|n| n.source == registry_core::Source::Live)
                 && categories
                     .iter()
                     .all(|c| lists.iter().any(|n| &n.category == c))

@@ -73,5 +73,4 @@ mod tests {
         let distinct: std::collections::HashSet<_> = waits.iter().collect();
         assert!(distinct.len() > 100, "full jitter spreads the waits");
     }
-
 }

@@ -129,12 +129,8 @@ fn plan(seed: u64, ops: usize) -> Plan {
     let mut faults: Vec<FaultOp> = (0..n_faults)
         .map(|_| match rng.random_range(0..12) {
             0..=5 => {
-                let op = [
-                    Op::Register,
-                    Op::Unregister,
-                    Op::Subscribe,
-                    Op::Unsubscribe,
-                ][rng.random_range(0..4)];
+                let op = [Op::Register, Op::Unregister, Op::Subscribe, Op::Unsubscribe]
+                    [rng.random_range(0..4)];
                 let fault = match rng.random_range(0..4) {
                     0 => Fault::Fail,
                     1 => Fault::LoseReply,
@@ -205,9 +201,11 @@ async fn run_user(w: Arc<World>, ops: Vec<UserOp>) -> Outcome {
                     Ok(()) => {
                         out.subscribed.insert(l, true);
                     }
-                    // Destroyed: a subscription made before stays until destroy returns
-                    // (the destroy marks it closed then).
-                    Err(registry_core::Error::Destroyed { .. }) if was => {}
+                    // Destroyed: the subscription (made before, or by this call while
+                    // destroy ran) may be served until destroy returns, which marks it closed.
+                    Err(registry_core::Error::Destroyed { .. }) => {
+                        out.subscribed.insert(l, was);
+                    }
                     Err(_) => {
                         out.subscribed.insert(l, false);
                         w.listeners[l].closed.store(true, Ordering::SeqCst);
@@ -365,10 +363,8 @@ async fn run_case(seed: u64, ops: usize) -> Result<(), String> {
     // Subscriptions: every live one ends on the backend's truth; no raw subscription leaks.
     let mut live = 0;
     if destroyed.is_none() {
-        let subscribed: BTreeMap<usize, bool> = outcomes
-            .iter()
-            .flat_map(|o| o.subscribed.clone())
-            .collect();
+        let subscribed: BTreeMap<usize, bool> =
+            outcomes.iter().flat_map(|o| o.subscribed.clone()).collect();
         let held = truth(&w).await;
         for (l, on) in &subscribed {
             if !on {
@@ -381,12 +377,11 @@ async fn run_case(seed: u64, ops: usize) -> Result<(), String> {
                 let current = last
                     .as_ref()
                     .is_some_and(|n| n.source == Source::Live && entries(n) == held);
-                let healthy = w
-                    .fb
-                    .status()
-                    .subscriptions
-                    .iter()
-                    .any(|s| s.health == Health::Ok);
+                let healthy =
+                    w.fb.status()
+                        .subscriptions
+                        .iter()
+                        .any(|s| s.health == Health::Ok);
                 if current && healthy {
                     break;
                 }

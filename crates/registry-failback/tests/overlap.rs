@@ -47,7 +47,10 @@ async fn wait_held(inspect: &Arc<dyn Registry>, s: &str, want: &[&Url], what: &s
         if got == want {
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: held {got:?}, want {want:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: held {got:?}, want {want:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -64,11 +67,22 @@ async fn an_unregister_during_recovery_is_not_undone() {
     faulty.inject(Op::Register, Fault::Delay(Duration::from_millis(300)), 1);
     faulty.expire_session().await;
     // Let recovery start and pick up A.
-    wait_until("faulty.calls(Op::Register) >= 2", DEADLINE, || async { faulty.calls(Op::Register) >= 2 }).await;
+    wait_until("faulty.calls(Op::Register) >= 2", DEADLINE, || async {
+        faulty.calls(Op::Register) >= 2
+    })
+    .await;
     fb.unregister(&a).await.unwrap();
+    // Recovery's delayed register has reached the backend by now (or was never sent).
+    wait_until("recovery's register returned", DEADLINE, || async {
+        faulty.returned(Op::Register) >= 2
+    })
+    .await;
     wait_held(&inspect, &s, &[], "after unregister during recovery").await;
     // And it stays gone once everything settled.
-    wait_until("fb.pending_retries() == 0", DEADLINE, || async { fb.pending_retries() == 0 }).await;
+    wait_until("fb.pending_retries() == 0", DEADLINE, || async {
+        fb.pending_retries() == 0
+    })
+    .await;
     wait_held(&inspect, &s, &[], "after recovery finished").await;
     assert!(fb.status().registrations.is_empty());
 }
@@ -81,9 +95,15 @@ async fn a_failed_register_leaves_no_entry_even_if_the_write_was_applied() {
     let s = unique_service("lost-reply");
     let a = provider(&s, 1, "");
     faulty.inject(Op::Register, Fault::LoseReply, 1);
-    assert!(fb.register(&a).await.is_err(), "check=true: the error is returned");
+    assert!(
+        fb.register(&a).await.is_err(),
+        "check=true: the error is returned"
+    );
     wait_held(&inspect, &s, &[], "the applied write is undone").await;
-    wait_until("fb.pending_retries() == 0", DEADLINE, || async { fb.pending_retries() == 0 }).await;
+    wait_until("fb.pending_retries() == 0", DEADLINE, || async {
+        fb.pending_retries() == 0
+    })
+    .await;
 }
 
 // Defect 2: an unregister with check=true that failed returned the error and retried
@@ -95,10 +115,18 @@ async fn a_failed_unregister_is_carried_out_in_the_background() {
     let a = provider(&s, 1, "");
     fb.register(&a).await.unwrap();
     faulty.fail_next(Op::Unregister, 2);
-    assert!(fb.unregister(&a).await.is_err(), "check=true: the error is returned");
+    assert!(
+        fb.unregister(&a).await.is_err(),
+        "check=true: the error is returned"
+    );
     assert_eq!(fb.status().unregistrations.len(), 1, "reported in status");
     wait_held(&inspect, &s, &[], "the unregister is retried").await;
-    wait_until("fb.status().unregistrations.is_empty()", DEADLINE, || async { fb.status().unregistrations.is_empty() }).await;
+    wait_until(
+        "fb.status().unregistrations.is_empty()",
+        DEADLINE,
+        || async { fb.status().unregistrations.is_empty() },
+    )
+    .await;
 }
 
 // Defect 3: a subscription whose retries gave up stayed in the map, so subscribing again
@@ -109,7 +137,9 @@ async fn subscribing_again_revives_a_subscription_that_gave_up() {
     let s = unique_service("revive");
     let rec = Recorder::new();
     faulty.fail_next(Op::Subscribe, 2);
-    fb.subscribe(&consumer(&s, ""), rec.listener()).await.unwrap();
+    fb.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .unwrap();
     wait_until("a subscription gave up", DEADLINE, || async {
         fb.status()
             .subscriptions
@@ -118,7 +148,9 @@ async fn subscribing_again_revives_a_subscription_that_gave_up() {
     })
     .await;
     let calls = faulty.calls(Op::Subscribe);
-    fb.subscribe(&consumer(&s, ""), rec.listener()).await.unwrap();
+    fb.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .unwrap();
     assert!(
         faulty.calls(Op::Subscribe) > calls,
         "subscribing again tries the backend again"
@@ -149,10 +181,16 @@ async fn an_unsubscribe_racing_the_raw_subscribe_leaks_nothing() {
         let (fb, q, l) = (fb.clone(), q.clone(), listener.clone());
         tokio::spawn(async move { fb.subscribe(&q, l).await })
     };
-    wait_until("faulty.calls(Op::Subscribe) >= 1", DEADLINE, || async { faulty.calls(Op::Subscribe) >= 1 }).await;
+    wait_until("faulty.calls(Op::Subscribe) >= 1", DEADLINE, || async {
+        faulty.calls(Op::Subscribe) >= 1
+    })
+    .await;
     fb.unsubscribe(&q, &listener).await.unwrap();
     let _ = subscribing.await.unwrap();
-    wait_until("faulty.subscription_count() == 0", DEADLINE, || async { faulty.subscription_count() == 0 }).await;
+    wait_until("faulty.subscription_count() == 0", DEADLINE, || async {
+        faulty.subscription_count() == 0
+    })
+    .await;
     assert!(fb.status().subscriptions.is_empty());
 }
 
@@ -175,7 +213,10 @@ async fn a_subscribe_racing_destroy_leaves_nothing_behind() {
         let (fb, q, l) = (fb.clone(), q.clone(), listener.clone());
         tokio::spawn(async move { fb.subscribe(&q, l).await })
     };
-    wait_until("faulty.calls(Op::Subscribe) >= 1", DEADLINE, || async { faulty.calls(Op::Subscribe) >= 1 }).await;
+    wait_until("faulty.calls(Op::Subscribe) >= 1", DEADLINE, || async {
+        faulty.calls(Op::Subscribe) >= 1
+    })
+    .await;
     fb.destroy().await;
     let after_destroy = calls.load(Ordering::SeqCst);
     let _ = subscribing.await.unwrap();
@@ -189,7 +230,11 @@ async fn a_subscribe_racing_destroy_leaves_nothing_behind() {
         .wait_for_entries(
             &s,
             "providers",
-            &[provider(&s, 1, ""), provider(&s, 2, ""), provider(&s, 3, "")],
+            &[
+                provider(&s, 1, ""),
+                provider(&s, 2, ""),
+                provider(&s, 3, ""),
+            ],
             DEADLINE,
         )
         .await;
@@ -209,7 +254,13 @@ async fn destroy_carries_out_a_pending_unregister() {
     fb.unregister(&p).await.unwrap();
     assert_eq!(fb.status().unregistrations.len(), 1);
     fb.destroy().await;
-    wait_held(&inspect, &s, &[], "the persistent entry is removed by destroy").await;
+    wait_held(
+        &inspect,
+        &s,
+        &[],
+        "the persistent entry is removed by destroy",
+    )
+    .await;
 }
 
 // Defect 12: a raw call that hangs blocked its key for ever.
@@ -245,7 +296,10 @@ async fn unsubscribe_does_not_wait_for_ever_for_a_stuck_listener() {
     };
     fb.subscribe(&q, listener.clone()).await.unwrap();
     inspect.register(&provider(&s, 1, "")).await.unwrap();
-    wait_until("entered.load(Ordering::SeqCst) == 1", DEADLINE, || async { entered.load(Ordering::SeqCst) == 1 }).await;
+    wait_until("entered.load(Ordering::SeqCst) == 1", DEADLINE, || async {
+        entered.load(Ordering::SeqCst) == 1
+    })
+    .await;
     let start = Instant::now();
     fb.unsubscribe(&q, &listener).await.unwrap();
     assert!(
@@ -297,7 +351,10 @@ async fn a_reconnect_does_not_wake_every_retry_in_step() {
     for u in &urls {
         fb.register(u).await.unwrap();
     }
-    wait_until("fb.pending_retries() == 40", DEADLINE, || async { fb.pending_retries() == 40 }).await;
+    wait_until("fb.pending_retries() == 40", DEADLINE, || async {
+        fb.pending_retries() == 40
+    })
+    .await;
     let before = faulty.call_times(Op::Register).len();
     faulty.reconnect();
     let refs: Vec<&Url> = urls.iter().collect();

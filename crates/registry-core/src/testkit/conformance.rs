@@ -724,7 +724,11 @@ pub async fn reregister_with_a_new_timestamp_replaces(h: &dyn Harness) {
     );
     ok("unregister with another timestamp", a.unregister(&v3).await);
     let seen = ok("lookup", b.lookup(&consumer(&s, "")).await);
-    assert!(seen.is_empty(), "no entry left after unregister: {:?}", full(seen));
+    assert!(
+        seen.is_empty(),
+        "no entry left after unregister: {:?}",
+        full(seen)
+    );
     a.destroy().await;
     b.destroy().await;
 }

@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{Notify, broadcast};
@@ -60,6 +60,7 @@ pub struct FaultyRegistry {
     release: Notify,
     calls: Mutex<HashMap<Op, u64>>,
     log: Mutex<Vec<(Op, std::time::Instant)>>,
+    returned: Mutex<HashMap<Op, u64>>,
     down: AtomicBool,
     events: broadcast::Sender<RegistryEvent>,
     passed: Mutex<Passed>,
@@ -80,6 +81,7 @@ impl FaultyRegistry {
             release: Notify::new(),
             calls: Mutex::default(),
             log: Mutex::default(),
+            returned: Mutex::default(),
             down: AtomicBool::new(false),
             passed: Mutex::default(),
         });
@@ -135,6 +137,12 @@ impl FaultyRegistry {
     /// How many times `op` was called (failed calls included).
     pub fn calls(&self, op: Op) -> u64 {
         lock(&self.calls).get(&op).copied().unwrap_or(0)
+    }
+
+    /// How many calls of `op` returned (failed ones included), as opposed to
+    /// [`FaultyRegistry::calls`], which counts them as they start.
+    pub fn returned(&self, op: Op) -> u64 {
+        lock(&self.returned).get(&op).copied().unwrap_or(0)
     }
 
     /// When each call of `op` was made, in order.
@@ -216,6 +224,18 @@ impl FaultyRegistry {
 
     /// Counts the call, applies its queued fault and says whether the reply is to be lost.
     async fn enter(&self, op: Op) -> Result<bool> {
+        let result = self.enter_inner(op).await;
+        if result.is_err() {
+            self.mark_returned(op);
+        }
+        result
+    }
+
+    fn mark_returned(&self, op: Op) {
+        *lock(&self.returned).entry(op).or_default() += 1;
+    }
+
+    async fn enter_inner(&self, op: Op) -> Result<bool> {
         *lock(&self.calls).entry(op).or_default() += 1;
         lock(&self.log).push((op, std::time::Instant::now()));
         if self.down.load(Ordering::SeqCst) {
@@ -224,7 +244,9 @@ impl FaultyRegistry {
                 reason: "disconnected by the fault injector".to_owned(),
             });
         }
-        let fault = lock(&self.faults).get_mut(&op).and_then(VecDeque::pop_front);
+        let fault = lock(&self.faults)
+            .get_mut(&op)
+            .and_then(VecDeque::pop_front);
         match fault {
             None => Ok(false),
             Some(Fault::Fail) => Err(self.injected(op)),
@@ -248,6 +270,7 @@ impl FaultyRegistry {
 
     /// The outcome of a call that reached the wrapped registry.
     fn leave<T>(&self, op: Op, lose: bool, value: T) -> Result<T> {
+        self.mark_returned(op);
         if lose {
             Err(self.injected(op))
         } else {
@@ -268,7 +291,10 @@ impl Registry for FaultyRegistry {
 
     async fn register(&self, url: &Url) -> Result<()> {
         let lose = self.enter(Op::Register).await?;
-        self.inner.register(url).await?;
+        self.inner
+            .register(url)
+            .await
+            .inspect_err(|_| self.mark_returned(Op::Register))?;
         {
             let mut p = lock(&self.passed);
             match p.registered.iter_mut().find(|u| *u == url) {
@@ -281,7 +307,10 @@ impl Registry for FaultyRegistry {
 
     async fn unregister(&self, url: &Url) -> Result<()> {
         let lose = self.enter(Op::Unregister).await?;
-        self.inner.unregister(url).await?;
+        self.inner
+            .unregister(url)
+            .await
+            .inspect_err(|_| self.mark_returned(Op::Unregister))?;
         lock(&self.passed).registered.retain(|u| u != url);
         self.leave(Op::Unregister, lose, ())
     }
@@ -307,6 +336,7 @@ impl Registry for FaultyRegistry {
                     .subscriptions
                     .retain(|(u, l)| !(u == url && listener_id(l) == id));
             }
+            self.mark_returned(Op::Subscribe);
             return Err(e);
         }
         self.leave(Op::Subscribe, lose, ())
@@ -314,7 +344,10 @@ impl Registry for FaultyRegistry {
 
     async fn unsubscribe(&self, url: &Url, listener: &Arc<dyn NotifyListener>) -> Result<()> {
         let lose = self.enter(Op::Unsubscribe).await?;
-        self.inner.unsubscribe(url, listener).await?;
+        self.inner
+            .unsubscribe(url, listener)
+            .await
+            .inspect_err(|_| self.mark_returned(Op::Unsubscribe))?;
         let id = listener_id(listener);
         lock(&self.passed)
             .subscriptions
@@ -324,7 +357,11 @@ impl Registry for FaultyRegistry {
 
     async fn lookup(&self, url: &Url) -> Result<Vec<Url>> {
         let lose = self.enter(Op::Lookup).await?;
-        let found = self.inner.lookup(url).await?;
+        let found = self
+            .inner
+            .lookup(url)
+            .await
+            .inspect_err(|_| self.mark_returned(Op::Lookup))?;
         self.leave(Op::Lookup, lose, found)
     }
 
