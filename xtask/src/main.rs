@@ -6,6 +6,8 @@
 //!   as root), exports their addresses, runs every test of the workspace, stops them.
 //! - `bench`: starts ZooKeeper and etcd, runs `registry-bench` in release mode against them
 //!   (ours against the raw clients; `--quick` for small sizes), stops them.
+//! - `soak [--cases N] [--time 10m] [--seed S]`: runs the reliability layer's randomized model
+//!   test (crates/registry-failback/tests/model.rs) in release mode for many cases.
 //! - `servers`: starts ZooKeeper and etcd, prints their addresses, runs until Ctrl-C.
 //! - `clippy`: `cargo clippy --workspace --all-targets -- -D warnings` (with `PROTOC` set).
 //! - `ci`: `cargo fmt --check`, `clippy`, then `test`.
@@ -16,12 +18,14 @@ use std::process::{Command, ExitCode};
 
 use registry_test_servers::{ETCD_ENV, Kind, REQUIRE_ENV, Server, ZOOKEEPER_ENV, ensure_installed};
 
-const USAGE: &str = "usage: cargo xtask <demo|test|bench|servers|clippy|ci> [args]
+const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|servers|clippy|ci> [args]
 
   demo   run examples/quickstart on memory:// (set REGISTRY_URL to use another backend)
   test   start ZooKeeper and etcd, run every test of the workspace against them, stop them
   bench  start ZooKeeper and etcd, benchmark ours against the raw clients on them, stop them
          (`--quick`: small sizes; results in target/bench/{results.jsonl,report.md})
+  soak   run the reliability layer's model test for many cases, in release mode
+         (`--cases 100000` (default) or `--time 10m`; `--seed S` to start from a seed)
   servers  start ZooKeeper and etcd on free loopback ports until Ctrl-C
   clippy cargo clippy on every target, warnings as errors
   ci     cargo fmt --check, cargo clippy -D warnings, then test";
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(&rest),
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
+        Some("soak") => soak(&rest),
         Some("servers") => servers(),
         Some("ci") => ci(&rest),
         Some("clippy") => clippy(&rest),
@@ -161,6 +166,70 @@ fn bench(rest: &[String]) -> Result<(), String> {
     let result = run(cmd);
     drop((zk, etcd));
     result
+}
+
+/// Runs the model test of registry-failback with a case count or a time budget. A failure
+/// prints the seed and the plan that reproduce it.
+fn soak(rest: &[String]) -> Result<(), String> {
+    let mut cases: Option<String> = None;
+    let mut time: Option<String> = None;
+    let mut seed: Option<String> = None;
+    let mut args = rest.iter();
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match a.as_str() {
+            "--cases" => {
+                let v = value("--cases")?;
+                v.parse::<u64>()
+                    .map_err(|_| format!("--cases takes a number, not `{v}`"))?;
+                cases = Some(v);
+            }
+            "--time" => {
+                let v = value("--time")?;
+                let d = humantime::parse_duration(&v)
+                    .map_err(|e| format!("--time takes a duration such as 90s or 10m: {e}"))?;
+                time = Some(d.as_secs().max(1).to_string());
+            }
+            "--seed" => {
+                let v = value("--seed")?;
+                v.parse::<u64>()
+                    .map_err(|_| format!("--seed takes a number, not `{v}`"))?;
+                seed = Some(v);
+            }
+            other => return Err(format!("soak: unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--release",
+        "--package",
+        "registry-failback",
+        "--test",
+        "model",
+        "--",
+        "--nocapture",
+    ]);
+    match (&time, &cases) {
+        (Some(t), _) => {
+            cmd.env("MODEL_TIME_SECS", t);
+        }
+        (None, Some(c)) => {
+            cmd.env("MODEL_CASES", c);
+        }
+        (None, None) => {
+            cmd.env("MODEL_CASES", "100000");
+        }
+    }
+    if let Some(s) = seed {
+        cmd.env("MODEL_SEED", s);
+    }
+    cmd.env("MODEL_PARALLEL", "32");
+    run(cmd)
 }
 
 fn servers() -> Result<(), String> {

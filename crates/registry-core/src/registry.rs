@@ -173,6 +173,10 @@ impl Notification {
 /// Receives notifications. Keep it short: a slow listener gets the latest list, not every
 /// intermediate one. Closures `Fn(Notification)` implement it.
 ///
+/// A listener must not block, least of all on the registry that calls it (for example by
+/// waiting inside `notify` for an `unsubscribe` of itself): `unsubscribe` and `destroy` wait
+/// for a running call only up to the registry's `timeout`, then log it and return.
+///
 /// Listeners are identified by identity: the same `Arc` is the same listener.
 pub trait NotifyListener: Send + Sync + 'static {
     /// Called with one category's full list.
