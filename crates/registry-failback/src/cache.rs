@@ -378,7 +378,15 @@ fn held_from_disk(revision: u64, urls: &[String]) -> Held {
 pub fn read_file(path: &Path) -> Result<Option<CacheFile>, String> {
     let text = match std::fs::read(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // No file, or no directory to hold one (the writer reports that).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None);
+        }
         Err(e) => return Err(format!("cannot read: {e}")),
     };
     let file: CacheFile =
