@@ -121,8 +121,6 @@ struct State {
 /// time (the final save at destroy waits for a save in progress, then writes what is newer).
 #[derive(Default)]
 struct WriterState {
-    /// Saves tried (a save with nothing to write is not one).
-    attempts: u64,
     /// The last save failed (and was warned about).
     failing: bool,
     /// Stray temporary files of killed writers were removed.
@@ -288,12 +286,6 @@ impl Cache {
         self.try_save().await;
     }
 
-    /// Saves tried so far (for tests).
-    #[cfg(test)]
-    pub(crate) fn attempts(&self) -> u64 {
-        lock(&self.writer).attempts
-    }
-
     /// Whether the lists that changed are on disk (or there was nothing to write).
     async fn try_save(&self) -> bool {
         let Some(path) = self.file.clone() else {
@@ -322,7 +314,6 @@ impl Cache {
             if taken.is_empty() {
                 return true;
             }
-            w.attempts += 1;
             tracing::debug!(file = %path.display(), lists = lists.len(), "saving the registry cache");
             match write_merged(&path, &label, &identity, lists, &mut w) {
                 Ok(()) => {
