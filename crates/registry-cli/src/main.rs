@@ -3,6 +3,7 @@
 //! ```text
 //! registryctl --registry zookeeper://127.0.0.1:2181 register 'tri://10.0.0.1:50051/com.foo.Greeter'
 //! registryctl --registry etcd://127.0.0.1:2379 watch 'consumer://10.0.0.9/com.foo.Greeter' --json
+//! registryctl --registry 'zookeeper://127.0.0.1:2181?check=false' watch 'consumer://10.0.0.9/com.foo.A' 'consumer://10.0.0.9/com.foo.B'
 //! ```
 //!
 //! `--registry` falls back to `REGISTRY_URL`. Bad input prints one line on stderr and exits
@@ -55,10 +56,11 @@ enum Command {
         /// The query (a consumer URL: interface, group, version, category...).
         url: String,
     },
-    /// Print every notification of a subscription.
+    /// Print every notification of one or more subscriptions.
     Watch {
-        /// The subscription URL.
-        url: String,
+        /// The subscription URLs.
+        #[arg(required = true)]
+        urls: Vec<String>,
         /// Exit after this many notifications.
         #[arg(long)]
         count: Option<u64>,
@@ -198,10 +200,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             reg.destroy().await;
             Ok(())
         }
-        Command::Watch { url, count, json } => {
-            let q = parse("subscription", &url)?;
+        Command::Watch { urls, count, json } => {
+            let queries: Vec<Url> = urls
+                .iter()
+                .map(|u| parse("subscription", u))
+                .collect::<Result<_, _>>()?;
             let reg = connect(registry).await?;
-            let mut stream = registry_core::subscribe_stream(reg.clone(), q).await?;
+            let mut streams = Vec::with_capacity(queries.len());
+            for q in queries {
+                streams.push(registry_core::subscribe_stream(reg.clone(), q).await?);
+            }
+            let mut stream = futures_util::stream::select_all(streams);
             let mut seen = 0u64;
             loop {
                 if count.is_some_and(|c| seen >= c) {
@@ -215,7 +224,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_notification(&n, json)?;
                 seen += 1;
             }
-            stream.unsubscribe().await?;
+            for s in stream {
+                s.unsubscribe().await?;
+            }
             reg.destroy().await;
             Ok(())
         }

@@ -68,8 +68,11 @@ impl FailbackConfig {
     }
 }
 
-/// The disk cache path: `file=<path>`, or one file per registry key under the user's cache
-/// directory; `None` when `file` is `false`, `0`, `N/A` or empty, or `file-cache=false`.
+/// The disk cache path: `file=<path>`, or one file per registry identity
+/// ([`cache_identity`]) in `rust-registry/` under the user's cache directory (for example
+/// `~/.cache/rust-registry/zookeeper-10.0.0.1_2181-<hash>.json`); `None` when `file` is
+/// `false`, `0`, `N/A` or empty, or `file-cache=false`, and when the user has no cache
+/// directory (a warning says so: there is no fallback to a shared temporary directory).
 pub fn cache_file(url: &Url) -> Option<PathBuf> {
     if !url.parameter_bool("file-cache", true) {
         return None;
@@ -78,28 +81,113 @@ pub fn cache_file(url: &Url) -> Option<PathBuf> {
         Some("" | "false" | "0" | "N/A") => None,
         Some(path) => Some(PathBuf::from(path)),
         None => {
-            let dir = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
-            // Address and group name the file; credentials never appear in it.
-            let mut name = url.address();
-            if let Some(g) = url.group() {
-                name.push('-');
-                name.push_str(g);
-            }
-            let name: String = name
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            Some(
-                dir.join("rust-registry")
-                    .join(format!("{}-{name}.json", url.protocol())),
-            )
+            let Some(dir) = dirs::cache_dir() else {
+                tracing::warn!(
+                    registry = %url.to_identity_string_redacted(),
+                    "no user cache directory (HOME and XDG_CACHE_HOME are unset): running without a disk cache; set file=<path> to have one"
+                );
+                return None;
+            };
+            Some(dir.join(CACHE_DIR).join(default_file_name(url)))
         }
+    }
+}
+
+/// The directory under the user's cache directory that holds the default cache files.
+pub const CACHE_DIR: &str = "rust-registry";
+
+/// Every address, lower-cased, sorted, without duplicates.
+fn sorted_addresses(url: &Url) -> Vec<String> {
+    let mut addresses: Vec<String> = url
+        .addresses()
+        .iter()
+        .map(|a| a.to_ascii_lowercase())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+/// What makes two registries different, as one string: the protocol, every address (main and
+/// `backup`, lower-cased, sorted), the path, the group (without leading or trailing `/`) and
+/// the user name. Never the password. Two registry URLs share a cache file exactly when this
+/// is equal; the file names it only through [`cache_key`], a hash.
+fn identity_string(url: &Url) -> String {
+    let addresses = sorted_addresses(url);
+    let group = url
+        .group()
+        .map(|g| g.trim().trim_matches('/'))
+        .filter(|g| !g.is_empty())
+        .unwrap_or("");
+    let user = url.username().unwrap_or("");
+    // Each part with its length, so no two different tuples make the same string.
+    let mut s = String::new();
+    for part in [
+        url.protocol(),
+        &addresses.join(","),
+        url.path().trim_matches('/'),
+        group,
+        user,
+    ] {
+        s.push_str(&part.len().to_string());
+        s.push(':');
+        s.push_str(part);
+        s.push('\n');
+    }
+    s
+}
+
+/// The hash (16 hex digits of SHA-256) of a registry's identity: protocol, every address,
+/// path, group and user name (never the password). The default cache file name ends with it,
+/// and the file records it, so a file is only ever read for the registry that wrote it.
+pub fn cache_key(url: &Url) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(identity_string(url).as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A readable label of a registry's identity, without user name or password:
+/// `protocol://address[,address...][/path][?group=g]`. Written into the cache file.
+pub fn cache_identity(url: &Url) -> String {
+    let mut s = format!("{}://{}", url.protocol(), sorted_addresses(url).join(","));
+    let path = url.path().trim_matches('/');
+    if !path.is_empty() {
+        s.push('/');
+        s.push_str(path);
+    }
+    if let Some(g) = url.group().filter(|g| !g.trim().is_empty()) {
+        s.push_str("?group=");
+        s.push_str(g.trim());
+    }
+    s
+}
+
+/// `<protocol>-<readable part>-<cache_key>.json`: the readable part is the first address in
+/// sorted order (or the path when there is none), cut to 40 characters, with every character
+/// but letters, digits, `.` and `-` made `_`.
+fn default_file_name(url: &Url) -> String {
+    let first = sorted_addresses(url)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| url.path().trim_matches('/').to_owned());
+    let safe = |s: &str, max: usize| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(max)
+            .collect()
+    };
+    let readable = safe(&first, 40);
+    let protocol = safe(url.protocol(), 20);
+    if readable.is_empty() {
+        format!("{protocol}-{}.json", cache_key(url))
+    } else {
+        format!("{protocol}-{readable}-{}.json", cache_key(url))
     }
 }
 
@@ -115,7 +203,13 @@ mod tests {
         assert_eq!(c.retry_times, None);
         assert!(!c.empty_protection);
         let f = c.cache_file.unwrap();
-        assert!(f.ends_with("rust-registry/zookeeper-h_2181.json"), "{f:?}");
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert!(
+            f.parent().unwrap().ends_with("rust-registry")
+                && name.starts_with("zookeeper-h_2181-")
+                && name.ends_with(".json"),
+            "{f:?}"
+        );
         let c = FailbackConfig::from_url(
             &"etcd://u:p@h:2379?check=false&retry.period=1000&retry.times=3&file=/tmp/x.json&group=g&enable-empty-protection=true"
                 .parse()
@@ -141,8 +235,73 @@ mod tests {
         }
         let g: Url = "zookeeper://u:secret@h:2181?group=g".parse().unwrap();
         let path = cache_file(&g).unwrap();
-        assert!(path.ends_with("zookeeper-h_2181-g.json"), "{path:?}");
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("zookeeper-h_2181-"), "{path:?}");
         assert!(!path.to_string_lossy().contains("secret"));
+    }
+
+    fn file_of(url: &str) -> PathBuf {
+        cache_file(&url.parse().unwrap()).unwrap()
+    }
+
+    /// Everything that makes two registries different gives them different files; what does
+    /// not (address order, a password, other parameters) does not.
+    #[test]
+    fn the_file_identity_covers_protocol_addresses_path_group_and_user() {
+        let base = "zookeeper://h1:2181?backup=h2:2181&group=g";
+        let different = [
+            "etcd://h1:2181?backup=h2:2181&group=g",
+            "zookeeper://h1:2181?group=g",
+            "zookeeper://h1:2181?backup=h3:2181&group=g",
+            "zookeeper://h1:2181/p?backup=h2:2181&group=g",
+            "zookeeper://h1:2181?backup=h2:2181&group=other",
+            "zookeeper://h1:2181?backup=h2:2181",
+            "zookeeper://alice@h1:2181?backup=h2:2181&group=g",
+            "localdir:///a",
+            "localdir:///b",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        assert!(seen.insert(file_of(base)));
+        for d in different {
+            assert!(
+                seen.insert(file_of(d)),
+                "{d} shares a file with another URL"
+            );
+        }
+        assert_ne!(
+            file_of("zookeeper://alice:pw@h:2181"),
+            file_of("zookeeper://bob:pw@h:2181"),
+            "users"
+        );
+        for same in [
+            "zookeeper://h2:2181?backup=h1:2181&group=g",
+            "zookeeper://H1:2181?backup=h2:2181&group=/g/",
+            "zookeeper://h1:2181?backup=h2:2181&group=g&session=5000&check=false&application=x",
+        ] {
+            assert_eq!(file_of(same), file_of(base), "{same}");
+        }
+        assert_eq!(
+            file_of("zookeeper://alice:one@h:2181"),
+            file_of("zookeeper://alice:two@h:2181"),
+            "the password is not part of the identity"
+        );
+        let named = file_of("zookeeper://alice:s3cret@h:2181");
+        let text = named.to_string_lossy();
+        assert!(
+            !text.contains("alice") && !text.contains("s3cret"),
+            "{text}"
+        );
+        let local = file_of("localdir:///tmp/shared/dir");
+        let name = local.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("localdir-tmp_shared_dir-"), "{name}");
+        assert_eq!(
+            cache_identity(
+                &"zookeeper://u:p@h1:2181?backup=h2:2181&group=g"
+                    .parse()
+                    .unwrap()
+            ),
+            "zookeeper://h1:2181,h2:2181?group=g"
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ mod retry;
 mod status;
 
 pub use cache::{CACHE_FORMAT, CacheFile, CachedList, read_file as read_cache_file};
-pub use config::{FailbackConfig, cache_file};
+pub use config::{FailbackConfig, cache_file, cache_identity, cache_key};
 pub use status::{Health, IntentStatus, ListStatus, RegistryStatus, SubscriptionStatus};
 
 use std::collections::HashMap;
