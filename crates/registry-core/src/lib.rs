@@ -55,7 +55,7 @@ pub use registry::{
     Notification, NotifyListener, Registry, RegistryEvent, RegistryFactory, Source, listener_id,
 };
 pub use stream::{NotificationStream, subscribe_stream};
-pub use url::Url;
+pub use url::{Parameters, Url};
 
 #[doc(hidden)]
 pub use inventory as __inventory;

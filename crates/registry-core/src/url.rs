@@ -89,15 +89,46 @@ pub const ALL_CATEGORIES: [&str; 4] = [
 /// # Ok::<(), registry_core::Error>(())
 /// ```
 ///
-/// A `Url` is a pointer to shared, immutable parts: cloning one (into a list, a cache, a
-/// notification) copies a pointer, and the builders copy the parts only when they are shared.
+/// A `Url` is a pointer to one shared, immutable allocation that holds its full string and
+/// the offsets of its parts: cloning one (into a list, a cache, a notification) copies a
+/// pointer, [`Url::to_full_string`] copies one string, and a parsed provider costs its full
+/// string plus 12 bytes per parameter. The builders make a new one.
 #[derive(Clone)]
 pub struct Url {
     d: Arc<UrlData>,
 }
 
-#[derive(Clone)]
+/// A range of [`UrlData::buf`].
+#[derive(Clone, Copy, Default)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+/// One parameter: the key is `buf[start..eq]`, the value `buf[eq + 1..end]`.
+#[derive(Clone, Copy)]
+struct Param {
+    start: u32,
+    eq: u32,
+    end: u32,
+}
+
+/// The compact form: the full string, and where each part of it is.
 struct UrlData {
+    buf: Box<str>,
+    protocol: Span,
+    username: Span,
+    password: Span,
+    host: Span,
+    port: u16,
+    path: Span,
+    /// Sorted by key.
+    params: Box<[Param]>,
+}
+
+/// The parts of a URL as owned values: what the parser and the builders work on.
+#[derive(Clone)]
+struct Parts {
     protocol: String,
     username: Option<String>,
     password: Option<String>,
@@ -105,6 +136,187 @@ struct UrlData {
     port: u16,
     path: String,
     params: BTreeMap<String, String>,
+}
+
+impl UrlData {
+    fn str(&self, s: Span) -> &str {
+        &self.buf[s.start as usize..s.end as usize]
+    }
+
+    fn opt(&self, s: Span) -> Option<&str> {
+        (s.end > s.start).then(|| self.str(s))
+    }
+
+    fn key(&self, p: &Param) -> &str {
+        &self.buf[p.start as usize..p.eq as usize]
+    }
+
+    fn value(&self, p: &Param) -> &str {
+        &self.buf[p.eq as usize + 1..p.end as usize]
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.params
+            .binary_search_by(|p| self.key(p).cmp(key))
+            .ok()
+            .map(|i| self.value(&self.params[i]))
+    }
+
+    /// Lays `p` out as its full string (CONTRACT §1) and records where each part is.
+    fn build(p: &Parts) -> UrlData {
+        let params_len: usize = p.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        let mut buf = String::with_capacity(
+            p.protocol.len() + p.host.len() + p.path.len() + params_len + 16,
+        );
+        let at = |buf: &String| u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        let push = |buf: &mut String, s: &str| -> Span {
+            let start = at(buf);
+            buf.push_str(s);
+            Span {
+                start,
+                end: at(buf),
+            }
+        };
+        let protocol = push(&mut buf, &p.protocol);
+        buf.push_str("://");
+        let (mut username, mut password) = (Span::default(), Span::default());
+        if p.username.is_some() || p.password.is_some() {
+            username = push(&mut buf, p.username.as_deref().unwrap_or(""));
+            if let Some(pw) = &p.password {
+                buf.push(':');
+                password = push(&mut buf, pw);
+            }
+            buf.push('@');
+        }
+        let host = push(&mut buf, &p.host);
+        if p.port != 0 {
+            buf.push(':');
+            buf.push_str(&p.port.to_string());
+        }
+        let mut path = Span::default();
+        if !p.path.is_empty() {
+            buf.push('/');
+            path = push(&mut buf, &p.path);
+        }
+        let mut params = Vec::with_capacity(p.params.len());
+        for (i, (k, v)) in p.params.iter().enumerate() {
+            buf.push(if i == 0 { '?' } else { '&' });
+            let start = at(&buf);
+            buf.push_str(k);
+            let eq = at(&buf);
+            buf.push('=');
+            buf.push_str(v);
+            params.push(Param {
+                start,
+                eq,
+                end: at(&buf),
+            });
+        }
+        UrlData {
+            buf: buf.into_boxed_str(),
+            protocol,
+            username,
+            password,
+            host,
+            port: p.port,
+            path,
+            params: params.into_boxed_slice(),
+        }
+    }
+
+    fn parts(&self) -> Parts {
+        Parts {
+            protocol: self.str(self.protocol).to_owned(),
+            username: self.opt(self.username).map(str::to_owned),
+            password: self.opt(self.password).map(str::to_owned),
+            host: self.str(self.host).to_owned(),
+            port: self.port,
+            path: self.str(self.path).to_owned(),
+            params: self
+                .params
+                .iter()
+                .map(|p| (self.key(p).to_owned(), self.value(p).to_owned()))
+                .collect(),
+        }
+    }
+}
+
+/// The parameters of a [`Url`], sorted by key: a view into the URL, compared with and
+/// convertible to a `BTreeMap`.
+#[derive(Clone, Copy)]
+pub struct Parameters<'a> {
+    d: &'a UrlData,
+}
+
+impl<'a> Parameters<'a> {
+    /// The value of `key` (no `default.` fallback; see [`Url::parameter`]).
+    pub fn get(&self, key: &str) -> Option<&'a str> {
+        self.d.get(key)
+    }
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.d.get(key).is_some()
+    }
+    /// How many parameters there are.
+    pub fn len(&self) -> usize {
+        self.d.params.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.d.params.is_empty()
+    }
+    /// `(key, value)` pairs in key order.
+    pub fn iter(self) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        let d = self.d;
+        d.params.iter().map(move |p| (d.key(p), d.value(p)))
+    }
+    /// The keys in order.
+    pub fn keys(self) -> impl Iterator<Item = &'a str> + 'a {
+        let d = self.d;
+        d.params.iter().map(move |p| d.key(p))
+    }
+    /// A copy as a map.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+}
+
+impl<'a> IntoIterator for Parameters<'a> {
+    type Item = (&'a str, &'a str);
+    type IntoIter = Box<dyn Iterator<Item = (&'a str, &'a str)> + 'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl PartialEq for Parameters<'_> {
+    fn eq(&self, other: &Parameters<'_>) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl PartialEq<BTreeMap<String, String>> for Parameters<'_> {
+    fn eq(&self, other: &BTreeMap<String, String>) -> bool {
+        self.len() == other.len()
+            && self
+                .iter()
+                .zip(other.iter())
+                .all(|((a, b), (c, d))| a == c && b == d)
+    }
+}
+
+impl PartialEq<&BTreeMap<String, String>> for Parameters<'_> {
+    fn eq(&self, other: &&BTreeMap<String, String>) -> bool {
+        *self == **other
+    }
+}
+
+impl fmt::Debug for Parameters<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
 }
 
 impl Url {
@@ -116,17 +328,28 @@ impl Url {
         path: impl Into<String>,
     ) -> Url {
         let path: String = path.into();
+        Url::from_parts(&Parts {
+            protocol: protocol.into(),
+            username: None,
+            password: None,
+            host: host.into(),
+            port,
+            path: path.trim_start_matches('/').to_owned(),
+            params: BTreeMap::new(),
+        })
+    }
+
+    fn from_parts(p: &Parts) -> Url {
         Url {
-            d: Arc::new(UrlData {
-                protocol: protocol.into(),
-                username: None,
-                password: None,
-                host: host.into(),
-                port,
-                path: path.trim_start_matches('/').to_owned(),
-                params: BTreeMap::new(),
-            }),
+            d: Arc::new(UrlData::build(p)),
         }
+    }
+
+    /// A new URL from this one's parts changed by `f`.
+    fn edit(self, f: impl FnOnce(&mut Parts)) -> Url {
+        let mut p = self.d.parts();
+        f(&mut p);
+        Url::from_parts(&p)
     }
 
     /// Parses a URL in Dubbo's form; see the module documentation.
@@ -217,17 +440,15 @@ impl Url {
             }
             params.insert(BACKUP_KEY.to_owned(), backup.join(","));
         }
-        Ok(Url {
-            d: Arc::new(UrlData {
-                protocol: protocol.to_owned(),
-                username: username.filter(|u| !u.is_empty()),
-                password: password.filter(|p| !p.is_empty()),
-                host,
-                port,
-                path: path.to_owned(),
-                params,
-            }),
-        })
+        Ok(Url::from_parts(&Parts {
+            protocol: protocol.to_owned(),
+            username: username.filter(|u| !u.is_empty()),
+            password: password.filter(|p| !p.is_empty()),
+            host,
+            port,
+            path: path.to_owned(),
+            params,
+        }))
     }
 
     /// Decodes a node name (`encode(url.to_full_string())`) and parses it.
@@ -238,17 +459,12 @@ impl Url {
     /// The full string: protocol, credentials, host, `:port` when set, `/path`, then every
     /// parameter as `?k=v&...` in key order. Values are written as they are.
     pub fn to_full_string(&self) -> String {
-        let mut s = String::with_capacity(64 + self.d.params.len() * 24);
-        self.write_base(&mut s, true);
-        let mut first = true;
-        for (k, v) in &self.d.params {
-            s.push(if first { '?' } else { '&' });
-            first = false;
-            s.push_str(k);
-            s.push('=');
-            s.push_str(v);
-        }
-        s
+        self.d.buf.to_string()
+    }
+
+    /// [`Url::to_full_string`] without a copy.
+    pub fn as_full_str(&self) -> &str {
+        &self.d.buf
     }
 
     /// `protocol://[user[:pass]@]host[:port][/path]`, without parameters.
@@ -262,8 +478,8 @@ impl Url {
     /// messages and logs.
     pub fn to_identity_string_redacted(&self) -> String {
         let mut s = String::new();
-        if let Some(u) = &self.d.username {
-            s.push_str(&self.d.protocol);
+        if let Some(u) = self.username() {
+            s.push_str(self.protocol());
             s.push_str("://");
             s.push_str(u);
             s.push('@');
@@ -277,42 +493,42 @@ impl Url {
     }
 
     fn write_base(&self, s: &mut String, credentials: bool) {
-        s.push_str(&self.d.protocol);
+        s.push_str(self.protocol());
         s.push_str("://");
-        if credentials && (self.d.username.is_some() || self.d.password.is_some()) {
-            s.push_str(self.d.username.as_deref().unwrap_or(""));
-            if let Some(p) = &self.d.password {
+        if credentials && (self.username().is_some() || self.password().is_some()) {
+            s.push_str(self.username().unwrap_or(""));
+            if let Some(p) = self.password() {
                 s.push(':');
                 s.push_str(p);
             }
             s.push('@');
         }
-        s.push_str(&self.d.host);
+        s.push_str(self.host());
         if self.d.port != 0 {
             s.push(':');
             s.push_str(&self.d.port.to_string());
         }
-        if !self.d.path.is_empty() {
+        if !self.path().is_empty() {
             s.push('/');
-            s.push_str(&self.d.path);
+            s.push_str(self.path());
         }
     }
 
     /// The protocol (scheme).
     pub fn protocol(&self) -> &str {
-        &self.d.protocol
+        self.d.str(self.d.protocol)
     }
     /// The user name, if any.
     pub fn username(&self) -> Option<&str> {
-        self.d.username.as_deref()
+        self.d.opt(self.d.username)
     }
     /// The password, if any.
     pub fn password(&self) -> Option<&str> {
-        self.d.password.as_deref()
+        self.d.opt(self.d.password)
     }
     /// The host (empty when none).
     pub fn host(&self) -> &str {
-        &self.d.host
+        self.d.str(self.d.host)
     }
     /// The port; 0 when none was given.
     pub fn port(&self) -> u16 {
@@ -320,23 +536,23 @@ impl Url {
     }
     /// The path, without the leading `/`.
     pub fn path(&self) -> &str {
-        &self.d.path
+        self.d.str(self.d.path)
     }
     /// `host:port`, or `host` when there is no port.
     pub fn address(&self) -> String {
         if self.d.port == 0 {
-            self.d.host.clone()
+            self.host().to_owned()
         } else {
-            format!("{}:{}", self.d.host, self.d.port)
+            format!("{}:{}", self.host(), self.d.port)
         }
     }
     /// The main address followed by every `backup` address, as `host[:port]` strings.
     pub fn addresses(&self) -> Vec<String> {
         let mut all = Vec::new();
-        if !self.d.host.is_empty() {
+        if !self.host().is_empty() {
             all.push(self.address());
         }
-        if let Some(b) = self.d.params.get(BACKUP_KEY) {
+        if let Some(b) = self.d.get(BACKUP_KEY) {
             all.extend(
                 b.split(',')
                     .map(str::trim)
@@ -349,17 +565,17 @@ impl Url {
 
     /// Whether the host is `0.0.0.0` or `anyhost=true` is set.
     pub fn is_anyhost(&self) -> bool {
-        self.d.host == ANYHOST_VALUE || self.parameter_bool(ANYHOST_KEY, false)
+        self.host() == ANYHOST_VALUE || self.parameter_bool(ANYHOST_KEY, false)
     }
 
     /// The parameters, sorted by key.
-    pub fn parameters(&self) -> &BTreeMap<String, String> {
-        &self.d.params
+    pub fn parameters(&self) -> Parameters<'_> {
+        Parameters { d: &self.d }
     }
 
     /// The value of `key`; when absent, the value of `default.<key>`.
     pub fn parameter(&self, key: &str) -> Option<&str> {
-        if let Some(v) = self.d.params.get(key) {
+        if let Some(v) = self.d.get(key) {
             return Some(v);
         }
         if key.starts_with(DEFAULT_KEY_PREFIX) {
@@ -368,7 +584,7 @@ impl Url {
         let mut dk = String::with_capacity(DEFAULT_KEY_PREFIX.len() + key.len());
         dk.push_str(DEFAULT_KEY_PREFIX);
         dk.push_str(key);
-        self.d.params.get(&dk).map(String::as_str)
+        self.d.get(&dk)
     }
 
     /// The value of `key` (or `default.<key>`), or `default` when absent or empty.
@@ -405,7 +621,7 @@ impl Url {
     pub fn service_interface(&self) -> &str {
         match self.parameter(INTERFACE_KEY) {
             Some(i) if !i.is_empty() => i,
-            _ => &self.d.path,
+            _ => self.path(),
         }
     }
     /// Parameter `group`.
@@ -479,7 +695,7 @@ impl Url {
 
     /// Whether this is an `empty://` marker.
     pub fn is_empty_marker(&self) -> bool {
-        self.d.protocol == EMPTY_PROTOCOL
+        self.protocol() == EMPTY_PROTOCOL
     }
 
     /// The marker notified for an empty category: this subscription URL with protocol
@@ -506,51 +722,51 @@ impl Url {
 
     /// Replaces the protocol.
     #[must_use]
-    pub fn with_protocol(mut self, protocol: impl Into<String>) -> Url {
-        Arc::make_mut(&mut self.d).protocol = protocol.into();
-        self
+    pub fn with_protocol(self, protocol: impl Into<String>) -> Url {
+        let protocol = protocol.into();
+        self.edit(|p| p.protocol = protocol)
     }
     /// Replaces the credentials (`None` removes them).
     #[must_use]
-    pub fn with_credentials(mut self, username: Option<&str>, password: Option<&str>) -> Url {
-        Arc::make_mut(&mut self.d).username = username.filter(|s| !s.is_empty()).map(str::to_owned);
-        Arc::make_mut(&mut self.d).password = password.filter(|s| !s.is_empty()).map(str::to_owned);
-        self
+    pub fn with_credentials(self, username: Option<&str>, password: Option<&str>) -> Url {
+        self.edit(|p| {
+            p.username = username.filter(|s| !s.is_empty()).map(str::to_owned);
+            p.password = password.filter(|s| !s.is_empty()).map(str::to_owned);
+        })
     }
     /// Replaces the host.
     #[must_use]
-    pub fn with_host(mut self, host: impl Into<String>) -> Url {
-        Arc::make_mut(&mut self.d).host = host.into();
-        self
+    pub fn with_host(self, host: impl Into<String>) -> Url {
+        let host = host.into();
+        self.edit(|p| p.host = host)
     }
     /// Replaces the port (0 for none).
     #[must_use]
-    pub fn with_port(mut self, port: u16) -> Url {
-        Arc::make_mut(&mut self.d).port = port;
-        self
+    pub fn with_port(self, port: u16) -> Url {
+        self.edit(|p| p.port = port)
     }
     /// Replaces the path (a leading `/` is dropped).
     #[must_use]
-    pub fn with_path(mut self, path: impl Into<String>) -> Url {
-        let p: String = path.into();
-        Arc::make_mut(&mut self.d).path = p.trim_start_matches('/').to_owned();
-        self
+    pub fn with_path(self, path: impl Into<String>) -> Url {
+        let path: String = path.into();
+        self.edit(|p| p.path = path.trim_start_matches('/').to_owned())
     }
     /// Sets a parameter. An empty key is ignored, as the parser drops it.
     #[must_use]
-    pub fn with_parameter(mut self, key: impl Into<String>, value: impl Into<String>) -> Url {
+    pub fn with_parameter(self, key: impl Into<String>, value: impl Into<String>) -> Url {
         let key: String = key.into();
-        if !key.is_empty() {
-            Arc::make_mut(&mut self.d)
-                .params
-                .insert(key, value.into().trim().to_owned());
+        if key.is_empty() {
+            return self;
         }
-        self
+        let value = value.into().trim().to_owned();
+        self.edit(|p| {
+            p.params.insert(key, value);
+        })
     }
     /// Sets a parameter unless it is already present.
     #[must_use]
     pub fn with_parameter_if_absent(self, key: &str, value: impl Into<String>) -> Url {
-        if self.d.params.contains_key(key) {
+        if self.d.get(key).is_some() {
             self
         } else {
             self.with_parameter(key, value)
@@ -558,36 +774,44 @@ impl Url {
     }
     /// Sets several parameters.
     #[must_use]
-    pub fn with_parameters<K, V>(mut self, params: impl IntoIterator<Item = (K, V)>) -> Url
+    pub fn with_parameters<K, V>(self, params: impl IntoIterator<Item = (K, V)>) -> Url
     where
         K: Into<String>,
         V: Into<String>,
     {
-        for (k, v) in params {
-            self = self.with_parameter(k, v);
-        }
-        self
+        self.edit(|p| {
+            for (k, v) in params {
+                let k: String = k.into();
+                if !k.is_empty() {
+                    p.params.insert(k, v.into().trim().to_owned());
+                }
+            }
+        })
     }
     /// Removes a parameter.
     #[must_use]
-    pub fn without_parameter(mut self, key: &str) -> Url {
-        Arc::make_mut(&mut self.d).params.remove(key);
-        self
+    pub fn without_parameter(self, key: &str) -> Url {
+        if self.d.get(key).is_none() {
+            return self;
+        }
+        self.edit(|p| {
+            p.params.remove(key);
+        })
     }
     /// Removes several parameters.
     #[must_use]
-    pub fn without_parameters<'k>(mut self, keys: impl IntoIterator<Item = &'k str>) -> Url {
-        for k in keys {
-            Arc::make_mut(&mut self.d).params.remove(k);
-        }
-        self
+    pub fn without_parameters<'k>(self, keys: impl IntoIterator<Item = &'k str>) -> Url {
+        self.edit(|p| {
+            for k in keys {
+                p.params.remove(k);
+            }
+        })
     }
 
-    fn eq_key(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.d
-            .params
+    fn eq_key(&self) -> impl Iterator<Item = (&str, &str)> {
+        Parameters { d: &self.d }
             .iter()
-            .filter(|(k, _)| k.as_str() != TIMESTAMP_KEY)
+            .filter(|(k, _)| *k != TIMESTAMP_KEY)
     }
 }
 
@@ -688,12 +912,12 @@ impl PartialEq for Url {
         if Arc::ptr_eq(&self.d, &other.d) {
             return true;
         }
-        self.d.protocol == other.d.protocol
-            && self.d.username == other.d.username
-            && self.d.password == other.d.password
-            && self.d.host == other.d.host
+        self.protocol() == other.protocol()
+            && self.username() == other.username()
+            && self.password() == other.password()
+            && self.host() == other.host()
             && self.d.port == other.d.port
-            && self.d.path == other.d.path
+            && self.path() == other.path()
             && self.eq_key().eq(other.eq_key())
     }
 }
@@ -701,12 +925,12 @@ impl Eq for Url {}
 
 impl Hash for Url {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.d.protocol.hash(state);
-        self.d.username.hash(state);
-        self.d.password.hash(state);
-        self.d.host.hash(state);
+        self.protocol().hash(state);
+        self.username().hash(state);
+        self.password().hash(state);
+        self.host().hash(state);
         self.d.port.hash(state);
-        self.d.path.hash(state);
+        self.path().hash(state);
         for (k, v) in self.eq_key() {
             k.hash(state);
             v.hash(state);
@@ -730,26 +954,25 @@ impl TryFrom<&str> for Url {
 
 impl fmt::Display for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_full_string())
+        f.write_str(&self.d.buf)
     }
 }
 
 impl fmt::Debug for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the password in logs.
-        let shown = if self.d.password.is_some() {
-            self.clone()
-                .with_credentials(self.d.username.as_deref(), Some("***"))
+        if self.password().is_some() {
+            let shown = self.clone().with_credentials(self.username(), Some("***"));
+            write!(f, "Url({})", shown.as_full_str())
         } else {
-            self.clone()
-        };
-        write!(f, "Url({})", shown.to_full_string())
+            write!(f, "Url({})", self.as_full_str())
+        }
     }
 }
 
 impl serde::Serialize for Url {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_full_string())
+        s.serialize_str(self.as_full_str())
     }
 }
 
