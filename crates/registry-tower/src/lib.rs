@@ -4,7 +4,7 @@
 //! always talks to the current providers of a service: [`discover`] turns each notification
 //! (a full list) into [`Change::Insert`] / [`Change::Remove`] of tower services, which
 //! `tower::balance` (or anything else that reads a `Discover`) balances over. With the
-//! `tonic` feature, [`balance_channel`] returns a `tonic::transport::Channel` kept in sync with
+//! `tonic` feature, `balance_channel` returns a `tonic::transport::Channel` kept in sync with
 //! the providers.
 //!
 //! ```
@@ -83,7 +83,9 @@ pub use tower::discover::Change;
 #[cfg(feature = "tonic")]
 mod channel;
 #[cfg(feature = "tonic")]
-pub use channel::{BalancedChannel, UnsupportedProvider, balance_channel, balance_channel_with, endpoint_for};
+pub use channel::{
+    BalancedChannel, UnsupportedProvider, balance_channel, balance_channel_with, endpoint_for,
+};
 
 /// The identity of a provider: protocol, host, port and path. Its `Display` is
 /// `protocol://host:port/path`.
@@ -129,7 +131,11 @@ impl ProviderKey {
 
 impl fmt::Display for ProviderKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}:{}/{}", self.protocol, self.host, self.port, self.path)
+        write!(
+            f,
+            "{}://{}:{}/{}",
+            self.protocol, self.host, self.port, self.path
+        )
     }
 }
 
@@ -423,7 +429,10 @@ mod tests {
         let mut set = ProviderSet::new();
         assert_eq!(set.apply(&live(&[A, B])).len(), 2);
         assert!(set.apply(&live(&[A, B])).is_empty());
-        assert!(set.apply(&live(&[B, A])).is_empty(), "order does not matter");
+        assert!(
+            set.apply(&live(&[B, A])).is_empty(),
+            "order does not matter"
+        );
         assert_eq!(set.providers(), [url(A), url(B)]);
     }
 
@@ -452,10 +461,7 @@ mod tests {
         assert_eq!(shown(&changes), [format!("+{a2}")]);
         assert_eq!(set.len(), 2);
         // The next live list is applied in full.
-        assert_eq!(
-            shown(&set.apply(&live(&[a2]))),
-            ["-tri://10.0.0.2:50051/S"]
-        );
+        assert_eq!(shown(&set.apply(&live(&[a2]))), ["-tri://10.0.0.2:50051/S"]);
     }
 
     #[test]

@@ -36,7 +36,7 @@ async fn the_channel_follows_the_providers_and_unsubscribes_when_dropped() {
             .unwrap();
     // The first list is in when it returns; the TLS provider is refused by `endpoint_for`.
     let mut providers = balanced.providers();
-    assert_eq!(*providers.borrow_and_update(), [a.clone()]);
+    assert_eq!(*providers.borrow_and_update(), std::slice::from_ref(&a));
 
     let b = url(&format!("grpc://127.0.0.1:3/{s}?interface={s}"));
     registry.register(&b).await.unwrap();
@@ -49,9 +49,11 @@ async fn the_channel_follows_the_providers_and_unsubscribes_when_dropped() {
 
     assert_eq!(faulty.subscription_count(), 1);
     drop(balanced);
-    wait_until("the subscription to end with the channel", DEADLINE, || async {
-        faulty.subscription_count() == 0
-    })
+    wait_until(
+        "the subscription to end with the channel",
+        DEADLINE,
+        || async { faulty.subscription_count() == 0 },
+    )
     .await;
     registry.destroy().await;
 }

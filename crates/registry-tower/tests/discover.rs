@@ -113,7 +113,10 @@ async fn the_function_builds_the_service_and_may_refuse_one() {
     // the good one's.
     registry.unregister(&refused).await.unwrap();
     registry.unregister(&good).await.unwrap();
-    assert_eq!(next(&mut d, u16::to_string).await, format!("-{}", key(&good)));
+    assert_eq!(
+        next(&mut d, u16::to_string).await,
+        format!("-{}", key(&good))
+    );
     registry.destroy().await;
 }
 
@@ -145,7 +148,11 @@ async fn disabled_providers_get_no_traffic_even_for_enabled_star() {
 async fn empty_protection_keeps_the_last_providers() {
     for protected in [true, false] {
         let registry = memory(
-            if protected { "protected" } else { "unprotected" },
+            if protected {
+                "protected"
+            } else {
+                "unprotected"
+            },
             &format!("enable-empty-protection={protected}"),
         )
         .await;
@@ -191,7 +198,11 @@ async fn cache_lists_never_remove() {
         Source::Cache,
     ));
     assert_eq!(next(&mut d, Url::to_string).await, format!("+{b}"));
-    assert_eq!(d.providers().len(), 2, "a is kept: the cache does not remove");
+    assert_eq!(
+        d.providers().len(),
+        2,
+        "a is kept: the cache does not remove"
+    );
 
     // A live change: the list is [a, c], so the cache-only b is removed.
     let c = provider(&s, 3, "");
@@ -261,7 +272,11 @@ async fn a_tower_balancer_follows_the_providers() {
     let start = tokio::time::Instant::now();
     while in_a_row < 50 {
         assert!(start.elapsed() < DEADLINE, "a is still called");
-        in_a_row = if call().await == 1002 { in_a_row + 1 } else { 0 };
+        in_a_row = if call().await == 1002 {
+            in_a_row + 1
+        } else {
+            0
+        };
         tokio::task::yield_now().await;
     }
     registry.destroy().await;

@@ -142,7 +142,9 @@ fn server(registry: &str) -> (Proc, u16) {
         registry,
         &["--port", &port.to_string()],
     );
-    let line = p.wait_for("registered line", DEADLINE, |l| l.starts_with("registered "));
+    let line = p.wait_for("registered line", DEADLINE, |l| {
+        l.starts_with("registered ")
+    });
     let want = format!("registered tri://127.0.0.1:{port}/helloworld.Greeter?");
     assert!(p.seen[line].starts_with(&want), "{}", p.seen[line]);
     (p, port)
@@ -178,11 +180,9 @@ fn scenario(registry: &str) {
     a.signal("KILL");
     a.wait_exit();
     let killed = Instant::now();
-    let dropped = client.wait_for(
-        "list without the killed server",
-        EXPIRY_DEADLINE,
-        |l| is_providers_line_without(l, pa),
-    );
+    let dropped = client.wait_for("list without the killed server", EXPIRY_DEADLINE, |l| {
+        is_providers_line_without(l, pa)
+    });
     eprintln!(
         "{registry}: the killed server left the client's list after {:?}",
         killed.elapsed()
@@ -200,7 +200,9 @@ fn scenario(registry: &str) {
 
     // SIGTERM: unregister, drain, stop; nothing fails.
     b.signal("TERM");
-    b.wait_for("unregistered line", DEADLINE, |l| l.starts_with("unregistered "));
+    b.wait_for("unregistered line", DEADLINE, |l| {
+        l.starts_with("unregistered ")
+    });
     client.wait_for("list without the stopped server", DEADLINE, |l| {
         is_providers_line_without(l, pb)
     });
@@ -274,7 +276,14 @@ fn the_client_exits_0_after_n_requests() {
         .env_remove("REGISTRY_URL")
         .arg("--registry")
         .arg(format!("localdir://{}?file=false", dir.path().display()))
-        .args(["--requests", "3", "--interval", "10ms", "--timeout", "200ms"])
+        .args([
+            "--requests",
+            "3",
+            "--interval",
+            "10ms",
+            "--timeout",
+            "200ms",
+        ])
         .output()
         .expect("run greeter-client");
     assert!(out.status.success(), "{out:?}");
@@ -287,13 +296,32 @@ fn the_client_exits_0_after_n_requests() {
 #[test]
 fn bad_input_is_one_line_and_exit_2() {
     let cases: [(&str, &[&str], &str); 5] = [
-        ("greeter-client", &["--registry", "localdir:///tmp/x", "--requests", "x"], "--requests"),
-        ("greeter-client", &["--requests", "1"], "--registry"),
-        ("greeter-client", &["--registry", "nosuch://h:1", "--requests", "1"], "nosuch"),
-        ("greeter-server", &["--registry", "localdir:///tmp/x", "--port", "0"], "--port"),
         (
             "greeter-client",
-            &["--registry", "localdir:///tmp/x", "--requests", "1", "--interval", "soon"],
+            &["--registry", "localdir:///tmp/x", "--requests", "x"],
+            "--requests",
+        ),
+        ("greeter-client", &["--requests", "1"], "--registry"),
+        (
+            "greeter-client",
+            &["--registry", "nosuch://h:1", "--requests", "1"],
+            "nosuch",
+        ),
+        (
+            "greeter-server",
+            &["--registry", "localdir:///tmp/x", "--port", "0"],
+            "--port",
+        ),
+        (
+            "greeter-client",
+            &[
+                "--registry",
+                "localdir:///tmp/x",
+                "--requests",
+                "1",
+                "--interval",
+                "soon",
+            ],
             "--interval",
         ),
     ];
