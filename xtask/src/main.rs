@@ -225,9 +225,15 @@ fn soak(rest: &[String]) -> Result<(), String> {
             cmd.env("MODEL_CASES", "100000");
         }
     }
-    if let Some(s) = seed {
-        cmd.env("MODEL_SEED", s);
-    }
+    // Each soak starts somewhere new unless told where.
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())
+            .to_string()
+    });
+    println!("soak: first seed {seed}");
+    cmd.env("MODEL_SEED", seed);
     cmd.env("MODEL_PARALLEL", "32");
     run(cmd)
 }

@@ -158,6 +158,14 @@ impl Delivery {
         }
     }
 
+    /// [`Delivery::flush`] bounded by `limit`: `true` when everything pushed before was
+    /// delivered in time.
+    pub async fn flush_within(&self, limit: std::time::Duration) -> bool {
+        tokio::time::timeout(limit, self.flush_handle())
+            .await
+            .is_ok()
+    }
+
     /// The last list delivered for each (service, category).
     pub fn last_delivered(&self) -> Vec<Notification> {
         lock(&self.inner.state)

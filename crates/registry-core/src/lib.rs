@@ -89,7 +89,7 @@ pub fn check_accepts(registry: &Url, url: &Url) -> Result<()> {
         Ok(())
     } else {
         Err(Error::NotAccepted {
-            url: url.to_full_string(),
+            url: url.to_redacted_string(),
             accepts: accepts.to_owned(),
         })
     }

@@ -99,7 +99,7 @@ impl RegistryManager {
         validate_registry_url(&url)?;
         let factory = factory_for(url.protocol())?;
         let key = registry_key(&url);
-        loop {
+        for _ in 0..2 {
             let slot = {
                 let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
                 slots.entry(key.clone()).or_default().clone()
@@ -116,6 +116,9 @@ impl RegistryManager {
                 slots.remove(&key);
             }
         }
+        Err(Error::Destroyed {
+            registry: url.to_identity_string_redacted(),
+        })
     }
 
     /// The registries built so far.

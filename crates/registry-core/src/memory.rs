@@ -246,7 +246,7 @@ impl Registry for MemoryRegistry {
                 listener,
                 DeliveryOptions {
                     empty_protection: self.url.parameter_bool("enable-empty-protection", false),
-                    label: url.to_full_string(),
+                    label: url.to_redacted_string(),
                 },
             ),
             known: HashSet::new(),

@@ -160,7 +160,7 @@ impl Drop for NotificationStream {
         if let (Some((reg, url, listener)), Some(rt)) = (self.subscription.take(), &self.runtime) {
             rt.spawn(async move {
                 if let Err(e) = reg.unsubscribe(&url, &listener).await {
-                    tracing::debug!(%url, error = %e, "unsubscribe of a dropped notification stream failed");
+                    tracing::debug!(url = %url.to_redacted_string(), error = %e, "unsubscribe of a dropped notification stream failed");
                 }
             });
         }

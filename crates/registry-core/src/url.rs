@@ -165,9 +165,8 @@ impl UrlData {
     /// Lays `p` out as its full string (CONTRACT §1) and records where each part is.
     fn build(p: &Parts) -> UrlData {
         let params_len: usize = p.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-        let mut buf = String::with_capacity(
-            p.protocol.len() + p.host.len() + p.path.len() + params_len + 16,
-        );
+        let mut buf =
+            String::with_capacity(p.protocol.len() + p.host.len() + p.path.len() + params_len + 16);
         let at = |buf: &String| u32::try_from(buf.len()).unwrap_or(u32::MAX);
         let push = |buf: &mut String, s: &str| -> Span {
             let start = at(buf);
@@ -460,6 +459,18 @@ impl Url {
     /// parameter as `?k=v&...` in key order. Values are written as they are.
     pub fn to_full_string(&self) -> String {
         self.d.buf.to_string()
+    }
+
+    /// The full string with the password, if any, shown as `***`: for logs, labels and error
+    /// messages.
+    pub fn to_redacted_string(&self) -> String {
+        match self.password() {
+            Some(_) => self
+                .clone()
+                .with_credentials(self.username(), Some("***"))
+                .to_full_string(),
+            None => self.to_full_string(),
+        }
     }
 
     /// [`Url::to_full_string`] without a copy.
@@ -872,7 +883,9 @@ fn credentials_end(s: &str) -> Option<usize> {
 /// Redacts a password from `input` for an error message: everything between the first `:`
 /// of the credentials and their `@` becomes `***`. `None` when there is nothing to redact.
 pub(crate) fn redact_credentials(input: &str) -> Option<String> {
-    let start = input.find("://")? + 3;
+    // Without `://` (a typo such as `zookeeper:/u:p@h`, or no scheme at all) the credentials
+    // may still be there: look from the start.
+    let start = input.find("://").map_or(0, |i| i + 3);
     // The last `@` anywhere after the scheme: a password may hold `/`, `?` or `#`, and the
     // message must not show any of it, even when the URL cannot be parsed.
     let at = start + input[start..].rfind('@')?;
@@ -961,12 +974,7 @@ impl fmt::Display for Url {
 impl fmt::Debug for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the password in logs.
-        if self.password().is_some() {
-            let shown = self.clone().with_credentials(self.username(), Some("***"));
-            write!(f, "Url({})", shown.as_full_str())
-        } else {
-            write!(f, "Url({})", self.as_full_str())
-        }
+        write!(f, "Url({})", self.to_redacted_string())
     }
 }
 

@@ -443,10 +443,21 @@ mod url_test {
             "10.20.130.230:20880",
             "10.20.130.230/context/path",
             "10.20.130.230:20880/context/path",
-            "admin:hello1234@10.20.130.230:20880/context/path?version=1.0.0&application=morgan",
         ] {
             assert_invalid(input);
         }
+        // With credentials the error quotes the input with the password redacted.
+        let e = Url::parse(
+            "admin:hello1234@10.20.130.230:20880/context/path?version=1.0.0&application=morgan",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::InvalidUrl { .. }), "{e:?}");
+        assert!(!msg.contains("hello1234"), "{msg}");
+        assert!(
+            msg.contains("admin:***@10.20.130.230:20880/context/path"),
+            "{msg}"
+        );
     }
 
     // URLTest.test_valueOf_noHost

@@ -151,6 +151,8 @@ fn a_password_never_shows_in_a_parse_error() {
         "zookeeper://admin:s3cr3t@h1:notaport",
         "zookeeper://admin:s3/cr3t@h1:2181",
         "etcd://u:s3cr3t@h1:2379,h2:x",
+        "zookeeper:/admin:s3cr3t@zk1:2181",
+        "admin:s3cr3t@zk1:2181",
     ] {
         let e = bad.parse::<Url>().unwrap_err().to_string();
         assert!(!e.contains("s3cr3t") && !e.contains("cr3t"), "{e}");

@@ -406,7 +406,7 @@ impl Registry for EtcdRegistry {
                     listener,
                     DeliveryOptions {
                         empty_protection: inner.opts.empty_protection,
-                        label: url.to_full_string(),
+                        label: url.to_redacted_string(),
                     },
                 ),
             });

@@ -103,6 +103,9 @@ struct Sub {
     forward: Arc<Forward>,
     /// The same allocation as `forward`, as the backend sees it.
     raw_listener: Arc<dyn NotifyListener>,
+    /// Turns true when the first subscribe call of this subscription has returned, so a
+    /// second subscribe of the same pair returns after the first lists too.
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 /// The intent for one URL (compared without `timestamp`).
@@ -124,6 +127,9 @@ struct SubSlot {
     live: Option<Arc<Sub>>,
     /// Raw listeners whose backend subscription must be removed.
     stale: Vec<Arc<dyn NotifyListener>>,
+    /// The subscription an `unsubscribe` is closing: a concurrent `unsubscribe` (or destroy)
+    /// of the same pair waits for it too before returning.
+    closing: Option<Arc<Sub>>,
     /// Bumped by every change of this intent.
     seq: u64,
 }
@@ -134,6 +140,13 @@ struct Pending {
     attempt: u32,
     next_attempt_at: Option<SystemTime>,
     last_error: String,
+    /// The intent changed after the task started: its `retry.times` budget starts again.
+    reset: bool,
+    /// A call of this key failed in a way that may still take effect (a time-out, a lost
+    /// reply): once the key succeeds its intent is applied once more after this instant.
+    late_until: Option<Instant>,
+    /// The intent is in place; the task only applies it once more after `late_until`.
+    confirming: bool,
 }
 
 #[derive(Default)]
@@ -168,6 +181,11 @@ struct Shared<R: Registry> {
     hasher: std::collections::hash_map::RandomState,
     cache: Arc<Cache>,
     destroyed: AtomicBool,
+    /// Set when `destroy` has finished (what [`Registry::is_destroyed`] reports, so a manager
+    /// does not build a successor while this one is still unregistering).
+    destroy_finished: AtomicBool,
+    /// Held through `destroy`: a second call waits for the first to finish.
+    destroying: tokio::sync::Mutex<()>,
     /// Counts the times the backend came back; every retry task watches it, so one that was
     /// busy when it happened still sees it before its next wait.
     kick: tokio::sync::watch::Sender<u64>,
@@ -216,6 +234,8 @@ impl<R: Registry> FailbackRegistry<R> {
             hasher: std::collections::hash_map::RandomState::new(),
             cache,
             destroyed: AtomicBool::new(false),
+            destroy_finished: AtomicBool::new(false),
+            destroying: tokio::sync::Mutex::new(()),
             kick: tokio::sync::watch::channel(0).0,
             events: broadcast::channel(64).0,
             background: Mutex::new(writer.into_iter().collect()),
@@ -257,8 +277,19 @@ impl<R: Registry> FailbackRegistry<R> {
         self.shared.status()
     }
 
-    /// How many retry tasks are pending (for tests and health checks).
+    /// How many intents are not in place and being retried (for tests and health checks).
+    /// A task that only applies an intent once more, after a failed call that might still
+    /// take effect late, is not counted.
     pub fn pending_retries(&self) -> usize {
+        lock(&self.shared.state)
+            .tasks
+            .values()
+            .filter(|p| !p.confirming)
+            .count()
+    }
+
+    /// How many background tasks of the retry queue exist, confirming ones included.
+    pub fn retry_tasks(&self) -> usize {
         lock(&self.shared.state).tasks.len()
     }
 }
@@ -415,6 +446,19 @@ impl<R: Registry> Shared<R> {
         }
     }
 
+    /// Forgets an unregistration carried out, once no task of it is left.
+    fn forget_if_done(st: &mut State, key: &TaskKey) {
+        if let TaskKey::Reg(id) = key
+            && !st.tasks.contains_key(key)
+            && st
+                .regs
+                .get(id)
+                .is_some_and(|r| !r.present && r.old.is_empty())
+        {
+            st.regs.remove(id);
+        }
+    }
+
     /// The backend was brought to `key`'s intent as of `applied`: when that is still the
     /// intent, its retry task (if any) has nothing left to do.
     fn settle(&self, key: &TaskKey, applied: Option<u64>) {
@@ -422,10 +466,19 @@ impl<R: Registry> Shared<R> {
         if !Self::is_settled(&st, key, applied) {
             return;
         }
-        if let Some(p) = st.tasks.remove(key) {
-            p.abort.abort();
-        }
         st.given_up.remove(key);
+        // A task waiting to apply the intent once more after a possibly late request keeps
+        // going; it ends by itself.
+        match st.tasks.get_mut(key) {
+            Some(p) if p.late_until.is_some() || p.confirming => p.confirming = true,
+            Some(_) => {
+                if let Some(p) = st.tasks.remove(key) {
+                    p.abort.abort();
+                }
+                Self::forget_if_done(&mut st, key);
+            }
+            None => {}
+        }
     }
 
     /// Brings the backend to the current intent for the registration `id` (under its key
@@ -454,10 +507,13 @@ impl<R: Registry> Shared<R> {
             self.bounded("unregister", self.raw.unregister(&url))
                 .await?;
             let mut st = lock(&self.state);
-            if st
-                .regs
-                .get(id)
-                .is_some_and(|r| r.seq == seq && !r.present && r.old.is_empty())
+            // Forgotten once no task may still have to apply it again (after a call that may
+            // take effect late); the task forgets it when it ends.
+            if !st.tasks.contains_key(&TaskKey::Reg(id.clone()))
+                && st
+                    .regs
+                    .get(id)
+                    .is_some_and(|r| r.seq == seq && !r.present && r.old.is_empty())
             {
                 st.regs.remove(id);
             }
@@ -499,13 +555,38 @@ impl<R: Registry> Shared<R> {
                     self.raw.subscribe(&key.0, sub.raw_listener.clone()),
                 )
                 .await?;
+                if sub.delivery.flush_within(self.call_timeout).await
+                    && sub
+                        .delivery
+                        .last_delivered()
+                        .iter()
+                        .any(|n| n.source == registry_core::Source::Cache)
+                {
+                    // The listener still holds cached lists: the backend had this subscription
+                    // already (a subscribe whose reply was lost) and told it nothing new. Make
+                    // it start again, so its first lists are read and delivered now.
+                    tracing::debug!(
+                        subscription = %key.0.to_identity_string_redacted(),
+                        "re-subscribing to replace cached lists with live ones"
+                    );
+                    self.bounded(
+                        "unsubscribe",
+                        self.raw.unsubscribe(&key.0, &sub.raw_listener),
+                    )
+                    .await?;
+                    self.bounded(
+                        "subscribe",
+                        self.raw.subscribe(&key.0, sub.raw_listener.clone()),
+                    )
+                    .await?;
+                }
             }
             None => {
                 let mut st = lock(&self.state);
                 if st
                     .subs
                     .get(key)
-                    .is_some_and(|s| s.live.is_none() && s.stale.is_empty())
+                    .is_some_and(|s| s.live.is_none() && s.stale.is_empty() && s.closing.is_none())
                 {
                     st.subs.remove(key);
                 }
@@ -529,8 +610,19 @@ impl<R: Registry> Shared<R> {
             return;
         }
         st.given_up.remove(&key);
+        // A failed call may still have been applied, or may be applied late (a request sent
+        // before a time-out, a lost reply): the intent is applied once more after that could
+        // have happened.
+        let late = error
+            .is_retryable()
+            .then(|| Instant::now() + self.call_timeout * 2);
         if let Some(p) = st.tasks.get_mut(&key) {
             p.last_error = error.to_string();
+            p.reset = true;
+            p.confirming = false;
+            if late.is_some() {
+                p.late_until = late;
+            }
             return;
         }
         tracing::warn!(
@@ -555,6 +647,9 @@ impl<R: Registry> Shared<R> {
                 attempt: 0,
                 next_attempt_at: None,
                 last_error: error.to_string(),
+                reset: false,
+                late_until: late,
+                confirming: false,
             },
         );
     }
@@ -562,7 +657,7 @@ impl<R: Registry> Shared<R> {
     fn status(&self) -> RegistryStatus {
         let st = lock(&self.state);
         let health = |key: &TaskKey| -> Health {
-            if let Some(p) = st.tasks.get(key) {
+            if let Some(p) = st.tasks.get(key).filter(|p| !p.confirming) {
                 Health::Retrying {
                     attempt: p.attempt,
                     next_attempt_at: p.next_attempt_at,
@@ -586,7 +681,7 @@ impl<R: Registry> Shared<R> {
             };
             if r.present {
                 registrations.push(status);
-            } else {
+            } else if status.health != Health::Ok {
                 unregistrations.push(status);
             }
         }
@@ -645,6 +740,15 @@ async fn retry_loop<R: Registry>(
     loop {
         let (delay, base) = {
             let Some(s) = weak.upgrade() else { return };
+            {
+                let mut st = lock(&s.state);
+                if let Some(p) = st.tasks.get_mut(&key)
+                    && p.generation == generation
+                    && std::mem::take(&mut p.reset)
+                {
+                    attempt = 0;
+                }
+            }
             if let Some(max) = s.config.retry_times
                 && attempt >= max
             {
@@ -698,56 +802,81 @@ async fn retry_loop<R: Registry>(
         attempt += 1;
         let Some(s) = weak.upgrade() else { return };
         let result = s.reconcile(&key).await;
-        let mut st = lock(&s.state);
-        let current = st
-            .tasks
-            .get(&key)
-            .is_some_and(|p| p.generation == generation);
-        if !current {
-            return;
-        }
-        match result {
-            Ok(applied) if Shared::<R>::is_settled(&st, &key, applied) => {
-                st.tasks.remove(&key);
-                tracing::info!(
-                    registry = %s.label(),
-                    intent = key.kind(),
-                    url = %key.url().to_identity_string_redacted(),
-                    attempts = attempt,
-                    "retry succeeded"
-                );
+        let late = {
+            let mut st = lock(&s.state);
+            let current = st
+                .tasks
+                .get(&key)
+                .is_some_and(|p| p.generation == generation);
+            if !current {
                 return;
             }
-            Ok(_) => {
-                // The intent changed while this attempt ran: apply the new one.
-                attempt = attempt.saturating_sub(1);
-            }
-            Err(e) if !e.is_retryable() => {
-                st.tasks.remove(&key);
-                tracing::error!(
-                    registry = %s.label(),
-                    intent = key.kind(),
-                    url = %key.url().to_identity_string_redacted(),
-                    error = %e,
-                    "giving up: the error is not one that retrying can fix"
-                );
-                st.given_up.insert(key.clone(), (attempt, e.to_string()));
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(
-                    registry = %s.label(),
-                    intent = key.kind(),
-                    url = %key.url().to_identity_string_redacted(),
-                    attempt,
-                    error = %e,
-                    "retry failed"
-                );
-                if let Some(p) = st.tasks.get_mut(&key) {
-                    p.attempt = attempt;
-                    p.last_error = e.to_string();
+            match result {
+                Ok(applied) if Shared::<R>::is_settled(&st, &key, applied) => {
+                    let late = st.tasks.get_mut(&key).and_then(|p| {
+                        let until = p.late_until.take();
+                        p.confirming = until.is_some();
+                        until
+                    });
+                    match late {
+                        Some(until) => Some(until),
+                        None => {
+                            st.tasks.remove(&key);
+                            Shared::<R>::forget_if_done(&mut st, &key);
+                            tracing::info!(
+                                registry = %s.label(),
+                                intent = key.kind(),
+                                url = %key.url().to_identity_string_redacted(),
+                                attempts = attempt,
+                                "retry succeeded"
+                            );
+                            return;
+                        }
+                    }
+                }
+                Ok(_) => {
+                    // The intent changed while this attempt ran: apply the new one.
+                    attempt = attempt.saturating_sub(1);
+                    None
+                }
+                Err(e) if !e.is_retryable() => {
+                    st.tasks.remove(&key);
+                    tracing::error!(
+                        registry = %s.label(),
+                        intent = key.kind(),
+                        url = %key.url().to_identity_string_redacted(),
+                        error = %e,
+                        "giving up: the error is not one that retrying can fix"
+                    );
+                    st.given_up.insert(key.clone(), (attempt, e.to_string()));
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        registry = %s.label(),
+                        intent = key.kind(),
+                        url = %key.url().to_identity_string_redacted(),
+                        attempt,
+                        error = %e,
+                        "retry failed"
+                    );
+                    if let Some(p) = st.tasks.get_mut(&key) {
+                        p.attempt = attempt;
+                        p.last_error = e.to_string();
+                        p.confirming = false;
+                        p.late_until = Some(Instant::now() + s.call_timeout * 2);
+                    }
+                    None
                 }
             }
+        };
+        drop(s);
+        if let Some(until) = late {
+            // A timed-out request may still land: apply the intent once more after it could
+            // have, then settle.
+            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+            attempt = attempt.saturating_sub(1);
+            continue;
         }
     }
 }
@@ -763,7 +892,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
     }
 
     fn is_destroyed(&self) -> bool {
-        self.shared.destroyed.load(Ordering::Acquire)
+        self.shared.destroy_finished.load(Ordering::Acquire)
     }
 
     async fn register(&self, url: &Url) -> Result<()> {
@@ -771,12 +900,13 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         s.alive()?;
         check_accepts(s.raw.url(), url)?;
         let key = TaskKey::Reg(url.clone());
-        let seq = {
+        let (seq, created) = {
             let mut st = lock(&s.state);
             if st.destroyed {
                 return Err(s.destroyed_error());
             }
             let seq = st.next_seq();
+            let created = !st.regs.contains_key(url);
             match st.regs.get_mut(url) {
                 Some(r) => {
                     if !same_form(&r.url, url) && !r.old.iter().any(|o| same_form(o, &r.url)) {
@@ -802,7 +932,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
             }
             // A registration given up before is made again.
             st.given_up.remove(&key);
-            seq
+            (seq, created)
         };
         match s.reconcile_reg(url).await {
             Ok(applied) => {
@@ -810,10 +940,27 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 s.alive()
             }
             Err(e) if !e.is_retryable() => {
-                // Refused before anything was written: forget the intent.
-                let mut st = lock(&s.state);
-                if st.regs.get(url).is_some_and(|r| r.seq == seq) {
-                    st.regs.remove(url);
+                // Refused: this URL was not written. When this call made the intent, forget
+                // it; when it replaced one (a pending unregistration, an earlier form), what
+                // may be in the backend must still go.
+                let undo = {
+                    let mut st = lock(&s.state);
+                    let next = st.next_seq();
+                    match st.regs.get_mut(url) {
+                        Some(r) if r.seq == seq && created && r.old.is_empty() => {
+                            st.regs.remove(url);
+                            false
+                        }
+                        Some(r) if r.seq == seq => {
+                            r.present = false;
+                            r.seq = next;
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if undo {
+                    s.schedule(key, &e);
                 }
                 Err(e)
             }
@@ -909,9 +1056,10 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 Some(sub) if revive => {
                     // Its retries gave up: subscribing again tries again.
                     slot.seq = seq;
-                    sub.clone()
+                    Ok((sub.clone(), true))
                 }
-                Some(_) => return Ok(()),
+                // Already subscribed: return once its first subscribe call has.
+                Some(sub) => Err(sub.ready.subscribe()),
                 None => {
                     // The application's listener: on the blocking pool, so it may block.
                     let delivery = Arc::new(Delivery::spawn_isolated(
@@ -932,14 +1080,30 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                         delivery,
                         forward,
                         raw_listener,
+                        ready: tokio::sync::watch::channel(false).0,
                     });
                     slot.live = Some(sub.clone());
                     slot.seq = seq;
-                    sub
+                    Ok((sub, false))
                 }
             }
         };
-        match s.reconcile_sub(&key, false).await {
+        let (sub, revived) = match sub {
+            Ok(started) => started,
+            Err(mut ready) => {
+                let _ = tokio::time::timeout(s.call_timeout, ready.wait_for(|r| *r)).await;
+                return Ok(());
+            }
+        };
+        // Whatever this call ends with, a concurrent subscribe of the pair may return then.
+        struct Ready<'a>(&'a tokio::sync::watch::Sender<bool>);
+        impl Drop for Ready<'_> {
+            fn drop(&mut self) {
+                self.0.send_replace(true);
+            }
+        }
+        let _ready = Ready(&sub.ready);
+        match s.reconcile_sub(&key, revived).await {
             Ok(applied) => {
                 s.settle(&task, applied);
                 sub.delivery.flush().await;
@@ -1011,17 +1175,35 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
             let Some(slot) = st.subs.get_mut(&key) else {
                 return Ok(());
             };
-            let Some(sub) = slot.live.take() else {
+            match slot.live.take() {
+                // Another unsubscribe of the pair is closing it: return when it is closed.
+                None => Err(slot.closing.clone()),
+                Some(sub) => {
+                    slot.stale.push(sub.raw_listener.clone());
+                    slot.closing = Some(sub.clone());
+                    slot.seq = seq;
+                    st.given_up.remove(&task);
+                    Ok(sub)
+                }
+            }
+        };
+        let sub = match sub {
+            Ok(sub) => sub,
+            Err(closing) => {
+                if let Some(sub) = closing {
+                    sub.delivery.close_within(s.call_timeout).await;
+                }
                 return Ok(());
-            };
-            slot.stale.push(sub.raw_listener.clone());
-            slot.seq = seq;
-            st.given_up.remove(&task);
-            sub
+            }
         };
         // Nothing reaches the listener or the cache from here on.
         sub.forward.deactivate();
         sub.delivery.close_within(s.call_timeout).await;
+        if let Some(slot) = lock(&s.state).subs.get_mut(&key)
+            && slot.closing.as_ref().is_some_and(|c| Arc::ptr_eq(c, &sub))
+        {
+            slot.closing = None;
+        }
         match s.reconcile_sub(&key, false).await {
             Ok(applied) => {
                 s.settle(&task, applied);
@@ -1075,6 +1257,8 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
 
     async fn destroy(&self) {
         let s = &self.shared;
+        // A second call returns when the first has finished.
+        let _destroying = s.destroying.lock().await;
         let (regs, subs) = {
             let mut st = lock(&s.state);
             if st.destroyed {
@@ -1113,6 +1297,9 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                     sub.delivery.close_within(s.call_timeout).await;
                     raw.push(&sub.raw_listener);
                 }
+                if let Some(sub) = &slot.closing {
+                    sub.delivery.close_within(s.call_timeout).await;
+                }
                 let _turn = s.key_lock(&TaskKey::Sub(key.0.clone(), key.1)).lock().await;
                 for l in raw {
                     if let Err(e) = s.bounded("unsubscribe", s.raw.unsubscribe(&key.0, l)).await {
@@ -1126,6 +1313,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
             h.abort();
         }
         s.raw.destroy().await;
+        s.destroy_finished.store(true, Ordering::Release);
         let _ = s.events.send(RegistryEvent::Destroyed);
         tracing::info!(registry = %s.label(), "registry destroyed");
     }

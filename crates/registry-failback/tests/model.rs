@@ -5,7 +5,7 @@
 //! compared with the application's last calls.
 //!
 //! Every case runs from a seed. `MODEL_CASES` (default 200) sets how many cases run,
-//! `MODEL_SEED` the first seed, `MODEL_TIME_SECS` a time budget instead of a count (the soak:
+//! `MODEL_SEED` the first seed (default 1), `MODEL_TIME_SECS` a time budget instead of a count (the soak:
 //! `cargo xtask soak`). A failing case prints its seed, the smallest number of operations per
 //! task with which that seed still fails, and the operations of every task; rerun it with
 //! `MODEL_SEED=<seed> MODEL_CASES=1 MODEL_OPS=<n>`.
@@ -131,10 +131,11 @@ fn plan(seed: u64, ops: usize) -> Plan {
             0..=5 => {
                 let op = [Op::Register, Op::Unregister, Op::Subscribe, Op::Unsubscribe]
                     [rng.random_range(0..4)];
-                let fault = match rng.random_range(0..4) {
+                let fault = match rng.random_range(0..5) {
                     0 => Fault::Fail,
                     1 => Fault::LoseReply,
                     2 => Fault::Delay(Duration::from_millis(rng.random_range(1..15))),
+                    3 => Fault::ApplyLate(Duration::from_millis(rng.random_range(1..100))),
                     _ => Fault::Hang,
                 };
                 FaultOp::Inject(op, fault, rng.random_range(1..3))
@@ -381,7 +382,7 @@ async fn run_case(seed: u64, ops: usize) -> Result<(), String> {
                     w.fb.status()
                         .subscriptions
                         .iter()
-                        .any(|s| s.health == Health::Ok);
+                        .all(|s| s.health == Health::Ok);
                 if current && healthy {
                     break;
                 }
@@ -463,12 +464,9 @@ async fn shrink(seed: u64, ops: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn servers_converge_to_the_last_call_under_overlap_and_faults() {
-    let first = env_u64("MODEL_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(1)
-    });
+    // A fixed first seed, so every run of the suite checks the same cases; the soak
+    // (`cargo xtask soak`) starts from a seed of its own.
+    let first = env_u64("MODEL_SEED").unwrap_or(1);
     let cases = env_u64("MODEL_CASES").unwrap_or(200);
     let budget = env_u64("MODEL_TIME_SECS").map(Duration::from_secs);
     let ops = env_u64("MODEL_OPS").unwrap_or(12) as usize;

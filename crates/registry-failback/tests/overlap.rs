@@ -30,7 +30,7 @@ async fn held(inspect: &Arc<dyn Registry>, s: &str) -> Vec<String> {
     let mut got: Vec<String> = inspect
         .lookup(&consumer(s, ""))
         .await
-        .unwrap_or_default()
+        .expect("lookup on the inspecting registry")
         .iter()
         .map(Url::to_full_string)
         .collect();
@@ -246,7 +246,16 @@ async fn a_subscribe_racing_destroy_leaves_nothing_behind() {
 // was never attempted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_carries_out_a_pending_unregister() {
-    let (fb, faulty, inspect) = setup("check=false&retry.period=60000");
+    let name = unique_service("pending-unreg").replace('.', "-");
+    let url: Url = format!("memory://{name}?file=false&check=false&retry.period=60000")
+        .parse()
+        .unwrap();
+    let faulty = FaultyRegistry::new(Arc::new(MemoryRegistry::new(url.clone())));
+    let mut config = registry_failback::FailbackConfig::from_url(&url).unwrap();
+    // The retry would not come before destroy: destroy itself must carry it out.
+    config.retry_base = Duration::from_secs(60);
+    let fb = FailbackRegistry::with_config(faulty.clone(), config);
+    let inspect: Arc<dyn Registry> = Arc::new(MemoryRegistry::new(url));
     let s = unique_service("pending-unreg");
     let p = provider(&s, 1, "dynamic=false");
     fb.register(&p).await.unwrap();
@@ -285,28 +294,103 @@ async fn unsubscribe_does_not_wait_for_ever_for_a_stuck_listener() {
     let s = unique_service("stuck");
     let q = consumer(&s, "");
     let entered = Arc::new(AtomicU64::new(0));
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
     let listener: Arc<dyn NotifyListener> = {
         let entered = entered.clone();
         Arc::new(move |n: Notification| {
             if !n.is_empty() {
                 entered.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_secs(3));
+                // Stuck until the test lets it go (at the latest after the deadline).
+                let _ = release_rx.lock().unwrap().recv_timeout(DEADLINE);
             }
         })
     };
     fb.subscribe(&q, listener.clone()).await.unwrap();
     inspect.register(&provider(&s, 1, "")).await.unwrap();
-    wait_until("entered.load(Ordering::SeqCst) == 1", DEADLINE, || async {
+    wait_until("the listener is stuck", DEADLINE, || async {
         entered.load(Ordering::SeqCst) == 1
     })
     .await;
-    let start = Instant::now();
-    fb.unsubscribe(&q, &listener).await.unwrap();
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "unsubscribe waited {:?} for a stuck listener",
-        start.elapsed()
+    // Returns while the listener call is still stuck (it is released only afterwards).
+    tokio::time::timeout(DEADLINE / 2, fb.unsubscribe(&q, &listener))
+        .await
+        .expect("unsubscribe returns although a listener call is stuck")
+        .unwrap();
+    release_tx.send(()).unwrap();
+}
+
+// Review: a second unsubscribe of the same pair returned while the first was still closing,
+// so the listener could be called after that second call returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_unsubscribe_returns_only_when_the_listener_is_closed() {
+    let (fb, _faulty, inspect) = setup("");
+    let s = unique_service("double-unsub");
+    let q = consumer(&s, "");
+    let entered = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
+    let listener: Arc<dyn NotifyListener> = {
+        let (entered, done) = (entered.clone(), done.clone());
+        Arc::new(move |n: Notification| {
+            if !n.is_empty() {
+                entered.fetch_add(1, Ordering::SeqCst);
+                let _ = release_rx.lock().unwrap().recv_timeout(DEADLINE);
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    fb.subscribe(&q, listener.clone()).await.unwrap();
+    inspect.register(&provider(&s, 1, "")).await.unwrap();
+    wait_until("the listener is busy", DEADLINE, || async {
+        entered.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let first = {
+        let (fb, q, l) = (fb.clone(), q.clone(), listener.clone());
+        tokio::spawn(async move { fb.unsubscribe(&q, &l).await })
+    };
+    wait_until(
+        "the first unsubscribe took the subscription",
+        DEADLINE,
+        || async { fb.status().subscriptions.is_empty() },
+    )
+    .await;
+    let second = {
+        let (fb, q, l) = (fb.clone(), q.clone(), listener.clone());
+        tokio::spawn(async move {
+            fb.unsubscribe(&q, &l).await.unwrap();
+            done.load(Ordering::SeqCst)
+        })
+    };
+    release_tx.send(()).unwrap();
+    assert_eq!(
+        second.await.unwrap(),
+        1,
+        "the second unsubscribe returned before the running listener call ended"
     );
+    first.await.unwrap().unwrap();
+}
+
+// Review: a write whose request was sent before it failed can land later; the layer applies
+// the intent once more after that could have happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_register_that_lands_late_is_undone() {
+    let (fb, faulty, inspect) = setup("timeout=300&retry.period=100");
+    let s = unique_service("late");
+    let a = provider(&s, 1, "");
+    faulty.inject(
+        Op::Register,
+        Fault::ApplyLate(Duration::from_millis(250)),
+        1,
+    );
+    assert!(fb.register(&a).await.is_err());
+    // The late write lands ...
+    wait_held(&inspect, &s, &[&a], "the late write landed").await;
+    // ... and is undone.
+    wait_held(&inspect, &s, &[], "the late write is undone").await;
+    wait_until("no task left", DEADLINE, || async { fb.retry_tasks() == 0 }).await;
 }
 
 // Defect 11: lookup answered from the lists of a subscription whose retries gave up.
@@ -363,7 +447,7 @@ async fn a_reconnect_does_not_wake_every_retry_in_step() {
     let after = &times[before..];
     let spread = *after.iter().max().unwrap() - *after.iter().min().unwrap();
     assert!(
-        spread >= Duration::from_millis(20),
+        spread >= Duration::from_millis(200),
         "40 retries woken by a reconnect ran within {spread:?} of each other"
     );
 }

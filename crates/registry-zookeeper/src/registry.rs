@@ -1745,7 +1745,7 @@ impl Registry for ZookeeperRegistry {
                             listener,
                             DeliveryOptions {
                                 empty_protection: inner.cfg.empty_protection,
-                                label: url.to_full_string(),
+                                label: url.to_redacted_string(),
                             },
                         ),
                         active: AtomicBool::new(true),

@@ -168,7 +168,7 @@ fn check_names(url: &Url) -> Result<()> {
     let service = url.service_interface();
     if service.is_empty() || service == "." || service == ".." {
         return Err(Error::InvalidUrl {
-            input: url.to_full_string(),
+            input: url.to_redacted_string(),
             reason: "the URL has no usable service interface (path or `interface`)".to_owned(),
         });
     }

@@ -28,6 +28,14 @@ pub enum Op {
     Lookup,
 }
 
+/// How a call goes on after its fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Through,
+    Lose,
+    Late(Duration),
+}
+
 /// What happens to one call of an operation; queued per operation with
 /// [`FaultyRegistry::inject`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +50,10 @@ pub enum Fault {
     /// Never returns until [`FaultyRegistry::release_hung`] (then goes through); a caller that
     /// bounds its calls sees a time-out.
     Hang,
+    /// Fails at once with a retryable [`Error::Injected`], as a timed-out request does, and
+    /// reaches the wrapped registry this long afterwards anyway, as a request that was already
+    /// sent may (register and unregister; for other operations it is [`Fault::LoseReply`]).
+    ApplyLate(Duration),
 }
 
 #[derive(Default)]
@@ -180,12 +192,12 @@ impl FaultyRegistry {
         let passed = std::mem::take(&mut *lock(&self.passed));
         for url in passed.registered.iter().filter(|u| u.is_dynamic()) {
             if let Err(e) = self.inner.unregister(url).await {
-                tracing::warn!(%url, error = %e, "expire_session could not remove a registration");
+                tracing::warn!(url = %url.to_redacted_string(), error = %e, "expire_session could not remove a registration");
             }
         }
         for (url, listener) in &passed.subscriptions {
             if let Err(e) = self.inner.unsubscribe(url, listener).await {
-                tracing::warn!(%url, error = %e, "expire_session could not remove a subscription");
+                tracing::warn!(url = %url.to_redacted_string(), error = %e, "expire_session could not remove a subscription");
             }
         }
         // What was persistent survives the session.
@@ -222,8 +234,8 @@ impl FaultyRegistry {
         lock(&self.passed).subscriptions.len()
     }
 
-    /// Counts the call, applies its queued fault and says whether the reply is to be lost.
-    async fn enter(&self, op: Op) -> Result<bool> {
+    /// Counts the call, applies its queued fault and says how the call goes on.
+    async fn enter(&self, op: Op) -> Result<Pass> {
         let result = self.enter_inner(op).await;
         if result.is_err() {
             self.mark_returned(op);
@@ -235,7 +247,7 @@ impl FaultyRegistry {
         *lock(&self.returned).entry(op).or_default() += 1;
     }
 
-    async fn enter_inner(&self, op: Op) -> Result<bool> {
+    async fn enter_inner(&self, op: Op) -> Result<Pass> {
         *lock(&self.calls).entry(op).or_default() += 1;
         lock(&self.log).push((op, std::time::Instant::now()));
         if self.down.load(Ordering::SeqCst) {
@@ -248,16 +260,17 @@ impl FaultyRegistry {
             .get_mut(&op)
             .and_then(VecDeque::pop_front);
         match fault {
-            None => Ok(false),
+            None => Ok(Pass::Through),
             Some(Fault::Fail) => Err(self.injected(op)),
-            Some(Fault::LoseReply) => Ok(true),
+            Some(Fault::LoseReply) => Ok(Pass::Lose),
+            Some(Fault::ApplyLate(d)) => Ok(Pass::Late(d)),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
-                Ok(false)
+                Ok(Pass::Through)
             }
             Some(Fault::Hang) => {
                 self.release.notified().await;
-                Ok(false)
+                Ok(Pass::Through)
             }
         }
     }
@@ -269,9 +282,9 @@ impl FaultyRegistry {
     }
 
     /// The outcome of a call that reached the wrapped registry.
-    fn leave<T>(&self, op: Op, lose: bool, value: T) -> Result<T> {
+    fn leave<T>(&self, op: Op, pass: Pass, value: T) -> Result<T> {
         self.mark_returned(op);
-        if lose {
+        if pass != Pass::Through {
             Err(self.injected(op))
         } else {
             Ok(value)
@@ -290,7 +303,16 @@ impl Registry for FaultyRegistry {
     }
 
     async fn register(&self, url: &Url) -> Result<()> {
-        let lose = self.enter(Op::Register).await?;
+        let pass = self.enter(Op::Register).await?;
+        if let Pass::Late(d) = pass {
+            let (inner, url) = (self.inner.clone(), url.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                let _ = inner.register(&url).await;
+            });
+            self.mark_returned(Op::Register);
+            return Err(self.injected(Op::Register));
+        }
         self.inner
             .register(url)
             .await
@@ -302,21 +324,30 @@ impl Registry for FaultyRegistry {
                 None => p.registered.push(url.clone()),
             }
         }
-        self.leave(Op::Register, lose, ())
+        self.leave(Op::Register, pass, ())
     }
 
     async fn unregister(&self, url: &Url) -> Result<()> {
-        let lose = self.enter(Op::Unregister).await?;
+        let pass = self.enter(Op::Unregister).await?;
+        if let Pass::Late(d) = pass {
+            let (inner, url) = (self.inner.clone(), url.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                let _ = inner.unregister(&url).await;
+            });
+            self.mark_returned(Op::Unregister);
+            return Err(self.injected(Op::Unregister));
+        }
         self.inner
             .unregister(url)
             .await
             .inspect_err(|_| self.mark_returned(Op::Unregister))?;
         lock(&self.passed).registered.retain(|u| u != url);
-        self.leave(Op::Unregister, lose, ())
+        self.leave(Op::Unregister, pass, ())
     }
 
     async fn subscribe(&self, url: &Url, listener: Arc<dyn NotifyListener>) -> Result<()> {
-        let lose = self.enter(Op::Subscribe).await?;
+        let pass = self.enter(Op::Subscribe).await?;
         // Recorded first, so a session loss while the call runs removes it too.
         let id = listener_id(&listener);
         let new = {
@@ -339,11 +370,11 @@ impl Registry for FaultyRegistry {
             self.mark_returned(Op::Subscribe);
             return Err(e);
         }
-        self.leave(Op::Subscribe, lose, ())
+        self.leave(Op::Subscribe, pass, ())
     }
 
     async fn unsubscribe(&self, url: &Url, listener: &Arc<dyn NotifyListener>) -> Result<()> {
-        let lose = self.enter(Op::Unsubscribe).await?;
+        let pass = self.enter(Op::Unsubscribe).await?;
         self.inner
             .unsubscribe(url, listener)
             .await
@@ -352,17 +383,17 @@ impl Registry for FaultyRegistry {
         lock(&self.passed)
             .subscriptions
             .retain(|(u, l)| !(u == url && listener_id(l) == id));
-        self.leave(Op::Unsubscribe, lose, ())
+        self.leave(Op::Unsubscribe, pass, ())
     }
 
     async fn lookup(&self, url: &Url) -> Result<Vec<Url>> {
-        let lose = self.enter(Op::Lookup).await?;
+        let pass = self.enter(Op::Lookup).await?;
         let found = self
             .inner
             .lookup(url)
             .await
             .inspect_err(|_| self.mark_returned(Op::Lookup))?;
-        self.leave(Op::Lookup, lose, found)
+        self.leave(Op::Lookup, pass, found)
     }
 
     async fn destroy(&self) {
