@@ -10,6 +10,10 @@
 //!   test (crates/registry-failback/tests/model.rs) in release mode for many cases.
 //! - `servers`: starts ZooKeeper and etcd, prints their addresses, runs until Ctrl-C.
 //! - `clippy`: `cargo clippy --workspace --all-targets -- -D warnings` (with `PROTOC` set).
+//! - `package`: `cargo package --workspace` for every crate that may be published (members with
+//!   `publish = false` are excluded), each verified by a build against crates.io dependencies —
+//!   with `PROTOC` set, as a user of `registry-etcd` sets it (the workspace's etcd-client patch
+//!   does not apply there).
 //! - `ci`: `cargo fmt --check`, `clippy`, then `test`.
 
 use std::env;
@@ -18,7 +22,7 @@ use std::process::{Command, ExitCode};
 
 use registry_test_servers::{ETCD_ENV, Kind, REQUIRE_ENV, Server, ZOOKEEPER_ENV, ensure_installed};
 
-const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|servers|clippy|ci> [args]
+const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|servers|clippy|package|ci> [args]
 
   demo   run examples/quickstart on memory:// (set REGISTRY_URL to use another backend)
   test   start ZooKeeper and etcd, run every test of the workspace against them, stop them
@@ -28,6 +32,7 @@ const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|servers|clippy|ci>
          (`--cases 100000` (default) or `--time 10m`; `--seed S` to start from a seed)
   servers  start ZooKeeper and etcd on free loopback ports until Ctrl-C
   clippy cargo clippy on every target, warnings as errors
+  package  cargo package --workspace, without the members that have publish = false
   ci     cargo fmt --check, cargo clippy -D warnings, then test";
 
 fn main() -> ExitCode {
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
         Some("servers") => servers(),
         Some("ci") => ci(&rest),
         Some("clippy") => clippy(&rest),
+        Some("package") => package(&rest),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -270,5 +276,41 @@ fn clippy(rest: &[String]) -> Result<(), String> {
     cmd.args(["clippy", "--workspace", "--all-targets", "--all-features"])
         .args(rest)
         .args(["--", "-D", "warnings"]);
+    run(cmd)
+}
+
+/// `cargo package --workspace`, excluding the members with `publish = false` (their path
+/// dependencies carry no version, so they cannot be packaged, and nobody installs them).
+fn package(rest: &[String]) -> Result<(), String> {
+    let mut meta = cargo();
+    meta.args(["metadata", "--no-deps", "--format-version", "1"]);
+    let out = meta
+        .output()
+        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("cargo metadata printed no JSON: {e}"))?;
+    let mut cmd = cargo();
+    cmd.args(["package", "--workspace"]);
+    for p in meta["packages"].as_array().into_iter().flatten() {
+        let unpublished = p["publish"].as_array().is_some_and(|r| r.is_empty());
+        if unpublished && let Some(name) = p["name"].as_str() {
+            cmd.args(["--exclude", name]);
+        }
+    }
+    // The verification builds use crates.io's etcd-client, which needs protoc like any user's
+    // build: set PROTOC even when cargo() found a protoc on PATH, so the result is the same on
+    // every machine.
+    if env::var_os("PROTOC").is_none()
+        && let Ok(p) = protoc_bin_vendored::protoc_bin_path()
+    {
+        cmd.env("PROTOC", p);
+    }
+    cmd.args(rest);
     run(cmd)
 }

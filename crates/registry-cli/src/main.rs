@@ -8,15 +8,22 @@
 //!
 //! `--registry` falls back to `REGISTRY_URL`. Bad input prints one line on stderr and exits
 //! with code 2.
+//!
+//! `register` and `watch` take `--metrics <ADDR>` (e.g. `127.0.0.1:9464`): they then serve
+//! Prometheus text at `http://ADDR/metrics` (any path answers) while they run — the
+//! reliability layer's `registry_*` metrics and registryctl's own `registryctl_*` ones (the
+//! README's Metrics section lists them).
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
+use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
 // Link every built-in backend, so each scheme is in the table (see the README's rule).
 use registry_core::{Notification, Registry, Url};
 use registry_etcd as _;
@@ -44,6 +51,9 @@ enum Command {
         /// Hold for this long (e.g. 30s, 5m), then unregister and exit.
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         hold: Option<Duration>,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) while holding.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Unregister URLs.
     Unregister {
@@ -67,6 +77,9 @@ enum Command {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) while watching.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// The services under the root, with their provider and consumer counts.
     List,
@@ -156,14 +169,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let registry = cli.registry.as_deref();
     match cli.command {
         Command::Schemes => Ok(()),
-        Command::Register { urls, hold } => {
+        Command::Register {
+            urls,
+            hold,
+            metrics,
+        } => {
             let urls: Vec<Url> = urls
                 .iter()
                 .map(|u| parse("service", u))
                 .collect::<Result<_, _>>()?;
+            if let Some(addr) = metrics {
+                serve_metrics(addr)?;
+            }
             let reg = connect(registry).await?;
+            let scheme = reg.url().protocol().to_owned();
+            if metrics.is_some() {
+                watch_backend(reg.clone());
+            }
+            let held = gauge!(REGISTERED_URLS, "scheme" => scheme);
             for u in &urls {
                 reg.register(u).await?;
+                held.increment(1.0);
                 println!("registered {u}");
             }
             match hold {
@@ -200,12 +226,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             reg.destroy().await;
             Ok(())
         }
-        Command::Watch { urls, count, json } => {
+        Command::Watch {
+            urls,
+            count,
+            json,
+            metrics,
+        } => {
             let queries: Vec<Url> = urls
                 .iter()
                 .map(|u| parse("subscription", u))
                 .collect::<Result<_, _>>()?;
+            if let Some(addr) = metrics {
+                serve_metrics(addr)?;
+            }
             let reg = connect(registry).await?;
+            if metrics.is_some() {
+                watch_backend(reg.clone());
+            }
             let mut streams = Vec::with_capacity(queries.len());
             for q in queries {
                 streams.push(registry_core::subscribe_stream(reg.clone(), q).await?);
@@ -221,6 +258,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     r = interrupted() => { r?; None }
                 };
                 let Some(n) = next else { break };
+                record_notification(&n);
                 print_notification(&n, json)?;
                 seen += 1;
             }
@@ -259,6 +297,99 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Gauge: 1, labelled with registryctl's version.
+const BUILD_INFO: &str = "registryctl_build_info";
+/// Gauge, by `scheme`: 1 while the backend is reachable, 0 while it is not.
+const BACKEND_UP: &str = "registryctl_backend_up";
+/// Gauge, by `scheme`: the URLs `register` has registered and holds.
+const REGISTERED_URLS: &str = "registryctl_registered_urls";
+/// Counter, by `source` (`live`, `cache`): the lists `watch` received.
+const NOTIFICATIONS: &str = "registryctl_notifications_total";
+/// Gauge, by `category`: the entries (without `empty://` markers) of the last list `watch`
+/// received.
+const WATCHED_ENTRIES: &str = "registryctl_watched_entries";
+/// Gauge: when `watch` last received a list, in seconds since the Unix epoch.
+const LAST_NOTIFICATION: &str = "registryctl_last_notification_timestamp_seconds";
+
+/// Installs the Prometheus exporter on `addr`, in the current runtime. Binding happens here,
+/// so an address in use fails before anything is registered.
+fn serve_metrics(addr: SocketAddr) -> Result<(), Failure> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    use registry_failback::metrics as m;
+    let built = PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(m::NOTIFICATION_DELAY.to_owned()),
+            m::NOTIFICATION_DELAY_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(m::RECOVERY_DURATION.to_owned()),
+                m::RECOVERY_DURATION_BUCKETS,
+            )
+        })
+        .and_then(|b| b.install());
+    if let Err(e) = built {
+        return Err(Failure(format!("cannot serve metrics on {addr}: {e}"), 2));
+    }
+    m::describe();
+    describe_gauge!(BUILD_INFO, "registryctl's version, as a label; always 1");
+    describe_gauge!(
+        BACKEND_UP,
+        "1 while the registry backend is reachable, 0 while it is not"
+    );
+    describe_gauge!(
+        REGISTERED_URLS,
+        Unit::Count,
+        "URLs registered by this registryctl and held"
+    );
+    describe_counter!(
+        NOTIFICATIONS,
+        Unit::Count,
+        "Lists received by watch, by source (live, cache)"
+    );
+    describe_gauge!(
+        WATCHED_ENTRIES,
+        Unit::Count,
+        "Entries of the last list received by watch, by category"
+    );
+    describe_gauge!(
+        LAST_NOTIFICATION,
+        Unit::Seconds,
+        "When watch last received a list, in seconds since the Unix epoch"
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(())
+}
+
+/// Keeps `registryctl_backend_up` current: at once, on every backend event, and every second.
+fn watch_backend(reg: Arc<dyn Registry>) {
+    let up = gauge!(BACKEND_UP, "scheme" => reg.url().protocol().to_owned());
+    let mut events = reg.events();
+    tokio::spawn(async move {
+        loop {
+            up.set(if reg.is_available() { 1.0 } else { 0.0 });
+            tokio::select! {
+                e = events.recv() => {
+                    if matches!(e, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+}
+
+fn record_notification(n: &Notification) {
+    counter!(NOTIFICATIONS, "source" => n.source.as_str()).increment(1);
+    gauge!(WATCHED_ENTRIES, "category" => n.category.clone()).set(n.entries().count() as f64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    gauge!(LAST_NOTIFICATION).set(now.as_secs_f64());
 }
 
 #[derive(serde::Serialize)]

@@ -3,9 +3,14 @@
 //! The `etcd://` registry backend (also registered as `etcd3://`, Dubbo's name for it), on the
 //! [`etcd_client`] crate (etcd v3 API).
 //!
-//! ```ignore
+//! ```no_run
 //! use registry_etcd as _; // links the backend, so the schemes are known
+//!
+//! # async fn demo() -> registry_core::Result<()> {
 //! let registry = registry_core::get_registry("etcd://127.0.0.1:2379?session=60000").await?;
+//! registry.register(&"tri://10.0.0.1:50051/com.example.Greeter".parse()?).await?;
+//! registry.destroy().await;
+//! # Ok(()) }
 //! ```
 //!
 //! Storage (CONTRACT §7), byte-identical to Dubbo Java and Go:

@@ -37,6 +37,7 @@
 
 mod cache;
 mod config;
+pub mod metrics;
 mod retry;
 mod status;
 
