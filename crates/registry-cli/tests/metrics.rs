@@ -127,6 +127,8 @@ fn register_and_watch_serve_prometheus_metrics() {
             &format!("registryctl_build_info{{version=\"{version}\"}} 1"),
             "registryctl_registered_urls{scheme=\"localdir\"} 1",
             "registryctl_backend_up{scheme=\"localdir\"} 1",
+            // From the reliability layer.
+            "registry_registrations{scheme=\"localdir\",state=\"ok\"} 1",
         ],
     );
     assert!(
@@ -153,6 +155,9 @@ fn register_and_watch_serve_prometheus_metrics() {
             "registryctl_watched_entries{category=\"providers\"} 1",
             "registryctl_notifications_total{source=\"live\"} 1",
             "registryctl_backend_up{scheme=\"localdir\"} 1",
+            // From the reliability layer.
+            "registry_subscriptions{scheme=\"localdir\",state=\"ok\"} 1",
+            "registry_notifications_total{scheme=\"localdir\",source=\"live\"} 1",
         ],
     );
     assert!(

@@ -75,6 +75,8 @@ const KEY_LOCKS: usize = 64;
 /// a failed subscribe), after which whatever the backend still sends is dropped.
 struct Forward {
     active: RwLock<bool>,
+    /// When the backend last handed a list over (for the notification delay metric).
+    pushed_at: Arc<Mutex<Option<Instant>>>,
     delivery: Arc<Delivery>,
     cache: Arc<Cache>,
     service_key: String,
@@ -91,9 +93,29 @@ impl NotifyListener for Forward {
     fn notify(&self, n: Notification) {
         let active = self.active.read().unwrap_or_else(|p| p.into_inner());
         if *active {
+            *lock(&self.pushed_at) = Some(Instant::now());
             self.cache.update(&self.service_key, &n);
             self.delivery.push(n);
         }
+    }
+}
+
+/// The application's listener, counted: every call is a notification by source, and a live
+/// one's delay from the backend's hand-over is observed.
+struct Metered {
+    inner: Arc<dyn NotifyListener>,
+    scheme: Arc<str>,
+    pushed_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl NotifyListener for Metered {
+    fn notify(&self, n: Notification) {
+        let delay = match n.source {
+            registry_core::Source::Live => lock(&self.pushed_at).map(|t| t.elapsed()),
+            registry_core::Source::Cache => None,
+        };
+        metrics::record_notification(&self.scheme, n.source, delay);
+        self.inner.notify(n);
     }
 }
 
@@ -174,6 +196,10 @@ impl State {
 struct Shared<R: Registry> {
     raw: R,
     config: FailbackConfig,
+    /// The backend scheme, the label of every metric.
+    scheme: Arc<str>,
+    registration_gauges: metrics::IntentGauges,
+    subscription_gauges: metrics::IntentGauges,
     /// The bound of every backend call and of every wait for a running listener (the
     /// registry URL's `timeout`).
     call_timeout: Duration,
@@ -224,7 +250,17 @@ impl<R: Registry> FailbackRegistry<R> {
                 .unwrap_or(5000)
                 .max(1),
         );
+        let scheme: Arc<str> = Arc::from(raw.url().protocol());
         let shared = Arc::new(Shared {
+            registration_gauges: metrics::IntentGauges::new(
+                metrics::Intent::Registrations,
+                &scheme,
+            ),
+            subscription_gauges: metrics::IntentGauges::new(
+                metrics::Intent::Subscriptions,
+                &scheme,
+            ),
+            scheme,
             raw,
             config,
             call_timeout,
@@ -260,6 +296,18 @@ impl<R: Registry> FailbackRegistry<R> {
             }
         });
         lock(&shared.background).push(events.abort_handle());
+        // The intent gauges, refreshed every second (counting is a walk over the intents).
+        let weak = Arc::downgrade(&shared);
+        let gauges = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                shared.publish_gauges();
+            }
+        });
+        lock(&shared.background).push(gauges.abort_handle());
         Arc::new(FailbackRegistry { shared })
     }
 
@@ -347,6 +395,56 @@ impl<R: Registry> Shared<R> {
         }
     }
 
+    /// Publishes how many registrations and subscriptions are ok, retrying or given up.
+    fn publish_gauges(&self) {
+        let (regs, subs) = {
+            let st = lock(&self.state);
+            let count = |key: TaskKey, c: &mut metrics::IntentCounts| {
+                if st.given_up.contains_key(&key) {
+                    c.given_up += 1;
+                } else if st.tasks.get(&key).is_some_and(|p| !p.confirming) {
+                    c.retrying += 1;
+                } else {
+                    c.ok += 1;
+                }
+            };
+            let mut regs = metrics::IntentCounts::default();
+            for (id, r) in &st.regs {
+                if r.present {
+                    count(TaskKey::Reg(id.clone()), &mut regs);
+                }
+            }
+            let mut subs = metrics::IntentCounts::default();
+            for ((u, id), slot) in &st.subs {
+                if slot.live.is_some() {
+                    count(TaskKey::Sub(u.clone(), *id), &mut subs);
+                }
+            }
+            (regs, subs)
+        };
+        self.registration_gauges.set(regs);
+        self.subscription_gauges.set(subs);
+    }
+
+    /// What a task of `key` does now, for the metrics.
+    fn operation(st: &State, key: &TaskKey) -> metrics::Operation {
+        match key {
+            TaskKey::Reg(id) if st.regs.get(id).is_some_and(|r| r.present) => {
+                metrics::Operation::Register
+            }
+            TaskKey::Reg(_) => metrics::Operation::Unregister,
+            TaskKey::Sub(u, id)
+                if st
+                    .subs
+                    .get(&(u.clone(), *id))
+                    .is_some_and(|s| s.live.is_some()) =>
+            {
+                metrics::Operation::Subscribe
+            }
+            TaskKey::Sub(..) => metrics::Operation::Unsubscribe,
+        }
+    }
+
     fn on_event(self: Arc<Self>, ev: RegistryEvent) {
         let _ = self.events.send(ev);
         match ev {
@@ -355,13 +453,18 @@ impl<R: Registry> Shared<R> {
                 self.spawn_recovery();
             }
             RegistryEvent::Connected | RegistryEvent::Reconnected => {
+                if ev == RegistryEvent::Reconnected {
+                    metrics::record_reconnect(&self.scheme);
+                }
                 tracing::info!(registry = %self.label(), event = ?ev, "backend reachable; pending retries run soon");
                 self.kick.send_modify(|k| *k += 1);
             }
             RegistryEvent::SessionLost => {
+                metrics::record_session_lost(&self.scheme);
                 tracing::warn!(registry = %self.label(), "backend session lost; dynamic entries are gone until a new session");
             }
             RegistryEvent::Disconnected => {
+                metrics::record_disconnect(&self.scheme);
                 tracing::warn!(registry = %self.label(), "backend connection lost");
             }
             _ => {}
@@ -427,6 +530,11 @@ impl<R: Registry> Shared<R> {
             failed = failed.load(Ordering::Relaxed),
             elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,
             "restored after a new session"
+        );
+        metrics::record_recovery(
+            &self.scheme,
+            start.elapsed(),
+            failed.load(Ordering::Relaxed),
         );
     }
 
@@ -611,6 +719,7 @@ impl<R: Registry> Shared<R> {
             return;
         }
         st.given_up.remove(&key);
+        metrics::record_retry(&self.scheme, Self::operation(&st, &key));
         // A failed call may still have been applied, or may be applied late (a request sent
         // before a time-out, a lost reply): the intent is applied once more after that could
         // have happened.
@@ -772,6 +881,7 @@ async fn retry_loop<R: Registry>(
                         last_error = %p,
                         "giving up after retry.times attempts"
                     );
+                    metrics::record_give_up(&s.scheme, Shared::<R>::operation(&st, &key));
                     st.given_up.insert(key.clone(), (attempt, p));
                 }
                 return;
@@ -849,6 +959,7 @@ async fn retry_loop<R: Registry>(
                         error = %e,
                         "giving up: the error is not one that retrying can fix"
                     );
+                    metrics::record_give_up(&s.scheme, Shared::<R>::operation(&st, &key));
                     st.given_up.insert(key.clone(), (attempt, e.to_string()));
                     return;
                 }
@@ -861,6 +972,7 @@ async fn retry_loop<R: Registry>(
                         error = %e,
                         "retry failed"
                     );
+                    metrics::record_retry(&s.scheme, Shared::<R>::operation(&st, &key));
                     if let Some(p) = st.tasks.get_mut(&key) {
                         p.attempt = attempt;
                         p.last_error = e.to_string();
@@ -1063,6 +1175,12 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 Some(sub) => Err(sub.ready.subscribe()),
                 None => {
                     // The application's listener: on the blocking pool, so it may block.
+                    let pushed_at = Arc::new(Mutex::new(None));
+                    let listener: Arc<dyn NotifyListener> = Arc::new(Metered {
+                        inner: listener,
+                        scheme: s.scheme.clone(),
+                        pushed_at: pushed_at.clone(),
+                    });
                     let delivery = Arc::new(Delivery::spawn_isolated(
                         listener,
                         DeliveryOptions {
@@ -1072,6 +1190,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                     ));
                     let forward = Arc::new(Forward {
                         active: RwLock::new(true),
+                        pushed_at,
                         delivery: delivery.clone(),
                         cache: s.cache.clone(),
                         service_key: url.service_key(),
@@ -1314,6 +1433,8 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
             h.abort();
         }
         s.raw.destroy().await;
+        s.registration_gauges.set(metrics::IntentCounts::default());
+        s.subscription_gauges.set(metrics::IntentCounts::default());
         s.destroy_finished.store(true, Ordering::Release);
         let _ = s.events.send(RegistryEvent::Destroyed);
         tracing::info!(registry = %s.label(), "registry destroyed");
