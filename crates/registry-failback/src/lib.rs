@@ -46,7 +46,7 @@ pub use config::{FailbackConfig, cache_file, cache_identity, cache_key};
 pub use status::{Health, IntentStatus, ListStatus, RegistryStatus, SubscriptionStatus};
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -374,9 +374,7 @@ impl<R: Registry> Shared<R> {
 
     /// The lock that serializes the backend calls of `key`.
     fn key_lock(&self, key: &TaskKey) -> &tokio::sync::Mutex<()> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        &self.key_locks[(h.finish() % KEY_LOCKS as u64) as usize]
+        &self.key_locks[(self.hasher.hash_one(key) % KEY_LOCKS as u64) as usize]
     }
 
     /// A backend call bounded by the registry's `timeout`: a hung call is a retryable

@@ -538,7 +538,7 @@ impl Pending {
         self.failures += 1;
         let pause = self.backoff.next();
         self.retry_at = Some(tokio::time::Instant::now() + pause);
-        if self.failures == 1 || self.failures % 10 == 0 {
+        if self.failures == 1 || self.failures.is_multiple_of(10) {
             tracing::warn!(registry = %self.label, path = %self.path, error = %e, failures = self.failures, retry_in = ?pause, "cannot watch or read; retrying");
         } else {
             tracing::debug!(registry = %self.label, path = %self.path, error = %e, failures = self.failures, retry_in = ?pause, "cannot watch or read; retrying");
