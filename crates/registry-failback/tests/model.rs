@@ -89,7 +89,7 @@ struct Plan {
 
 fn provider(slot: usize, ts: u8) -> Url {
     // Even slots are dynamic, odd ones persistent; slots 0 and 3 say check=false.
-    let dynamic = slot % 2 == 0;
+    let dynamic = slot.is_multiple_of(2);
     let check = !(slot == 0 || slot == 3);
     format!(
         "dubbo://10.0.0.{}:20880/{SERVICE}?interface={SERVICE}&side=provider&dynamic={dynamic}&check={check}&timestamp={ts}",

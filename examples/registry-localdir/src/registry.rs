@@ -419,10 +419,11 @@ fn apply(st: &mut State, reads: Vec<(Key, Snapshot)>, force: bool) -> bool {
     let State { subs, lists, .. } = st;
     for sub in subs.values_mut() {
         for (service, category) in &changed {
-            if sub.wants(service, category) && (!sub.wildcard || sub.known.contains(service)) {
-                if let Some(c) = lists.get(&(service.clone(), category.clone())) {
-                    sub.push(service, category, c);
-                }
+            if sub.wants(service, category)
+                && (!sub.wildcard || sub.known.contains(service))
+                && let Some(c) = lists.get(&(service.clone(), category.clone()))
+            {
+                sub.push(service, category, c);
             }
         }
         if sub.wildcard {
