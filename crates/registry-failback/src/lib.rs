@@ -17,10 +17,15 @@
 //! - intent bookkeeping: what should be registered and subscribed, the source of truth for
 //!   recovery;
 //! - `check` semantics: fail fast, or retry in the background;
-//! - a retry queue with one pending task per (operation, key), register/unregister and
-//!   subscribe/unsubscribe cancelling each other, exponential backoff from about 100 ms to
-//!   `retry.period` with full jitter, `retry.times` (-1: never give up), and exhausted tasks that
-//!   leave the queue;
+//! - "the last call wins" (CONTRACT §6.1): every backend call for a key (a URL, or a
+//!   subscription) runs under that key's lock and applies the intent current when it runs, so
+//!   recovery, retries and the application's calls never apply an older intent after a newer
+//!   one; a failed register with `check=true` ends absent and a failed unregister is carried
+//!   out in the background, even when the server applied the write and only the reply was lost;
+//!   every backend call is bounded by `timeout`;
+//! - a retry queue with one pending task per key that applies the current intent, exponential
+//!   backoff from about 100 ms to `retry.period` with full jitter, `retry.times` (-1: never give
+//!   up), and exhausted tasks that leave the queue;
 //! - recovery: on a new session every registration and subscription is restored at once, with
 //!   bounded concurrency (`recovery.concurrency`); a reconnect of the same session restores
 //!   nothing and wakes pending retries;
