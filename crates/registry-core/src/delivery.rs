@@ -66,6 +66,9 @@ struct Inner {
     listener: Arc<dyn NotifyListener>,
     options: DeliveryOptions,
     isolated: bool,
+    /// Inline mode (no task): held through each listener call, so calls are one at a time
+    /// and `close` can wait for a running one.
+    inline: Option<Mutex<()>>,
 }
 
 /// The delivery task of one subscription; see the module documentation.
@@ -87,12 +90,45 @@ impl Delivery {
         Delivery::start(listener, options, true)
     }
 
+    /// No task: [`Delivery::push`] applies the revision guard, the repeat filter and empty
+    /// protection and calls the listener at once, on the caller's task. Only for a listener
+    /// that never blocks (see [`NotifyListener::is_forwarder`]): it saves a task per
+    /// subscription and a hand-off per notification.
+    pub fn inline(listener: Arc<dyn NotifyListener>, options: DeliveryOptions) -> Delivery {
+        Delivery {
+            inner: Delivery::inner(listener, options, false, true),
+        }
+    }
+
+    /// What a backend uses for a subscription's listener: [`Delivery::inline`] when the
+    /// listener is a forwarder (the reliability layer's, which only hands the list to its own
+    /// delivery: one hop from the backend's event to the application's listener), else
+    /// [`Delivery::spawn_isolated`] (an application listener, which may block).
+    pub fn for_listener(listener: Arc<dyn NotifyListener>, options: DeliveryOptions) -> Delivery {
+        if listener.is_forwarder() {
+            Delivery::inline(listener, options)
+        } else {
+            Delivery::start(listener, options, true)
+        }
+    }
+
     fn start(
         listener: Arc<dyn NotifyListener>,
         options: DeliveryOptions,
         isolated: bool,
     ) -> Delivery {
-        let inner = Arc::new(Inner {
+        let inner = Delivery::inner(listener, options, isolated, false);
+        tokio::spawn(run(inner.clone()));
+        Delivery { inner }
+    }
+
+    fn inner(
+        listener: Arc<dyn NotifyListener>,
+        options: DeliveryOptions,
+        isolated: bool,
+        inline: bool,
+    ) -> Arc<Inner> {
+        Arc::new(Inner {
             state: Mutex::new(State {
                 enqueued: 0,
                 epoch: 0,
@@ -108,9 +144,8 @@ impl Delivery {
             listener,
             options,
             isolated,
-        });
-        tokio::spawn(run(inner.clone()));
-        Delivery { inner }
+            inline: inline.then(|| Mutex::new(())),
+        })
     }
 
     /// Queues a notification; returns at once. A pending list of the same (service, category)
@@ -118,6 +153,10 @@ impl Delivery {
     /// end of the queue, so a newer list never overtakes an older change of another category
     /// (CONTRACT §4.5).
     pub fn push(&self, n: Notification) {
+        if let Some(calls) = &self.inner.inline {
+            self.push_inline(calls, n);
+            return;
+        }
         {
             let mut st = lock(&self.inner.state);
             if st.closed {
@@ -140,6 +179,32 @@ impl Delivery {
             }
         }
         self.inner.wake.notify_one();
+    }
+
+    fn push_inline(&self, calls: &Mutex<()>, n: Notification) {
+        let _call = lock(calls);
+        let (t, upto) = {
+            let mut st = lock(&self.inner.state);
+            if st.closed {
+                return;
+            }
+            st.enqueued += 1;
+            (Tagged { n, epoch: st.epoch }, st.enqueued)
+        };
+        if admit(&self.inner, &t) {
+            let listener = &self.inner.listener;
+            if catch_unwind(AssertUnwindSafe(|| listener.notify(t.n))).is_err() {
+                tracing::error!(
+                    subscription = %self.inner.options.label,
+                    "a registry listener panicked; the notification is dropped and the subscription goes on"
+                );
+            }
+        }
+        self.inner.delivered.send_if_modified(|d| {
+            let changed = upto > *d;
+            *d = (*d).max(upto);
+            changed
+        });
     }
 
     /// Waits until everything pushed before this call was delivered (or superseded, or
@@ -196,7 +261,12 @@ impl Delivery {
     /// Stops the task. When this returns no listener call is running and none will start.
     pub async fn close(&self) {
         self.begin_close();
-        *self.inner.gate.lock().await = false;
+        if let Some(calls) = &self.inner.inline {
+            // Inline calls are short (forwarders only): wait for a running one.
+            drop(lock(calls));
+        } else {
+            *self.inner.gate.lock().await = false;
+        }
         self.inner.delivered.send_replace(u64::MAX);
     }
 
@@ -205,6 +275,11 @@ impl Delivery {
     /// (it was logged: a listener must not block, least of all on the registry calling it).
     pub async fn close_within(&self, limit: std::time::Duration) -> bool {
         self.begin_close();
+        if let Some(calls) = &self.inner.inline {
+            drop(lock(calls));
+            self.inner.delivered.send_replace(u64::MAX);
+            return true;
+        }
         let done = match tokio::time::timeout(limit, self.inner.gate.lock()).await {
             Ok(mut gate) => {
                 *gate = false;

@@ -241,8 +241,8 @@ impl Registry for MemoryRegistry {
             categories: url.categories(),
             wildcard,
             owner: self.id,
-            // Application listeners: isolated from the runtime.
-            delivery: Delivery::spawn_isolated(
+            // Application listeners: isolated from the runtime; a forwarding layer's: inline.
+            delivery: Delivery::for_listener(
                 listener,
                 DeliveryOptions {
                     empty_protection: self.url.parameter_bool("enable-empty-protection", false),

@@ -181,6 +181,15 @@ impl Notification {
 pub trait NotifyListener: Send + Sync + 'static {
     /// Called with one category's full list.
     fn notify(&self, notification: Notification);
+
+    /// `true` for a listener that never blocks and only hands the list on (the reliability
+    /// layer's listener, which queues it for its own delivery task): a backend may then call
+    /// it inline, on its own event task, instead of through a delivery task of its own
+    /// ([`crate::delivery::Delivery::for_listener`]). Application listeners keep the default,
+    /// `false`.
+    fn is_forwarder(&self) -> bool {
+        false
+    }
 }
 
 impl<F> NotifyListener for F

@@ -402,7 +402,7 @@ impl Registry for EtcdRegistry {
             let sub = Arc::new(Sub {
                 url: url.clone(),
                 categories: url.categories(),
-                delivery: Delivery::spawn(
+                delivery: Delivery::for_listener(
                     listener,
                     DeliveryOptions {
                         empty_protection: inner.opts.empty_protection,

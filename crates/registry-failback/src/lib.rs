@@ -95,6 +95,10 @@ impl Forward {
 }
 
 impl NotifyListener for Forward {
+    fn is_forwarder(&self) -> bool {
+        true
+    }
+
     fn notify(&self, n: Notification) {
         let active = self.active.read().unwrap_or_else(|p| p.into_inner());
         if *active {
@@ -382,18 +386,51 @@ impl<R: Registry> Shared<R> {
         &self.key_locks[(self.hasher.hash_one(key) % KEY_LOCKS as u64) as usize]
     }
 
-    /// A backend call bounded by the registry's `timeout`: a hung call is a retryable
+    /// The bound of one backend call: three times the registry's `timeout` (a backend's own
+    /// requests are bounded by `timeout`; one call may wait for a connection, then a request,
+    /// then its retry).
+    fn call_bound(&self) -> Duration {
+        self.call_timeout * 3
+    }
+
+    /// The bound of a backend subscribe of `url`: one read per category (a wildcard
+    /// subscription reads every service), on top of [`Shared::call_bound`].
+    fn subscribe_bound(&self, url: &Url) -> Duration {
+        let reads = if url.service_interface() == registry_core::url::ANY_VALUE {
+            16
+        } else {
+            url.categories().len() as u32
+        };
+        self.call_bound() + self.call_timeout * reads
+    }
+
+    /// How long after a failed call that may still take effect (a time-out, a lost reply)
+    /// the intent is applied once more.
+    fn late_grace(&self) -> Duration {
+        self.call_bound() * 2
+    }
+
+    /// A backend call bounded by [`Shared::call_bound`]: a hung call is a retryable
     /// [`Error::Timeout`] whose outcome is unknown.
     async fn bounded<T>(
         &self,
         operation: &'static str,
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.call_timeout, call).await {
+        self.bounded_by(self.call_bound(), operation, call).await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        limit: Duration,
+        operation: &'static str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(limit, call).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout {
                 operation: operation.to_owned(),
-                after: self.call_timeout,
+                after: limit,
             }),
         }
     }
@@ -662,7 +699,8 @@ impl<R: Registry> Shared<R> {
                 if rebase {
                     sub.delivery.rebase();
                 }
-                self.bounded(
+                self.bounded_by(
+                    self.subscribe_bound(&key.0),
                     "subscribe",
                     self.raw.subscribe(&key.0, sub.raw_listener.clone()),
                 )
@@ -686,7 +724,8 @@ impl<R: Registry> Shared<R> {
                         self.raw.unsubscribe(&key.0, &sub.raw_listener),
                     )
                     .await?;
-                    self.bounded(
+                    self.bounded_by(
+                        self.subscribe_bound(&key.0),
                         "subscribe",
                         self.raw.subscribe(&key.0, sub.raw_listener.clone()),
                     )
@@ -728,7 +767,7 @@ impl<R: Registry> Shared<R> {
         // have happened.
         let late = error
             .is_retryable()
-            .then(|| Instant::now() + self.call_timeout * 2);
+            .then(|| Instant::now() + self.late_grace());
         if let Some(p) = st.tasks.get_mut(&key) {
             p.last_error = error.to_string();
             p.reset = true;
@@ -980,7 +1019,7 @@ async fn retry_loop<R: Registry>(
                         p.attempt = attempt;
                         p.last_error = e.to_string();
                         p.confirming = false;
-                        p.late_until = Some(Instant::now() + s.call_timeout * 2);
+                        p.late_until = Some(Instant::now() + s.late_grace());
                     }
                     None
                 }

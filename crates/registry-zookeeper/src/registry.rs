@@ -1741,7 +1741,7 @@ impl Registry for ZookeeperRegistry {
                         url: url.clone(),
                         categories: url.categories(),
                         wildcard,
-                        delivery: Delivery::spawn(
+                        delivery: Delivery::for_listener(
                             listener,
                             DeliveryOptions {
                                 empty_protection: inner.cfg.empty_protection,

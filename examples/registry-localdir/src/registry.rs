@@ -530,11 +530,11 @@ impl Registry for LocalDirRegistry {
             url: url.clone(),
             categories: url.categories(),
             wildcard: url.service_interface() == ANY_VALUE,
-            delivery: Delivery::spawn(
+            delivery: Delivery::for_listener(
                 listener,
                 DeliveryOptions {
                     empty_protection: false,
-                    label: url.to_full_string(),
+                    label: url.to_redacted_string(),
                 },
             ),
             known: BTreeSet::new(),
