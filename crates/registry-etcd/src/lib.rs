@@ -63,6 +63,10 @@ pub use options::{
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REREAD_PERIOD_MS, MAX_MESSAGE_SIZE_KEY, REREAD_PERIOD_KEY,
 };
 pub use registry::EtcdRegistry;
+/// The checked registry URL parameters, for the fuzz targets (`fuzz/`) only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use options::Options;
 
 /// The scheme of this backend.
 pub const ETCD_SCHEME: &str = "etcd";
