@@ -1,4 +1,6 @@
 //! `RegistryConfig` from TOML and from `REGISTRY_*` environment variables, then `to_url`.
+//! Input: one byte choosing where a password goes, the TOML text, a NUL byte, then
+//! `NAME=value` lines of environment.
 //!
 //! Asserts: no panic; an accepted configuration survives TOML serialization unchanged; a
 //! password, given as `password` or inside the address, never shows in an error. (The URL it
@@ -6,54 +8,17 @@
 //! value may hold `&`.)
 #![no_main]
 
-use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use registry_core::RegistryConfig;
 use registry_fuzz::{SENTINEL_PASSWORD, assert_no_password, touch_accessors};
 
-#[derive(Arbitrary, Debug)]
-enum Var {
-    Url,
-    Protocol,
-    Username,
-    Password,
-    Group,
-    TimeoutMs,
-    SessionMs,
-    Check,
-    Parameters,
-}
-
-impl Var {
-    fn name(&self) -> &'static str {
-        match self {
-            Var::Url => "REGISTRY_URL",
-            Var::Protocol => "REGISTRY_PROTOCOL",
-            Var::Username => "REGISTRY_USERNAME",
-            Var::Password => "REGISTRY_PASSWORD",
-            Var::Group => "REGISTRY_GROUP",
-            Var::TimeoutMs => "REGISTRY_TIMEOUT_MS",
-            Var::SessionMs => "REGISTRY_SESSION_MS",
-            Var::Check => "REGISTRY_CHECK",
-            Var::Parameters => "REGISTRY_PARAMETERS",
-        }
-    }
-}
-
-#[derive(Arbitrary, Debug)]
+#[derive(Debug)]
 enum Secret {
     None,
     /// `password = "<sentinel>"`.
     Field,
     /// `user:<sentinel>@` put in front of the address's host.
     InAddress,
-}
-
-#[derive(Arbitrary, Debug)]
-struct Input {
-    toml: String,
-    env: Vec<(Var, String)>,
-    secret: Secret,
 }
 
 fn check(mut c: RegistryConfig, secret: &Secret) {
@@ -80,13 +45,22 @@ fn check(mut c: RegistryConfig, secret: &Secret) {
     }
 }
 
-fuzz_target!(|input: Input| {
-    if input.toml.contains(SENTINEL_PASSWORD)
-        || input.env.iter().any(|(_, v)| v.contains(SENTINEL_PASSWORD))
-    {
+fuzz_target!(|data: &[u8]| {
+    // One byte for where the password goes, the TOML text, a NUL, then `NAME=value` lines.
+    let Some((mode, rest)) = data.split_first() else {
+        return;
+    };
+    let secret = match mode % 3 {
+        0 => Secret::None,
+        1 => Secret::Field,
+        _ => Secret::InAddress,
+    };
+    let rest = String::from_utf8_lossy(rest);
+    let (toml_text, env_text) = rest.split_once('\0').unwrap_or((&rest, ""));
+    if rest.contains(SENTINEL_PASSWORD) {
         return;
     }
-    let mut c = match RegistryConfig::from_toml_str(&input.toml) {
+    let mut c = match RegistryConfig::from_toml_str(toml_text) {
         Ok(c) => {
             let text = toml::to_string(&c).expect("a configuration serializes");
             let back = RegistryConfig::from_toml_str(&text)
@@ -96,15 +70,18 @@ fuzz_target!(|input: Input| {
         }
         Err(_) => RegistryConfig::default(),
     };
-    let env = &input.env;
+    let env: Vec<(&str, &str)> = env_text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .collect();
     let lookup = |k: &str| {
         env.iter()
             .rev()
-            .find(|(v, _)| v.name() == k)
-            .map(|(_, value)| value.clone())
+            .find(|(name, _)| *name == k)
+            .map(|(_, value)| (*value).to_owned())
     };
     if c.apply_env(lookup).is_err() {
         return;
     }
-    check(c, &input.secret);
+    check(c, &secret);
 });

@@ -206,6 +206,12 @@ impl Url {
         let others: Vec<&str> = hosts.collect();
         if !others.is_empty() {
             for h in &others {
+                // These hosts are written into the `backup` value, where a `&` would end it.
+                if h.contains('&') {
+                    return Err(invalid(&format!(
+                        "the host `{h}` may not hold `&` (it goes into the `backup` parameter)"
+                    )));
+                }
                 split_host_port(h).map_err(|r| invalid(&r))?;
             }
             let mut backup: Vec<String> = others.iter().map(|s| (*s).to_owned()).collect();
@@ -213,6 +219,7 @@ impl Url {
                 backup.extend(
                     existing
                         .split(',')
+                        .map(str::trim)
                         .filter(|s| !s.is_empty())
                         .map(str::to_owned),
                 );
@@ -917,6 +924,26 @@ mod tests {
             assert_eq!(back, u, "{input:?} -> {full:?}");
             assert_eq!(back.to_full_string(), full);
         }
+    }
+
+    /// Found by the `url_parse` fuzz target: a second host holding `&` went into the `backup`
+    /// value, and the full string read back as another parameter.
+    #[test]
+    fn a_backup_host_may_not_hold_an_ampersand() {
+        let input = "zr://[::1]:1,fe80:&2:3?backup=::4";
+        let e = Url::parse(input).unwrap_err();
+        assert!(matches!(&e, Error::InvalidUrl { input: i, .. } if i == input), "{e:?}");
+        assert!(e.to_string().contains("`fe80:&2:3` may not hold `&`"), "{e}");
+        assert!(Url::parse("zr://h&x:1/p").is_ok(), "the first host is not a parameter");
+    }
+
+    /// Found by the `url_node_name` fuzz target: the `backup` value made of several hosts and
+    /// a `backup` parameter kept the blank after an entry of the parameter, at its end.
+    #[test]
+    fn several_hosts_and_backup_make_a_trimmed_value() {
+        let u = Url::parse("zk://h1,h2?backup=h3 ,h4 , ").unwrap();
+        assert_eq!(u.parameter(BACKUP_KEY), Some("h2,h3,h4"));
+        assert_eq!(Url::parse(&u.to_full_string()).unwrap(), u);
     }
 
     #[test]

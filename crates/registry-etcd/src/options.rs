@@ -84,7 +84,7 @@ impl Options {
         }
         let mut endpoints = Vec::with_capacity(hosts.len());
         for (host, port) in &hosts {
-            if host.is_empty() {
+            if host.is_empty() || host == "[]" {
                 return Err(Error::InvalidRegistryUrl {
                     url: url.to_identity_string_redacted(),
                     reason: "an address has no host; write etcd://host:2379".to_owned(),
@@ -225,10 +225,12 @@ mod tests {
                 other => panic!("{bad}: expected InvalidParameter, got {other:?}"),
             }
         }
-        assert!(matches!(
-            opts("etcd://:2379"),
-            Err(Error::InvalidRegistryUrl { .. })
-        ));
+        for no_host in ["etcd://:2379", "etcd://[]:2379", "etcd://h?backup=[]"] {
+            assert!(
+                matches!(opts(no_host), Err(Error::InvalidRegistryUrl { .. })),
+                "{no_host}"
+            );
+        }
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl Config {
         }
         let mut connect = Vec::with_capacity(hosts.len());
         for (host, port) in &hosts {
-            if host.is_empty() {
+            if host.is_empty() || host == "[]" {
                 return Err(Error::InvalidRegistryUrl {
                     url: label,
                     reason: "an address has no host (expected host:port)".into(),
@@ -229,7 +229,9 @@ mod tests {
             let e = Config::from_url(&bad.parse().expect("url")).expect_err(bad);
             assert!(matches!(&e, Error::InvalidParameter { key, .. } if key == "backup"), "{e:?}");
         }
-        let e = Config::from_url(&"zookeeper://:2181".parse().expect("url")).expect_err("no host");
-        assert!(matches!(e, Error::InvalidRegistryUrl { .. }), "{e:?}");
+        for no_host in ["zookeeper://:2181", "zookeeper://[]:2181", "zookeeper://h?backup=[]"] {
+            let e = Config::from_url(&no_host.parse().expect("url")).expect_err(no_host);
+            assert!(matches!(e, Error::InvalidRegistryUrl { .. }), "{e:?}");
+        }
     }
 }
