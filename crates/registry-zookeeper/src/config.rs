@@ -108,10 +108,10 @@ impl Config {
         } else {
             format!("/{group}")
         };
-        let root = if root.len() > 1 {
-            root.trim_end_matches('/').to_owned()
-        } else {
-            root
+        // `/g/` is `/g`; a group of slashes only (`//`) is the root `/`, not an empty path.
+        let root = match root.trim_end_matches('/') {
+            "" => "/".to_owned(),
+            trimmed => trimmed.to_owned(),
         };
         if root.contains("//") {
             return Err(Error::InvalidParameter {
@@ -188,6 +188,9 @@ mod tests {
         assert_eq!(cfg("zookeeper://h:1?group=g").root, "/g");
         assert_eq!(cfg("zookeeper://h:1?group=/g/").root, "/g");
         assert_eq!(cfg("zookeeper://h:1?group=/").service_path("a.B"), "/a.B");
+        // Found by the `zookeeper_options` fuzz target: `//` gave the root "" (no path).
+        assert_eq!(cfg("zookeeper://h:1?group=//").root, "/");
+        assert_eq!(cfg("zookeeper://h:1?group=///").service_path("a.B"), "/a.B");
     }
 
     #[test]
