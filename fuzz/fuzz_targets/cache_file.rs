@@ -19,7 +19,11 @@ fn path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let dir = PathBuf::from("/dev/shm");
-        let dir = if dir.is_dir() { dir } else { std::env::temp_dir() };
+        let dir = if dir.is_dir() {
+            dir
+        } else {
+            std::env::temp_dir()
+        };
         dir.join(format!("registry-fuzz-cache-{}.json", std::process::id()))
     })
 }

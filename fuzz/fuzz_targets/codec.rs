@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
     let e = encode(&s);
     let oracle: String = s.bytes().map(java_rule).collect();
     assert_eq!(e, oracle, "encode({s:?})");
-    assert_eq!(decode(&e).ok().as_deref(), Some(&*s), "decode(encode({s:?}))");
+    assert_eq!(
+        decode(&e).ok().as_deref(),
+        Some(&*s),
+        "decode(encode({s:?}))"
+    );
 
     // Any text as a node name.
     match decode(&s) {

@@ -20,7 +20,9 @@ fn plain_host(h: &str) -> bool {
     } else if h.contains(':') {
         h.parse::<Ipv6Addr>().is_ok()
     } else {
-        !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        !h.is_empty()
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
     }
 }
 
@@ -48,10 +50,16 @@ fn check(url: &Url) {
         assert_eq!(uri.scheme_str(), Some("http"), "{endpoint:?}");
         assert!(uri.port_u16().is_some(), "{endpoint:?} has no port");
         assert_eq!(uri.path(), "/", "{endpoint:?} has a path");
-        let got = uri.host().unwrap_or_else(|| panic!("{endpoint:?} has no host"));
+        let got = uri
+            .host()
+            .unwrap_or_else(|| panic!("{endpoint:?} has no host"));
         // `uri.host()` keeps an IPv6 address's brackets; the URL's host may have none.
         let bare = |h: &str| h.trim_start_matches('[').trim_end_matches(']').to_owned();
-        assert_eq!(bare(got), bare(host), "{url:?}: {host:?} became {endpoint:?}");
+        assert_eq!(
+            bare(got),
+            bare(host),
+            "{url:?}: {host:?} became {endpoint:?}"
+        );
     }
     assert!(opts.ttl_secs >= 1);
     assert!(!opts.timeout.is_zero());

@@ -70,10 +70,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(_) => RegistryConfig::default(),
     };
-    let env: Vec<(&str, &str)> = env_text
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .collect();
+    let env: Vec<(&str, &str)> = env_text.lines().filter_map(|l| l.split_once('=')).collect();
     let lookup = |k: &str| {
         env.iter()
             .rev()

@@ -373,7 +373,9 @@ impl Url {
                     reason,
                 };
                 if entry.contains(['/', '?', '#', '@']) {
-                    return Err(invalid("an address may not hold `/`, `?`, `#` or `@`".into()));
+                    return Err(invalid(
+                        "an address may not hold `/`, `?`, `#` or `@`".into(),
+                    ));
                 }
                 all.push(split_host_port(entry).map_err(invalid)?);
             }
@@ -918,7 +920,11 @@ mod tests {
             ("dubbo://a:: :80/p", "a:: :80", 0, "p"),
         ] {
             let u = Url::parse(input).unwrap_or_else(|e| panic!("{input:?}: {e}"));
-            assert_eq!((u.host(), u.port(), u.path()), (host, port, path), "{input:?}");
+            assert_eq!(
+                (u.host(), u.port(), u.path()),
+                (host, port, path),
+                "{input:?}"
+            );
             let full = u.to_full_string();
             let back = Url::parse(&full).unwrap_or_else(|e| panic!("{full:?}: {e}"));
             assert_eq!(back, u, "{input:?} -> {full:?}");
@@ -932,9 +938,18 @@ mod tests {
     fn a_backup_host_may_not_hold_an_ampersand() {
         let input = "zr://[::1]:1,fe80:&2:3?backup=::4";
         let e = Url::parse(input).unwrap_err();
-        assert!(matches!(&e, Error::InvalidUrl { input: i, .. } if i == input), "{e:?}");
-        assert!(e.to_string().contains("`fe80:&2:3` may not hold `&`"), "{e}");
-        assert!(Url::parse("zr://h&x:1/p").is_ok(), "the first host is not a parameter");
+        assert!(
+            matches!(&e, Error::InvalidUrl { input: i, .. } if i == input),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("`fe80:&2:3` may not hold `&`"),
+            "{e}"
+        );
+        assert!(
+            Url::parse("zr://h&x:1/p").is_ok(),
+            "the first host is not a parameter"
+        );
     }
 
     /// Found by the `url_node_name` fuzz target: the `backup` value made of several hosts and
@@ -961,7 +976,9 @@ mod tests {
             ]
         );
         for bad in ["h:abc", "h/chroot", "u@h", "h?x", "[::1"] {
-            let u = Url::parse("zookeeper://h").unwrap().with_parameter(BACKUP_KEY, bad);
+            let u = Url::parse("zookeeper://h")
+                .unwrap()
+                .with_parameter(BACKUP_KEY, bad);
             match u.host_ports() {
                 Err(Error::InvalidParameter { key, value, .. }) => {
                     assert_eq!((key.as_str(), value.as_str()), (BACKUP_KEY, bad));

@@ -230,9 +230,16 @@ mod tests {
         assert_eq!(cfg("zookeeper://h:0").connect, "h:2181");
         for bad in ["zookeeper://h?backup=h2:abc", "zookeeper://h?backup=h2/x"] {
             let e = Config::from_url(&bad.parse().expect("url")).expect_err(bad);
-            assert!(matches!(&e, Error::InvalidParameter { key, .. } if key == "backup"), "{e:?}");
+            assert!(
+                matches!(&e, Error::InvalidParameter { key, .. } if key == "backup"),
+                "{e:?}"
+            );
         }
-        for no_host in ["zookeeper://:2181", "zookeeper://[]:2181", "zookeeper://h?backup=[]"] {
+        for no_host in [
+            "zookeeper://:2181",
+            "zookeeper://[]:2181",
+            "zookeeper://h?backup=[]",
+        ] {
             let e = Config::from_url(&no_host.parse().expect("url")).expect_err(no_host);
             assert!(matches!(e, Error::InvalidRegistryUrl { .. }), "{e:?}");
         }
