@@ -9,6 +9,9 @@
 //! - `soak [--cases N] [--time 10m] [--seed S]`: runs the reliability layer's randomized model
 //!   test (crates/registry-failback/tests/model.rs) in release mode for many cases.
 //! - `servers`: starts ZooKeeper and etcd, prints their addresses, runs until Ctrl-C.
+//! - `fuzz [--time 60s] [--runs N] [--sanitizer address] [TARGET...] [-- LIBFUZZER ARGS]`:
+//!   builds the cargo-fuzz targets in `fuzz/` with the nightly toolchain (installing
+//!   cargo-fuzz when missing) and runs each for the given time (see fuzz/README.md).
 //! - `clippy`: `cargo clippy --workspace --all-targets -- -D warnings` (with `PROTOC` set).
 //! - `package`: `cargo package --workspace` for every crate that may be published (members with
 //!   `publish = false` are excluded), each verified by a build against crates.io dependencies —
@@ -22,7 +25,7 @@ use std::process::{Command, ExitCode};
 
 use registry_test_servers::{ETCD_ENV, Kind, REQUIRE_ENV, Server, ZOOKEEPER_ENV, ensure_installed};
 
-const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|servers|clippy|package|ci> [args]
+const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|fuzz|servers|clippy|package|ci> [args]
 
   demo   run examples/quickstart on memory:// (set REGISTRY_URL to use another backend)
   test   start ZooKeeper and etcd, run every test of the workspace against them, stop them
@@ -30,6 +33,9 @@ const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|servers|clippy|pac
          (`--quick`: small sizes; results in target/bench/{results.jsonl,report.md})
   soak   run the reliability layer's model test for many cases, in release mode
          (`--cases 100000` (default) or `--time 10m`; `--seed S` to start from a seed)
+  fuzz   build the fuzz targets (nightly; installs cargo-fuzz when missing) and run each
+         (`--time 60s` each (default), `--runs N`, `--sanitizer address|none` (default none),
+         target names to run only those, `-- ARGS` for libFuzzer)
   servers  start ZooKeeper and etcd on free loopback ports until Ctrl-C
   clippy cargo clippy on every target, warnings as errors
   package  cargo package --workspace, without the members that have publish = false
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
         Some("soak") => soak(&rest),
+        Some("fuzz") => fuzz(&rest),
         Some("servers") => servers(),
         Some("ci") => ci(&rest),
         Some("clippy") => clippy(&rest),
@@ -241,6 +248,203 @@ fn soak(rest: &[String]) -> Result<(), String> {
     println!("soak: first seed {seed}");
     cmd.env("MODEL_SEED", seed);
     cmd.env("MODEL_PARALLEL", "32");
+    run(cmd)
+}
+
+/// Runs the cargo-fuzz targets of `fuzz/` (its own crate, outside the workspace): installs
+/// cargo-fuzz when missing, builds every target once with nightly (the workspace stays on
+/// stable), then runs each target on its corpus (`fuzz/corpus/T`, not checked in) and its
+/// checked-in seeds (`fuzz/seeds/T`) with its dictionary. libFuzzer's output goes to
+/// `fuzz/artifacts/T.log`; the final statistics are printed. A crash fails the task and names
+/// the input libFuzzer saved.
+fn fuzz(rest: &[String]) -> Result<(), String> {
+    let mut secs: u64 = 60;
+    let mut runs: Option<u64> = None;
+    let mut sanitizer = "none".to_owned();
+    let mut only: Vec<String> = Vec::new();
+    let mut extra: Vec<String> = Vec::new();
+    let mut args = rest.iter();
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match a.as_str() {
+            "--time" => {
+                let v = value("--time")?;
+                let d = humantime::parse_duration(&v)
+                    .map_err(|e| format!("--time takes a duration such as 20s or 30m: {e}"))?;
+                secs = d.as_secs().max(1);
+            }
+            "--runs" => {
+                let v = value("--runs")?;
+                runs = Some(
+                    v.parse()
+                        .map_err(|_| format!("--runs takes a number, not `{v}`"))?,
+                );
+            }
+            "--sanitizer" => sanitizer = value("--sanitizer")?,
+            "--" => {
+                extra.extend(args.by_ref().cloned());
+            }
+            t if !t.starts_with('-') => only.push(t.to_owned()),
+            other => return Err(format!("fuzz: unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+
+    let fuzz_dir = root().join("fuzz");
+    ensure_cargo_fuzz()?;
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !nightly {
+        eprintln!("xtask: no nightly toolchain; building the fuzz targets with RUSTC_BOOTSTRAP=1");
+    }
+    // `cargo +nightly fuzz ...` through rustup's proxy on PATH, not the stable cargo running
+    // xtask; with `PROTOC` as `cargo()` sets it.
+    let cargo_fuzz = || {
+        let mut cmd = Command::new("cargo");
+        for (k, v) in cargo().get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        cmd.current_dir(root())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC");
+        if nightly {
+            cmd.arg("+nightly");
+        } else {
+            cmd.env("RUSTC_BOOTSTRAP", "1");
+        }
+        cmd.arg("fuzz");
+        cmd
+    };
+
+    let listed = cargo_fuzz()
+        .arg("list")
+        .output()
+        .map_err(|e| format!("cannot run cargo fuzz list: {e}"))?;
+    if !listed.status.success() {
+        return Err(format!(
+            "cargo fuzz list failed: {}",
+            String::from_utf8_lossy(&listed.stderr)
+        ));
+    }
+    let all: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for t in &only {
+        if !all.contains(t) {
+            return Err(format!(
+                "no fuzz target `{t}`; the targets: {}",
+                all.join(", ")
+            ));
+        }
+    }
+    let targets = if only.is_empty() { all } else { only };
+
+    let started = std::time::Instant::now();
+    let mut build = cargo_fuzz();
+    build.args(["build", "--sanitizer", &sanitizer]);
+    run(build)?;
+    eprintln!(
+        "xtask: built the fuzz targets in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let artifacts = fuzz_dir.join("artifacts");
+    let mut failed = Vec::new();
+    for t in &targets {
+        let corpus = fuzz_dir.join("corpus").join(t);
+        std::fs::create_dir_all(&corpus)
+            .and_then(|()| std::fs::create_dir_all(&artifacts))
+            .map_err(|e| format!("cannot create {}: {e}", corpus.display()))?;
+        let seeds = fuzz_dir.join("seeds").join(t);
+        let dict = [
+            fuzz_dir.join("dict").join(format!("{t}.dict")),
+            fuzz_dir.join("dict").join("url.dict"),
+        ]
+        .into_iter()
+        .find(|d| d.is_file());
+        let log_path = artifacts.join(format!("{t}.log"));
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+        let mut cmd = cargo_fuzz();
+        cmd.args(["run", "--sanitizer", &sanitizer, t]).arg(&corpus);
+        if seeds.is_dir() {
+            cmd.arg(&seeds);
+        }
+        cmd.arg("--")
+            .arg(format!("-max_total_time={secs}"))
+            .arg("-print_final_stats=1")
+            .arg(format!("-artifact_prefix={}/{t}-", artifacts.display()));
+        if let Some(d) = dict {
+            cmd.arg(format!("-dict={}", d.display()));
+        }
+        if let Some(n) = runs {
+            cmd.arg(format!("-runs={n}"));
+        }
+        cmd.args(&extra);
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        cmd.stdout(log).stderr(log_err);
+        eprintln!(
+            "xtask: fuzzing {t} for {secs} s (log: {})",
+            log_path.display()
+        );
+        let status = cmd
+            .status()
+            .map_err(|e| format!("cannot run cargo fuzz run {t}: {e}"))?;
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if status.success() {
+            for l in lines.iter().filter(|l| {
+                l.starts_with("stat::number_of_executed_units")
+                    || l.starts_with("stat::average_exec_per_sec")
+                    || l.contains("DONE")
+            }) {
+                println!("{t}: {l}");
+            }
+        } else {
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{t}: {l}");
+            }
+            eprintln!(
+                "xtask: {t} FAILED ({status}); the input is saved under {} (see `Test unit written`). \
+                 Reproduce: cargo +nightly fuzz run -s {sanitizer} {t} <that file>. Fix it and add it \
+                 as a regression test in the crate's own tests.",
+                artifacts.display()
+            );
+            failed.push(t.clone());
+        }
+    }
+    if failed.is_empty() {
+        println!("fuzz: {} passed, 0 failed", targets.len());
+        Ok(())
+    } else {
+        Err(format!("fuzz targets found crashes: {}", failed.join(", ")))
+    }
+}
+
+/// Installs cargo-fuzz from crates.io (with its lock file) when `cargo fuzz` is missing.
+fn ensure_cargo_fuzz() -> Result<(), String> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
+    let mut cmd = Command::new("cargo");
+    cmd.args(["install", "cargo-fuzz", "--locked"]);
     run(cmd)
 }
 

@@ -24,7 +24,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::url::{CHECK_KEY, GROUP_KEY, Url};
+use crate::url::{CHECK_KEY, GROUP_KEY, Url, redact_credentials};
 
 /// The registry part of an application's configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,16 @@ pub struct RegistryConfig {
     pub check: Option<bool>,
     /// Any other registry URL parameter.
     pub parameters: BTreeMap<String, String>,
+}
+
+/// `address` for an error message, with the password of `user:password@` replaced by `***`.
+fn redacted(address: &str) -> String {
+    if address.contains("://") {
+        redact_credentials(address).unwrap_or_else(|| address.to_owned())
+    } else {
+        redact_credentials(&format!("x://{address}"))
+            .map_or_else(|| address.to_owned(), |r| r["x://".len()..].to_owned())
+    }
 }
 
 impl RegistryConfig {
@@ -163,14 +173,16 @@ impl RegistryConfig {
                 && !p.eq_ignore_ascii_case(url.protocol())
             {
                 return Err(Error::Config(format!(
-                    "protocol {p:?} contradicts the address {address:?}"
+                    "protocol {p:?} contradicts the address {:?}",
+                    redacted(address)
                 )));
             }
             url
         } else {
             let protocol = self.protocol.as_deref().ok_or_else(|| {
+                let shown = redacted(address);
                 Error::Config(format!(
-                    "the address {address:?} has no scheme: write `etcd://{address}` or set `protocol`"
+                    "the address {shown:?} has no scheme: write `etcd://{shown}` or set `protocol`"
                 ))
             })?;
             Url::parse(&format!("{protocol}://{address}"))?
@@ -261,5 +273,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("REGISTRY_TIMEOUT_MS"), "{e}");
+    }
+
+    /// Found by the `registry_config` fuzz target: these errors quoted the address with its
+    /// password.
+    #[test]
+    fn address_errors_hide_the_password() {
+        for (address, protocol) in [
+            ("alice:s3cret-pw@h:1", None),
+            ("etcd://alice:s3cret-pw@h:1", Some("zookeeper")),
+        ] {
+            let c = RegistryConfig {
+                address: Some(address.into()),
+                protocol: protocol.map(str::to_owned),
+                ..Default::default()
+            };
+            let e = c.to_url().unwrap_err().to_string();
+            assert!(!e.contains("s3cret-pw"), "{e}");
+            assert!(e.contains("alice:***@h:1"), "{e}");
+        }
     }
 }

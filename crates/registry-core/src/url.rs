@@ -403,7 +403,9 @@ impl Url {
         }
         let mut path = "";
         if let Some(i) = rest.find('/') {
-            path = &rest[i + 1..];
+            // Trailing blanks are not part of the path: without parameters after it, the full
+            // string ends there and the next parse (which trims the input) would drop them.
+            path = rest[i + 1..].trim_end();
             rest = &rest[..i];
         }
         let (mut username, mut password) = (None, None);
@@ -426,6 +428,12 @@ impl Url {
         let others: Vec<&str> = hosts.collect();
         if !others.is_empty() {
             for h in &others {
+                // These hosts are written into the `backup` value, where a `&` would end it.
+                if h.contains('&') {
+                    return Err(invalid(&format!(
+                        "the host `{h}` may not hold `&` (it goes into the `backup` parameter)"
+                    )));
+                }
                 split_host_port(h).map_err(|r| invalid(&r))?;
             }
             let mut backup: Vec<String> = others.iter().map(|s| (*s).to_owned()).collect();
@@ -433,6 +441,7 @@ impl Url {
                 backup.extend(
                     existing
                         .split(',')
+                        .map(str::trim)
                         .filter(|s| !s.is_empty())
                         .map(str::to_owned),
                 );
@@ -572,6 +581,33 @@ impl Url {
             );
         }
         all
+    }
+
+    /// [`Url::addresses`] as `(host, port)` pairs (port 0 when none): the main address, then
+    /// each `backup` entry read like a host of the URL itself (`h`, `h:port`, `[v6]:port`, a
+    /// bare IPv6 address). A `backup` entry that is no address (a bad port, a `/`, `?`, `#` or
+    /// `@` in it) is an [`Error::InvalidParameter`] naming it.
+    pub fn host_ports(&self) -> Result<Vec<(String, u16)>> {
+        let mut all = Vec::new();
+        if !self.host().is_empty() {
+            all.push((self.host().to_owned(), self.d.port));
+        }
+        if let Some(b) = self.d.get(BACKUP_KEY) {
+            for entry in b.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let invalid = |reason: String| Error::InvalidParameter {
+                    key: BACKUP_KEY.to_owned(),
+                    value: entry.to_owned(),
+                    reason,
+                };
+                if entry.contains(['/', '?', '#', '@']) {
+                    return Err(invalid(
+                        "an address may not hold `/`, `?`, `#` or `@`".into(),
+                    ));
+                }
+                all.push(split_host_port(entry).map_err(invalid)?);
+            }
+        }
+        Ok(all)
     }
 
     /// Whether the host is `0.0.0.0` or `anyhost=true` is set.
@@ -859,14 +895,17 @@ fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
         // A bare IPv6 address (several colons, no brackets). Dubbo writes `host:port` even
         // then and splits at the last colon; do the same when what follows is a port and what
         // precedes is still an address (`::1` and `fe80::1` stay whole).
+        // Port 0 is written as no port, so `a:b:0` would read back as host `a`, port `b`:
+        // keep it whole. Blanks before the `:` are not part of the host (with no port written,
+        // the next parse would trim them).
         Some(i) if s[..i].contains(':') => {
-            let (host, port) = (&s[..i], &s[i + 1..]);
+            let (host, port) = (s[..i].trim_end(), &s[i + 1..]);
             match port.parse::<u16>() {
-                Ok(p) if !host.ends_with(':') && !port.is_empty() => Ok((host.to_owned(), p)),
+                Ok(p) if p != 0 && !host.ends_with(':') => Ok((host.to_owned(), p)),
                 _ => Ok((s.to_owned(), 0)),
             }
         }
-        Some(i) => Ok((s[..i].to_owned(), parse_port(&s[i + 1..], s)?)),
+        Some(i) => Ok((s[..i].trim_end().to_owned(), parse_port(&s[i + 1..], s)?)),
         None => Ok((s.to_owned(), 0)),
     }
 }
@@ -1095,6 +1134,89 @@ mod tests {
             "empty://h/c.D?category=providers&group=*&interface=c.D"
         );
         assert_eq!(m.service_interface(), "c.D");
+    }
+
+    /// Inputs the `url_parse` and `url_node_name` fuzz targets found: each parsed, but its full
+    /// string read back as another URL (or not at all).
+    #[test]
+    fn parsed_urls_read_back_from_their_full_string() {
+        for (input, host, port, path) in [
+            ("-://-q\n://-", "-q", 0, "/-"),
+            ("dubbo://h :/p", "h", 0, "p"),
+            ("dubbo://h/p \n?", "h", 0, "p"),
+            ("dubbo://h/p #x", "h", 0, "p"),
+            ("A://\u{8} \u{1a}\n\n//x\n\n?", "\u{8} \u{1a}", 0, "/x"),
+            ("dubbo://a:b:0/p", "a:b:0", 0, "p"),
+            ("dubbo://a:b \n:80/p", "a:b", 80, "p"),
+            ("dubbo://a:: :80/p", "a:: :80", 0, "p"),
+        ] {
+            let u = Url::parse(input).unwrap_or_else(|e| panic!("{input:?}: {e}"));
+            assert_eq!(
+                (u.host(), u.port(), u.path()),
+                (host, port, path),
+                "{input:?}"
+            );
+            let full = u.to_full_string();
+            let back = Url::parse(&full).unwrap_or_else(|e| panic!("{full:?}: {e}"));
+            assert_eq!(back, u, "{input:?} -> {full:?}");
+            assert_eq!(back.to_full_string(), full);
+        }
+    }
+
+    /// Found by the `url_parse` fuzz target: a second host holding `&` went into the `backup`
+    /// value, and the full string read back as another parameter.
+    #[test]
+    fn a_backup_host_may_not_hold_an_ampersand() {
+        let input = "zr://[::1]:1,fe80:&2:3?backup=::4";
+        let e = Url::parse(input).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidUrl { input: i, .. } if i == input),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("`fe80:&2:3` may not hold `&`"),
+            "{e}"
+        );
+        assert!(
+            Url::parse("zr://h&x:1/p").is_ok(),
+            "the first host is not a parameter"
+        );
+    }
+
+    /// Found by the `url_node_name` fuzz target: the `backup` value made of several hosts and
+    /// a `backup` parameter kept the blank after an entry of the parameter, at its end.
+    #[test]
+    fn several_hosts_and_backup_make_a_trimmed_value() {
+        let u = Url::parse("zk://h1,h2?backup=h3 ,h4 , ").unwrap();
+        assert_eq!(u.parameter(BACKUP_KEY), Some("h2,h3,h4"));
+        assert_eq!(Url::parse(&u.to_full_string()).unwrap(), u);
+    }
+
+    #[test]
+    fn host_ports_reads_every_address() {
+        let u = Url::parse("zookeeper://::1,[::2]:3,h:4?backup=fe80::1:5,h6,::7").unwrap();
+        assert_eq!(
+            u.host_ports().unwrap(),
+            vec![
+                ("::1".to_owned(), 0),
+                ("[::2]".to_owned(), 3),
+                ("h".to_owned(), 4),
+                ("fe80::1".to_owned(), 5),
+                ("h6".to_owned(), 0),
+                ("::7".to_owned(), 0),
+            ]
+        );
+        for bad in ["h:abc", "h/chroot", "u@h", "h?x", "[::1"] {
+            let u = Url::parse("zookeeper://h")
+                .unwrap()
+                .with_parameter(BACKUP_KEY, bad);
+            match u.host_ports() {
+                Err(Error::InvalidParameter { key, value, .. }) => {
+                    assert_eq!((key.as_str(), value.as_str()), (BACKUP_KEY, bad));
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -64,6 +64,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use registry_core::{Registry, RegistryFactory, Result, Url};
 
+/// The checked registry URL parameters, for the fuzz targets (`fuzz/`) only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use options::Options;
 pub use options::{
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REREAD_PERIOD_MS, MAX_MESSAGE_SIZE_KEY, REREAD_PERIOD_KEY,
 };

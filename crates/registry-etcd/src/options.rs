@@ -23,7 +23,7 @@ const SESSION_KEY: &str = "session";
 
 /// Everything the backend takes from the registry URL. Its `Debug` hides the password.
 #[derive(Clone)]
-pub(crate) struct Options {
+pub struct Options {
     /// `http://host:port` of every address.
     pub endpoints: Vec<String>,
     /// Connect and request timeout.
@@ -75,26 +75,29 @@ impl Options {
     /// Reads and checks the parameters of `url`.
     pub fn from_url(url: &Url) -> Result<Options> {
         registry_core::manager::validate_registry_url(url)?;
-        let addresses = url.addresses();
-        if addresses.is_empty() {
+        let hosts = url.host_ports()?;
+        if hosts.is_empty() {
             return Err(Error::InvalidRegistryUrl {
                 url: url.to_identity_string_redacted(),
                 reason: "no etcd address; write etcd://host:2379".to_owned(),
             });
         }
-        let endpoints = addresses
-            .iter()
-            .map(|a| {
-                let has_port = a
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !p.is_empty() && !h.ends_with(':') && !p.contains(']'));
-                if has_port {
-                    format!("http://{a}")
-                } else {
-                    format!("http://{a}:{DEFAULT_PORT}")
-                }
-            })
-            .collect();
+        let mut endpoints = Vec::with_capacity(hosts.len());
+        for (host, port) in &hosts {
+            if host.is_empty() || host == "[]" {
+                return Err(Error::InvalidRegistryUrl {
+                    url: url.to_identity_string_redacted(),
+                    reason: "an address has no host; write etcd://host:2379".to_owned(),
+                });
+            }
+            let port = if *port == 0 { DEFAULT_PORT } else { *port };
+            // In a URI an IPv6 address is bracketed.
+            endpoints.push(if host.contains(':') && !host.starts_with('[') {
+                format!("http://[{host}]:{port}")
+            } else {
+                format!("http://{host}:{port}")
+            });
+        }
 
         let timeout_ms: u64 = url.parameter_num(TIMEOUT_KEY, 5000)?;
         if timeout_ms == 0 {
@@ -200,6 +203,34 @@ mod tests {
         assert_eq!(o.reread, None);
         assert_eq!(o.user, Some(("u".to_owned(), "p".to_owned())));
         assert_eq!(opts("etcd://h?group=/x/").expect("options").root, "/x");
+    }
+
+    /// Found by the `etcd_options` fuzz target: a bare IPv6 address became
+    /// `http://fe80::1:2379`, which is no URI; a `backup` entry was passed on unchecked.
+    #[test]
+    fn every_address_becomes_an_endpoint() {
+        let o = opts("etcd://::1,fe80::2:3?backup=[::4]:5,h:0").expect("options");
+        assert_eq!(
+            o.endpoints,
+            vec![
+                "http://[::1]:2379",
+                "http://[fe80::2]:3",
+                "http://[::4]:5",
+                "http://h:2379"
+            ]
+        );
+        for bad in ["etcd://h?backup=h2:abc", "etcd://h?backup=h2/x"] {
+            match opts(bad) {
+                Err(Error::InvalidParameter { key, .. }) => assert_eq!(key, "backup", "{bad}"),
+                other => panic!("{bad}: expected InvalidParameter, got {other:?}"),
+            }
+        }
+        for no_host in ["etcd://:2379", "etcd://[]:2379", "etcd://h?backup=[]"] {
+            assert!(
+                matches!(opts(no_host), Err(Error::InvalidRegistryUrl { .. })),
+                "{no_host}"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub const DEFAULT_GROUP: &str = "dubbo";
 
 /// What a registry URL says, checked. Its `Debug` hides the password.
 #[derive(Clone)]
-pub(crate) struct Config {
+pub struct Config {
     /// `h1:2181,h2:2181`: the address and every `backup`.
     pub connect: String,
     /// `/dubbo`, or `/` + group.
@@ -53,6 +53,7 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
+    /// Reads and checks the parameters of the registry URL `url`.
     pub fn from_url(url: &Url) -> Result<Config> {
         let label = url.to_identity_string_redacted();
         if url.is_anyhost() {
@@ -61,24 +62,30 @@ impl Config {
                 reason: "0.0.0.0 (anyhost) is not a ZooKeeper address".into(),
             });
         }
-        let addresses = url.addresses();
-        if addresses.is_empty() {
+        let hosts = url.host_ports()?;
+        if hosts.is_empty() {
             return Err(Error::InvalidRegistryUrl {
                 url: label,
                 reason: "no ZooKeeper address (expected zookeeper://host:port)".into(),
             });
         }
-        let connect = addresses
-            .iter()
-            .map(|a| {
-                if a.contains(':') && !a.ends_with(']') {
-                    a.clone()
-                } else {
-                    format!("{a}:2181")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(",");
+        let mut connect = Vec::with_capacity(hosts.len());
+        for (host, port) in &hosts {
+            if host.is_empty() || host == "[]" {
+                return Err(Error::InvalidRegistryUrl {
+                    url: label,
+                    reason: "an address has no host (expected host:port)".into(),
+                });
+            }
+            let port = if *port == 0 { 2181 } else { *port };
+            // The client splits `host:port` at the last `:`: a bare IPv6 address needs brackets.
+            connect.push(if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            });
+        }
+        let connect = connect.join(",");
         let session_ms: u64 = url.parameter_num("session", DEFAULT_SESSION_MS)?;
         let timeout_ms: u64 = url.parameter_num("timeout", DEFAULT_TIMEOUT_MS)?;
         for (key, v) in [("session", session_ms), ("timeout", timeout_ms)] {
@@ -101,10 +108,10 @@ impl Config {
         } else {
             format!("/{group}")
         };
-        let root = if root.len() > 1 {
-            root.trim_end_matches('/').to_owned()
-        } else {
-            root
+        // `/g/` is `/g`; a group of slashes only (`//`) is the root `/`, not an empty path.
+        let root = match root.trim_end_matches('/') {
+            "" => "/".to_owned(),
+            trimmed => trimmed.to_owned(),
         };
         if root.contains("//") {
             return Err(Error::InvalidParameter {
@@ -181,6 +188,9 @@ mod tests {
         assert_eq!(cfg("zookeeper://h:1?group=g").root, "/g");
         assert_eq!(cfg("zookeeper://h:1?group=/g/").root, "/g");
         assert_eq!(cfg("zookeeper://h:1?group=/").service_path("a.B"), "/a.B");
+        // Found by the `zookeeper_options` fuzz target: `//` gave the root "" (no path).
+        assert_eq!(cfg("zookeeper://h:1?group=//").root, "/");
+        assert_eq!(cfg("zookeeper://h:1?group=///").service_path("a.B"), "/a.B");
     }
 
     #[test]
@@ -205,5 +215,33 @@ mod tests {
         let zero = Config::from_url(&"zookeeper://h:1?timeout=0".parse().expect("url"));
         assert!(matches!(zero, Err(Error::InvalidParameter { key, .. }) if key == "timeout"));
         assert!(Config::from_url(&"zookeeper://0.0.0.0:2181".parse().expect("url")).is_err());
+    }
+
+    /// Found by the `zookeeper_options` fuzz target: a bare IPv6 address without a port went
+    /// into the connect string as `::1`, which the client reads as host `:` port 1; a `backup`
+    /// entry was passed on unchecked (`h:abc`, or `h/x`, which the client reads as a chroot).
+    #[test]
+    fn every_address_reaches_the_client_as_written() {
+        assert_eq!(cfg("zookeeper://::1").connect, "[::1]:2181");
+        assert_eq!(
+            cfg("zookeeper://[::1]:1,fe80::2:3?backup=::4").connect,
+            "[::1]:1,[fe80::2]:3,[::4]:2181"
+        );
+        assert_eq!(cfg("zookeeper://h:0").connect, "h:2181");
+        for bad in ["zookeeper://h?backup=h2:abc", "zookeeper://h?backup=h2/x"] {
+            let e = Config::from_url(&bad.parse().expect("url")).expect_err(bad);
+            assert!(
+                matches!(&e, Error::InvalidParameter { key, .. } if key == "backup"),
+                "{e:?}"
+            );
+        }
+        for no_host in [
+            "zookeeper://:2181",
+            "zookeeper://[]:2181",
+            "zookeeper://h?backup=[]",
+        ] {
+            let e = Config::from_url(&no_host.parse().expect("url")).expect_err(no_host);
+            assert!(matches!(e, Error::InvalidRegistryUrl { .. }), "{e:?}");
+        }
     }
 }

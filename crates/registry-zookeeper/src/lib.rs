@@ -56,6 +56,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use registry_core::{Registry, RegistryFactory, Result, Url};
 
+/// The checked registry URL parameters, for the fuzz targets (`fuzz/`) only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use config::Config;
 pub use config::{DEFAULT_GROUP, DEFAULT_SESSION_MS, DEFAULT_TIMEOUT_MS};
 pub use registry::ZookeeperRegistry;
 /// The client crate, re-exported so tests and tools use the same types
