@@ -13,7 +13,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::relay::{Net, Relay, lock};
-use crate::{Kind, ZOOKEEPER_JAR, ensure_installed, find_program, free_ports, port_taken, required};
+use crate::{
+    Kind, ZOOKEEPER_JAR, ensure_installed, find_program, free_ports, port_taken, required,
+};
 
 /// Options of a [`Cluster`].
 #[derive(Debug, Clone, Copy)]
@@ -555,7 +557,12 @@ impl Cluster {
     }
 
     /// Waits until member `i` reports `state`.
-    pub fn wait_state(&mut self, i: usize, state: MemberState, within: Duration) -> Result<(), String> {
+    pub fn wait_state(
+        &mut self,
+        i: usize,
+        state: MemberState,
+        within: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
             let now = self.state(i);

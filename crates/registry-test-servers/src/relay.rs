@@ -76,8 +76,7 @@ impl Net {
             let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
             fds.flatten()
                 .any(|fd| {
-                    std::fs::read_link(fd.path())
-                        .is_ok_and(|l| l.as_os_str() == target.as_str())
+                    std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str())
                 })
                 .then_some(member)
         })
@@ -195,7 +194,11 @@ fn connection(
         net.identify(src_port, relay_port)
     });
     if source.is_none() {
-        tracing::debug!(relay_port, src_port, "peer connection from an unknown process");
+        tracing::debug!(
+            relay_port,
+            src_port,
+            "peer connection from an unknown process"
+        );
     }
     // A connection made during an isolation waits, like a SYN that gets no answer.
     if !net.wait_open(source, dest) {
