@@ -206,6 +206,10 @@ fn check_targets(test: &str, times: &[(String, Duration)]) {
 /// Fault 1: kill -9 the leader (the member both registries start on); a change while it is
 /// down; restart it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(
+    clippy::await_holding_lock,
+    reason = "the shared cluster's guard keeps the tests of this binary from running at once; each has its own runtime"
+)]
 async fn kill_leader_and_restart() {
     common::init_tracing();
     let test = "etcd cluster kill_leader_and_restart";
@@ -246,6 +250,10 @@ async fn kill_leader_and_restart() {
 #[ignore = "backend defect, intermittent: in 1 of 3 runs the provider's entry was not back 60 s \
             after SIGCONT; in the others its lease expired while its member was frozen (no \
             fail-over within the session) and it came back up to 7.1 s after SIGCONT"]
+#[allow(
+    clippy::await_holding_lock,
+    reason = "the shared cluster's guard keeps the tests of this binary from running at once; each has its own runtime"
+)]
 async fn pause_each_member_longer_than_the_session() {
     common::init_tracing();
     let test = "etcd cluster pause_each_member";
