@@ -8,7 +8,9 @@
 //!   (ours against the raw clients; `--quick` for small sizes), stops them.
 //! - `soak [--cases N] [--time 10m] [--seed S]`: runs the reliability layer's randomized model
 //!   test (crates/registry-failback/tests/model.rs) in release mode for many cases.
-//! - `servers`: starts ZooKeeper and etcd, prints their addresses, runs until Ctrl-C.
+//! - `servers`: starts ZooKeeper and etcd, prints their addresses, runs until Ctrl-C;
+//!   `servers --cluster`: a 3-member etcd cluster and a 3-server ZooKeeper ensemble instead,
+//!   with commands on stdin to inject faults (`help` lists them).
 //! - `fuzz [--time 60s] [--runs N] [--sanitizer address] [TARGET...] [-- LIBFUZZER ARGS]`:
 //!   builds the cargo-fuzz targets in `fuzz/` with the nightly toolchain (installing
 //!   cargo-fuzz when missing) and runs each for the given time (see fuzz/README.md).
@@ -23,9 +25,12 @@ use std::env;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
-use registry_test_servers::{ETCD_ENV, Kind, REQUIRE_ENV, Server, ZOOKEEPER_ENV, ensure_installed};
+use registry_test_servers::{
+    Cluster, ClusterOptions, ETCD_ENV, Kind, REQUIRE_ENV, Server, ZOOKEEPER_ENV, ensure_installed,
+};
 
-const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|fuzz|servers|clippy|package|ci> [args]
+const USAGE: &str =
+    "usage: cargo xtask <demo|test|bench|soak|fuzz|servers|clippy|package|ci> [args]
 
   demo   run examples/quickstart on memory:// (set REGISTRY_URL to use another backend)
   test   start ZooKeeper and etcd, run every test of the workspace against them, stop them
@@ -37,6 +42,7 @@ const USAGE: &str = "usage: cargo xtask <demo|test|bench|soak|fuzz|servers|clipp
          (`--time 60s` each (default), `--runs N`, `--sanitizer address|none` (default none),
          target names to run only those, `-- ARGS` for libFuzzer)
   servers  start ZooKeeper and etcd on free loopback ports until Ctrl-C
+         (`--cluster`: 3-member clusters of each, with fault commands on stdin)
   clippy cargo clippy on every target, warnings as errors
   package  cargo package --workspace, without the members that have publish = false
   ci     cargo fmt --check, cargo clippy -D warnings, then test";
@@ -51,7 +57,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&rest),
         Some("soak") => soak(&rest),
         Some("fuzz") => fuzz(&rest),
-        Some("servers") => servers(),
+        Some("servers") => servers(&rest),
         Some("ci") => ci(&rest),
         Some("clippy") => clippy(&rest),
         Some("package") => package(&rest),
@@ -448,7 +454,12 @@ fn ensure_cargo_fuzz() -> Result<(), String> {
     run(cmd)
 }
 
-fn servers() -> Result<(), String> {
+fn servers(rest: &[String]) -> Result<(), String> {
+    match rest {
+        [] => {}
+        [a] if a == "--cluster" => return clusters(),
+        _ => return Err(format!("servers: unknown arguments {rest:?}\n{USAGE}")),
+    }
     let (zk, etcd) = start_servers()?;
     println!("export {ZOOKEEPER_ENV}={}", zk.address());
     println!("export {ETCD_ENV}={}", etcd.address());
@@ -465,6 +476,118 @@ fn servers() -> Result<(), String> {
     let _ = rx.recv();
     drop((zk, etcd));
     Ok(())
+}
+
+const CLUSTER_HELP: &str = "commands: status | leader <etcd|zk> | kill <etcd|zk> <member> | \
+restart <etcd|zk> <member> | pause <etcd|zk> <member> | resume <etcd|zk> <member> | \
+isolate <etcd|zk> <member> | heal <etcd|zk> <member> | repair | quit   (members count from 0)";
+
+/// `servers --cluster`: both clusters until Ctrl-C, end of input or `quit`, taking fault
+/// commands on stdin.
+fn clusters() -> Result<(), String> {
+    ensure_installed(&[Kind::Zookeeper, Kind::Etcd])?;
+    let started = std::time::Instant::now();
+    let zk = std::thread::spawn(|| Cluster::start(Kind::Zookeeper, ClusterOptions::default()));
+    let etcd = Cluster::start(Kind::Etcd, ClusterOptions::default());
+    let zk = zk.join().map_err(|_| "the ZooKeeper start panicked")??;
+    let etcd = etcd?;
+    eprintln!(
+        "xtask: clusters up in {:.1?}; {} MiB resident (ZooKeeper {} MiB, etcd {} MiB)",
+        started.elapsed(),
+        (zk.memory_bytes() + etcd.memory_bytes()) >> 20,
+        zk.memory_bytes() >> 20,
+        etcd.memory_bytes() >> 20
+    );
+    println!("# ZooKeeper ensemble: zookeeper://{}", zk.connect_string());
+    println!("# etcd cluster:       etcd://{}", etcd.connect_string());
+    println!(
+        "# data in {} and {}",
+        zk.dir().display(),
+        etcd.dir().display()
+    );
+    println!("# {CLUSTER_HELP}");
+    let clusters = std::sync::Arc::new(std::sync::Mutex::new((zk, etcd)));
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let ctrl = tx.clone();
+    ctrlc::set_handler(move || {
+        let _ = ctrl.send(());
+    })
+    .map_err(|e| format!("cannot catch Ctrl-C: {e}"))?;
+    let shared = clusters.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match std::io::stdin().read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.first() == Some(&"quit") {
+                break;
+            }
+            let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let (zk, etcd) = &mut *guard;
+            match cluster_command(zk, etcd, &words) {
+                Ok(out) => println!("{out}"),
+                Err(e) => println!("error: {e}"),
+            }
+        }
+        let _ = tx.send(());
+    });
+    let _ = rx.recv();
+    // Dropping the clusters kills every member and removes their directories.
+    drop(clusters.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(())
+}
+
+fn cluster_command(zk: &mut Cluster, etcd: &mut Cluster, words: &[&str]) -> Result<String, String> {
+    let status = |c: &mut Cluster| format!("{:?}: {:?}", c.kind(), c.states());
+    let pick = |name: Option<&&str>| match name.copied() {
+        Some("etcd") => Ok(true),
+        Some("zk" | "zookeeper") => Ok(false),
+        other => Err(format!("which cluster: etcd or zk, not {other:?}")),
+    };
+    match words {
+        [] => Ok(String::new()),
+        ["status"] => Ok(format!("{}\n{}", status(zk), status(etcd))),
+        ["repair"] => {
+            let within = std::time::Duration::from_secs(60);
+            zk.repair(within)?;
+            etcd.repair(within)?;
+            Ok(format!("{}\n{}", status(zk), status(etcd)))
+        }
+        ["help"] => Ok(CLUSTER_HELP.to_owned()),
+        [op, which, rest @ ..] => {
+            let c = if pick(Some(which))? { etcd } else { zk };
+            if *op == "leader" {
+                return Ok(format!("leader: {:?}", c.leader()));
+            }
+            let member: usize = match rest {
+                [m] => m
+                    .parse()
+                    .ok()
+                    .filter(|m| *m < c.size())
+                    .ok_or_else(|| format!("member: 0 to {}, not `{m}`", c.size() - 1))?,
+                _ => {
+                    return Err(format!(
+                        "`{op}` takes a cluster and a member\n{CLUSTER_HELP}"
+                    ));
+                }
+            };
+            match *op {
+                "kill" => c.kill(member),
+                "restart" => c.restart(member)?,
+                "pause" => c.pause(member)?,
+                "resume" => c.resume(member)?,
+                "isolate" => c.isolate(member),
+                "heal" => c.heal(member),
+                other => return Err(format!("unknown command `{other}`\n{CLUSTER_HELP}")),
+            }
+            Ok(status(c))
+        }
+        _ => Err(format!("unknown command\n{CLUSTER_HELP}")),
+    }
 }
 
 fn ci(rest: &[String]) -> Result<(), String> {

@@ -13,8 +13,11 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod proxy;
+mod relay;
 
+pub use cluster::{Cluster, ClusterOptions, MemberState};
 pub use proxy::Proxy;
 
 use std::io::{Read, Write};
