@@ -595,6 +595,32 @@ impl<R: Registry> Shared<R> {
         }
     }
 
+    /// A register call (intent `seq`) failed with `error` and the caller is told so: unless a
+    /// later call changed the intent, it becomes "absent". When the call made the intent
+    /// (`created`) and nothing earlier may be in the backend, it is simply forgotten (refused,
+    /// nothing written); otherwise the removal is carried out in the background.
+    fn withdraw(self: &Arc<Self>, url: &Url, seq: u64, created: bool, key: TaskKey, error: &Error) {
+        let undo = {
+            let mut st = lock(&self.state);
+            let next = st.next_seq();
+            match st.regs.get_mut(url) {
+                Some(r) if r.seq == seq && created && r.old.is_empty() => {
+                    st.regs.remove(url);
+                    false
+                }
+                Some(r) if r.seq == seq => {
+                    r.present = false;
+                    r.seq = next;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if undo {
+            self.schedule(key, error);
+        }
+    }
+
     /// Forgets an unregistration carried out, once no task of it is left.
     fn forget_if_done(st: &mut State, key: &TaskKey) {
         if let TaskKey::Reg(id) = key
@@ -1098,45 +1124,13 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 // Refused: this URL was not written. When this call made the intent, forget
                 // it; when it replaced one (a pending unregistration, an earlier form), what
                 // may be in the backend must still go.
-                let undo = {
-                    let mut st = lock(&s.state);
-                    let next = st.next_seq();
-                    match st.regs.get_mut(url) {
-                        Some(r) if r.seq == seq && created && r.old.is_empty() => {
-                            st.regs.remove(url);
-                            false
-                        }
-                        Some(r) if r.seq == seq => {
-                            r.present = false;
-                            r.seq = next;
-                            true
-                        }
-                        _ => false,
-                    }
-                };
-                if undo {
-                    s.schedule(key, &e);
-                }
+                s.withdraw(url, seq, created, key, &e);
                 Err(e)
             }
             Err(e) if s.check_registration(url) => {
                 // The outcome is unknown (the write may have been applied and only the reply
                 // lost): the caller is told it failed, so the entry must end absent.
-                let undo = {
-                    let mut st = lock(&s.state);
-                    let next = st.next_seq();
-                    match st.regs.get_mut(url) {
-                        Some(r) if r.seq == seq => {
-                            r.present = false;
-                            r.seq = next;
-                            true
-                        }
-                        _ => false,
-                    }
-                };
-                if undo {
-                    s.schedule(key, &e);
-                }
+                s.withdraw(url, seq, false, key, &e);
                 Err(e)
             }
             Err(e) => {

@@ -17,12 +17,25 @@ const DEADLINE: Duration = Duration::from_secs(10);
 type Fb = Arc<FailbackRegistry<Arc<FaultyRegistry>>>;
 
 fn setup(params: &str) -> (Fb, Arc<FaultyRegistry>, Arc<dyn Registry>) {
+    setup_with(params, None)
+}
+
+/// [`setup`], with the first retry's wait ceiling set to `retry_base` when given (a long one
+/// keeps every retry task asleep until something else wakes it).
+fn setup_with(
+    params: &str,
+    retry_base: Option<Duration>,
+) -> (Fb, Arc<FaultyRegistry>, Arc<dyn Registry>) {
     let name = unique_service("overlap").replace('.', "-");
     let url: Url = format!("memory://{name}?file=false&{params}")
         .parse()
         .unwrap();
     let faulty = FaultyRegistry::new(Arc::new(MemoryRegistry::new(url.clone())));
-    let fb = FailbackRegistry::new(faulty.clone()).unwrap();
+    let mut config = registry_failback::FailbackConfig::from_url(&url).unwrap();
+    if let Some(base) = retry_base {
+        config.retry_base = base;
+    }
+    let fb = FailbackRegistry::with_config(faulty.clone(), config);
     (fb, faulty, Arc::new(MemoryRegistry::new(url)))
 }
 
@@ -246,16 +259,11 @@ async fn a_subscribe_racing_destroy_leaves_nothing_behind() {
 // was never attempted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_carries_out_a_pending_unregister() {
-    let name = unique_service("pending-unreg").replace('.', "-");
-    let url: Url = format!("memory://{name}?file=false&check=false&retry.period=60000")
-        .parse()
-        .unwrap();
-    let faulty = FaultyRegistry::new(Arc::new(MemoryRegistry::new(url.clone())));
-    let mut config = registry_failback::FailbackConfig::from_url(&url).unwrap();
     // The retry would not come before destroy: destroy itself must carry it out.
-    config.retry_base = Duration::from_secs(60);
-    let fb = FailbackRegistry::with_config(faulty.clone(), config);
-    let inspect: Arc<dyn Registry> = Arc::new(MemoryRegistry::new(url));
+    let (fb, faulty, inspect) = setup_with(
+        "check=false&retry.period=60000",
+        Some(Duration::from_secs(60)),
+    );
     let s = unique_service("pending-unreg");
     let p = provider(&s, 1, "dynamic=false");
     fb.register(&p).await.unwrap();
@@ -419,16 +427,11 @@ async fn lookup_does_not_serve_the_lists_of_a_subscription_that_gave_up() {
 // Defect 13: a reconnect woke every pending retry at the same instant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_does_not_wake_every_retry_in_step() {
-    let name = unique_service("stampede").replace('.', "-");
-    let url: Url = format!("memory://{name}?file=false&check=false&retry.period=60000")
-        .parse()
-        .unwrap();
-    let faulty = FaultyRegistry::new(Arc::new(MemoryRegistry::new(url.clone())));
-    let mut config = registry_failback::FailbackConfig::from_url(&url).unwrap();
     // Every retry task sleeps long, until the reconnect wakes it.
-    config.retry_base = Duration::from_secs(60);
-    let fb = FailbackRegistry::with_config(faulty.clone(), config);
-    let inspect: Arc<dyn Registry> = Arc::new(MemoryRegistry::new(url));
+    let (fb, faulty, inspect) = setup_with(
+        "check=false&retry.period=60000",
+        Some(Duration::from_secs(60)),
+    );
     let s = unique_service("stampede");
     faulty.disconnect();
     let urls: Vec<Url> = (1..=40).map(|n| provider(&s, n, "")).collect();

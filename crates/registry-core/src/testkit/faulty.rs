@@ -275,6 +275,21 @@ impl FaultyRegistry {
         }
     }
 
+    /// [`Fault::ApplyLate`] of a register or unregister: the write reaches the wrapped
+    /// registry `d` from now; the caller gets the error returned.
+    fn apply_late(&self, op: Op, url: &Url, d: Duration) -> Error {
+        let (inner, url) = (self.inner.clone(), url.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            let _ = match op {
+                Op::Unregister => inner.unregister(&url).await,
+                _ => inner.register(&url).await,
+            };
+        });
+        self.mark_returned(op);
+        self.injected(op)
+    }
+
     fn injected(&self, op: Op) -> Error {
         Error::Injected {
             operation: format!("{op:?}").to_lowercase(),
@@ -305,13 +320,7 @@ impl Registry for FaultyRegistry {
     async fn register(&self, url: &Url) -> Result<()> {
         let pass = self.enter(Op::Register).await?;
         if let Pass::Late(d) = pass {
-            let (inner, url) = (self.inner.clone(), url.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(d).await;
-                let _ = inner.register(&url).await;
-            });
-            self.mark_returned(Op::Register);
-            return Err(self.injected(Op::Register));
+            return Err(self.apply_late(Op::Register, url, d));
         }
         self.inner
             .register(url)
@@ -330,13 +339,7 @@ impl Registry for FaultyRegistry {
     async fn unregister(&self, url: &Url) -> Result<()> {
         let pass = self.enter(Op::Unregister).await?;
         if let Pass::Late(d) = pass {
-            let (inner, url) = (self.inner.clone(), url.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(d).await;
-                let _ = inner.unregister(&url).await;
-            });
-            self.mark_returned(Op::Unregister);
-            return Err(self.injected(Op::Unregister));
+            return Err(self.apply_late(Op::Unregister, url, d));
         }
         self.inner
             .unregister(url)
