@@ -179,6 +179,8 @@ struct Pending {
     late_until: Option<Instant>,
     /// The intent is in place; the task only applies it once more after `late_until`.
     confirming: bool,
+    /// When the once-more application of a confirming task is due.
+    confirm_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -828,6 +830,7 @@ impl<R: Registry> Shared<R> {
                 reset: false,
                 late_until: late,
                 confirming: false,
+                confirm_at: None,
             },
         );
     }
@@ -995,6 +998,7 @@ async fn retry_loop<R: Registry>(
                     let late = st.tasks.get_mut(&key).and_then(|p| {
                         let until = p.late_until.take();
                         p.confirming = until.is_some();
+                        p.confirm_at = until;
                         until
                     });
                     match late {
@@ -1415,24 +1419,42 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         let s = &self.shared;
         // A second call returns when the first has finished.
         let _destroying = s.destroying.lock().await;
-        let (regs, subs) = {
+        let (regs, subs, late) = {
             let mut st = lock(&s.state);
             if st.destroyed {
                 return;
             }
             st.destroyed = true;
             s.destroyed.store(true, Ordering::Release);
-            for (_, p) in st.tasks.drain() {
+            // When a failed write of a key may still land (see `late_until`).
+            let mut late: HashMap<Url, Instant> = HashMap::new();
+            for (key, p) in st.tasks.drain() {
                 p.abort.abort();
+                if let (TaskKey::Reg(id), Some(at)) = (key, p.late_until.or(p.confirm_at)) {
+                    late.insert(id, at);
+                }
             }
             st.given_up.clear();
-            (std::mem::take(&mut st.regs), std::mem::take(&mut st.subs))
+            (
+                std::mem::take(&mut st.regs),
+                std::mem::take(&mut st.subs),
+                late,
+            )
         };
         let n = s.config.recovery_concurrency;
         // Registrations: dynamic ones go; pending unregistrations (persistent ones included)
         // and earlier forms are tried once; persistent registrations stay.
+        let late = &late;
         futures_util::stream::iter(regs.iter())
             .for_each_concurrent(n, |(id, r)| async move {
+                if !r.present
+                    && let Some(at) = late.get(id)
+                {
+                    // A failed write of this URL may still land: remove it after that could
+                    // have happened (waiting no longer than one bounded call).
+                    let until = (*at).min(Instant::now() + s.call_bound());
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                }
                 let _turn = s.key_lock(&TaskKey::Reg(id.clone())).lock().await;
                 let mut gone: Vec<&Url> = r.old.iter().collect();
                 if !r.present || r.url.is_dynamic() {

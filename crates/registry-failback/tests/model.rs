@@ -501,8 +501,15 @@ async fn servers_converge_to_the_last_call_under_overlap_and_faults() {
                 );
             }
         }
+        let before = ran;
         ran += batch.len() as u64;
         seed += parallel;
+        if ran / 10_000 > before / 10_000 {
+            println!(
+                "model: {ran} cases passed ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     println!(
         "model: {ran} cases from seed {first} passed in {:.1} s",
