@@ -1451,8 +1451,8 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                     && let Some(at) = late.get(id)
                 {
                     // A failed write of this URL may still land: remove it after that could
-                    // have happened (waiting no longer than one bounded call).
-                    let until = (*at).min(Instant::now() + s.call_bound());
+                    // have happened (waiting no longer than one `timeout`).
+                    let until = (*at).min(Instant::now() + s.call_timeout);
                     tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                 }
                 let _turn = s.key_lock(&TaskKey::Reg(id.clone())).lock().await;

@@ -135,7 +135,7 @@ fn plan(seed: u64, ops: usize) -> Plan {
                     0 => Fault::Fail,
                     1 => Fault::LoseReply,
                     2 => Fault::Delay(Duration::from_millis(rng.random_range(1..15))),
-                    3 => Fault::ApplyLate(Duration::from_millis(rng.random_range(1..100))),
+                    3 => Fault::ApplyLate(Duration::from_millis(rng.random_range(1..80))),
                     _ => Fault::Hang,
                 };
                 FaultOp::Inject(op, fault, rng.random_range(1..3))
@@ -274,7 +274,7 @@ async fn truth(w: &World) -> BTreeSet<String> {
 async fn run_case(seed: u64, ops: usize) -> Result<(), String> {
     let n = CASE.fetch_add(1, Ordering::Relaxed);
     let store: Url = format!(
-        "memory://model-{}-{n}-{seed}?file=false&timeout=150&retry.period=40",
+        "memory://model-{}-{n}-{seed}?file=false&timeout=100&retry.period=40",
         std::process::id()
     )
     .parse()
