@@ -25,6 +25,8 @@ const SERVICE: &str = "org.model.Svc";
 const TASKS: usize = 3;
 const URLS_PER_TASK: usize = 2;
 const LISTENERS_PER_TASK: usize = 2;
+/// A URL slot every task registers and unregisters, so calls on one key overlap.
+const SHARED_SLOT: usize = TASKS * URLS_PER_TASK;
 const QUIESCE: Duration = Duration::from_secs(20);
 
 type Fb = Arc<FailbackRegistry<Arc<FaultyRegistry>>>;
@@ -111,7 +113,11 @@ fn plan(seed: u64, ops: usize) -> Plan {
         .map(|t| {
             (0..ops)
                 .map(|_| {
-                    let slot = t * URLS_PER_TASK + rng.random_range(0..URLS_PER_TASK);
+                    let slot = if rng.random_bool(0.2) {
+                        SHARED_SLOT
+                    } else {
+                        t * URLS_PER_TASK + rng.random_range(0..URLS_PER_TASK)
+                    };
                     let l = t * LISTENERS_PER_TASK + rng.random_range(0..LISTENERS_PER_TASK);
                     match rng.random_range(0..10) {
                         0..=2 => UserOp::Register(slot, rng.random_range(1..=2)),
@@ -161,6 +167,8 @@ struct World {
     listeners: Vec<Arc<Listener>>,
     /// When destroy began and ended, if it ran.
     destroy_window: Mutex<Option<(Instant, Instant)>>,
+    /// Every call on the shared slot: start, end, and what it left if it was the last.
+    shared_calls: Mutex<Vec<(Instant, Instant, Last)>>,
 }
 
 /// The outcome of one user task: per owned URL, the last call and when it ended; per owned
@@ -169,6 +177,32 @@ struct World {
 struct Outcome {
     urls: BTreeMap<usize, (Last, Instant, Instant)>,
     subscribed: BTreeMap<usize, bool>,
+}
+
+/// Records a call's outcome: per task for its own slots, in the shared log for the shared one.
+fn record(w: &World, out: &mut Outcome, slot: usize, last: Last, start: Instant) {
+    let end = Instant::now();
+    if slot == SHARED_SLOT {
+        w.shared_calls.lock().unwrap().push((start, end, last));
+    } else {
+        out.urls.insert(slot, (last, start, end));
+    }
+}
+
+/// What the shared slot may hold at the end: the outcome of any call that may have been the
+/// last (no other call started after it ended); a full string, or `None` for absent.
+fn shared_candidates(calls: &[(Instant, Instant, Last)]) -> Option<BTreeSet<Option<String>>> {
+    let last_start = calls.iter().map(|c| c.0).max()?;
+    Some(
+        calls
+            .iter()
+            .filter(|c| c.1 >= last_start)
+            .map(|c| match &c.2 {
+                Last::Registered(u) => Some(u.to_full_string()),
+                Last::Absent => None,
+            })
+            .collect(),
+    )
 }
 
 async fn run_user(w: Arc<World>, ops: Vec<UserOp>) -> Outcome {
@@ -185,13 +219,13 @@ async fn run_user(w: Arc<World>, ops: Vec<UserOp>) -> Outcome {
                 } else {
                     Last::Absent
                 };
-                out.urls.insert(slot, (last, start, Instant::now()));
+                record(&w, &mut out, slot, last, start);
             }
             UserOp::Unregister(slot, ts) => {
                 let u = provider(slot, ts);
                 let start = Instant::now();
                 let _ = w.fb.unregister(&u).await;
-                out.urls.insert(slot, (Last::Absent, start, Instant::now()));
+                record(&w, &mut out, slot, Last::Absent, start);
             }
             UserOp::Subscribe(l) => {
                 let listener: Arc<dyn NotifyListener> = w.listeners[l].clone();
@@ -291,6 +325,7 @@ async fn run_case(seed: u64, ops: usize) -> Result<(), String> {
             .map(|_| Listener::new())
             .collect(),
         destroy_window: Mutex::new(None),
+        shared_calls: Mutex::new(Vec::new()),
     });
     let plan = plan(seed, ops);
     let faults = tokio::spawn(run_faults(w.clone(), plan.faults));
@@ -333,9 +368,26 @@ async fn run_case(seed: u64, ops: usize) -> Result<(), String> {
             }
         }
     }
+    let shared = shared_candidates(&w.shared_calls.lock().unwrap());
+    let shared_prefix = format!("dubbo://10.0.0.{}:", SHARED_SLOT + 1);
     let deadline = Instant::now() + QUIESCE;
     loop {
-        let held = truth(&w).await;
+        let mut held = truth(&w).await;
+        // The shared slot is judged on its own: one of the possibly-last calls' outcomes.
+        let shared_held: Vec<String> = held
+            .iter()
+            .filter(|s| s.starts_with(&shared_prefix))
+            .cloned()
+            .collect();
+        held.retain(|s| !s.starts_with(&shared_prefix));
+        let shared_ok = match (&shared, destroyed) {
+            (_, Some(_)) | (None, None) => shared_held.is_empty() || destroyed.is_some(),
+            (Some(c), None) => match shared_held.as_slice() {
+                [] => c.contains(&None),
+                [one] => c.contains(&Some(one.clone())),
+                _ => false,
+            },
+        };
         let settled = destroyed.is_some() || w.fb.pending_retries() == 0;
         let ok = if destroyed.is_some() {
             let dynamic_left = held.iter().any(|s| s.contains("dynamic=true"));
@@ -343,9 +395,9 @@ async fn run_case(seed: u64, ops: usize) -> Result<(), String> {
                 let prefix = format!("dubbo://10.0.0.{}:", slot + 1);
                 !held.iter().any(|s| s.starts_with(&prefix))
             });
-            !dynamic_left && absent_ok
+            !dynamic_left && absent_ok && shared_held.is_empty()
         } else {
-            held == want
+            held == want && shared_ok
         };
         if ok && settled {
             break;
@@ -353,7 +405,7 @@ async fn run_case(seed: u64, ops: usize) -> Result<(), String> {
         if Instant::now() > deadline {
             let status = w.fb.status();
             return Err(format!(
-                "the backend did not converge to the last calls (destroyed: {}):\n  held: {held:?}\n  want: {want:?}\n  absent slots: {must_be_absent:?}\n  pending retries: {}\n  status: {status:#?}",
+                "the backend did not converge to the last calls (destroyed: {}):\n  held: {held:?}\n  want: {want:?}\n  absent slots: {must_be_absent:?}\n  shared slot holds {shared_held:?}, may hold {shared:?}\n  pending retries: {}\n  status: {status:#?}",
                 destroyed.is_some(),
                 w.fb.pending_retries()
             ));
