@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::url::{CHECK_KEY, GROUP_KEY, Url, redact_credentials};
 
 /// The registry part of an application's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
     /// A whole registry URL (`etcd://10.0.0.1:2379`), or an address (`10.0.0.1:2379`, several
@@ -210,6 +210,24 @@ impl RegistryConfig {
     }
 }
 
+/// Never shows the password, not even one inside `address` (`u:p@host`).
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let address = self.address.as_ref().map(|a| redacted(a));
+        f.debug_struct("RegistryConfig")
+            .field("address", &address)
+            .field("protocol", &self.protocol)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("group", &self.group)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("session_ms", &self.session_ms)
+            .field("check", &self.check)
+            .field("parameters", &self.parameters)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +310,20 @@ mod tests {
             assert!(!e.contains("s3cret-pw"), "{e}");
             assert!(e.contains("alice:***@h:1"), "{e}");
         }
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let c = RegistryConfig {
+            address: Some("admin:s3cr3t@10.0.0.1:2181".to_owned()),
+            password: Some("hunter2".to_owned()),
+            ..RegistryConfig::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert!(shown.contains("***"), "{shown}");
     }
 }
