@@ -143,7 +143,9 @@ fn pause_and_resume(kind: Kind, test: &str) {
         let t = Instant::now();
         c.pause(member).unwrap();
         assert!(c.is_paused(member));
-        assert_eq!(c.state(member), MemberState::Unresponsive);
+        // SIGSTOP reaches every thread of the member a moment later, not at once.
+        c.wait_state(member, MemberState::Unresponsive, WITHIN)
+            .unwrap();
         let now = c.wait_leader(WITHIN).unwrap();
         let led = t.elapsed();
         assert_ne!(now, member);
