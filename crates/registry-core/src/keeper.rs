@@ -190,6 +190,9 @@ struct View {
     matched: BTreeSet<Exact>,
     /// The list handed out, built on first use after a change.
     snapshot: Option<Arc<[Url]>>,
+    /// The `empty://` marker of the query's first subscription URL, shared by every
+    /// subscription with the same URL.
+    marker: Option<Arc<[Url]>>,
 }
 
 impl View {
@@ -635,17 +638,19 @@ impl State {
         out: &mut Pushes,
     ) {
         let rev = self.rev;
-        let list = {
-            let Some(q) = self.queries.get_mut(key) else {
-                return;
-            };
-            view(&self.topics, q, service, category).list()
-        };
-        let Some(sub) = self.subs.get(&id) else {
+        let (Some(q), Some(sub)) = (self.queries.get_mut(key), self.subs.get(&id)) else {
             return;
         };
-        let urls =
-            list.unwrap_or_else(|| Arc::from([sub.url.to_empty_marker_for(service, category)]));
+        let same_url = sub.url.as_full_str() == q.repr.as_full_str();
+        let v = view(&self.topics, q, service, category);
+        let urls = match v.list() {
+            Some(list) => list,
+            None if same_url => v
+                .marker
+                .get_or_insert_with(|| Arc::from([sub.url.to_empty_marker_for(service, category)]))
+                .clone(),
+            None => Arc::from([sub.url.to_empty_marker_for(service, category)]),
+        };
         out.push((
             sub.delivery.clone(),
             Notification::new(service, category, urls, rev, Source::Live),
@@ -791,5 +796,6 @@ fn view<'a>(
                 })
                 .unwrap_or_default(),
             snapshot: None,
+            marker: None,
         })
 }
