@@ -396,7 +396,13 @@ impl Delivery {
 
 impl Drop for Delivery {
     fn drop(&mut self) {
-        lock(&self.inner.state).closed = true;
+        {
+            let mut st = lock(&self.inner.state);
+            st.closed = true;
+            st.pending = VecDeque::new();
+        }
+        // A flush waiting on this delivery returns.
+        self.inner.advance(u64::MAX);
     }
 }
 

@@ -21,8 +21,9 @@
 //! Lists go to each subscription's [`Delivery`], which a backend builds with
 //! [`Delivery::for_listener`]: with the reliability layer's listener the list reaches the
 //! application's delivery on the backend's own task (one hand-off in all). The keeper never
-//! holds its lock while it pushes: it collects the lists under the lock and pushes after
-//! releasing it; the revisions let each delivery drop a list that was overtaken.
+//! holds its state lock while it pushes: it collects the lists under that lock and pushes
+//! them under a second one taken before the first is released, so lists reach deliveries in
+//! the order the changes were applied (across categories too) while lookups go on.
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
@@ -261,6 +262,10 @@ pub struct ListKeeper {
 struct Inner {
     label: String,
     state: Mutex<State>,
+    /// Taken before the state lock is released and held while the lists are pushed, so lists
+    /// reach every delivery in the order the changes were applied (across categories too),
+    /// while lookups and reads of the state do not wait for the pushes.
+    order: Mutex<()>,
 }
 
 impl std::fmt::Debug for ListKeeper {
@@ -276,12 +281,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn send(pushes: Pushes) {
-    for (delivery, n) in pushes {
-        delivery.push(n);
-    }
-}
-
 impl ListKeeper {
     /// An empty keeper; `label` names it in logs (the registry URL, redacted).
     pub fn new(label: impl Into<String>) -> ListKeeper {
@@ -289,8 +288,23 @@ impl ListKeeper {
             inner: Arc::new(Inner {
                 label: label.into(),
                 state: Mutex::new(State::default()),
+                order: Mutex::new(()),
             }),
         }
+    }
+
+    /// Runs `f` on the state, then pushes the lists it collected, in the order the changes
+    /// were applied.
+    fn update<T>(&self, f: impl FnOnce(&mut State, &mut Pushes) -> T) -> T {
+        let mut st = lock(&self.inner.state);
+        let mut out = Pushes::new();
+        let result = f(&mut st, &mut out);
+        let _order = lock(&self.inner.order);
+        drop(st);
+        for (delivery, n) in out {
+            delivery.push(n);
+        }
+        result
     }
 
     /// An entry of (`service`, `category`) was added (or seen again). `revision` is the
@@ -314,19 +328,15 @@ impl ListKeeper {
         removed: Vec<Url>,
         revision: u64,
     ) {
-        let pushes = {
-            let mut st = lock(&self.inner.state);
-            let mut out = Pushes::new();
-            let added: BTreeSet<Exact> = added.into_iter().map(Exact).collect();
-            let removed: BTreeSet<Exact> = removed
-                .into_iter()
-                .map(Exact)
-                .filter(|e| !added.contains(e))
-                .collect();
-            st.apply(service, category, added, removed, revision, &mut out);
-            out
-        };
-        send(pushes);
+        let added: BTreeSet<Exact> = added.into_iter().map(Exact).collect();
+        let removed: BTreeSet<Exact> = removed
+            .into_iter()
+            .map(Exact)
+            .filter(|e| !added.contains(e))
+            .collect();
+        self.update(|st, out| {
+            st.apply(service, category, added, removed, revision, out);
+        });
     }
 
     /// A full read of `scope`: its entries are now exactly `entries` (service, category, URL;
@@ -354,9 +364,7 @@ impl ListKeeper {
         if outside > 0 {
             tracing::debug!(keeper = %self.inner.label, ?scope, outside, "ignored entries outside the scope that was read");
         }
-        let pushes = {
-            let mut st = lock(&self.inner.state);
-            let mut out = Pushes::new();
+        self.update(|st, out| {
             // Every (service, category) held inside the scope, and every one read.
             let mut keys: BTreeSet<TopicKey> = fresh.keys().cloned().collect();
             for (s, cats) in &st.topics {
@@ -376,15 +384,13 @@ impl ListKeeper {
                     ),
                     None => (new, BTreeSet::new()),
                 };
-                st.apply(&key.0, &key.1, added, removed, revision, &mut out);
+                st.apply(&key.0, &key.1, added, removed, revision, out);
             }
             if !st.loaded.contains(scope) {
                 st.loaded.push(scope.clone());
             }
-            st.wake_ready(&mut out);
-            out
-        };
-        send(pushes);
+            st.wake_ready(out);
+        });
     }
 
     /// The backend stopped watching `scope`: entries no other loaded scope covers are dropped,
@@ -426,8 +432,7 @@ impl ListKeeper {
     /// scope it needs was read, else at the [`ListKeeper::replace`] that completes them. The
     /// caller keeps a clone of `delivery` to flush or close it.
     pub fn subscribe(&self, url: &Url, delivery: Arc<Delivery>) -> SubscriptionId {
-        let (id, pushes) = {
-            let mut st = lock(&self.inner.state);
+        self.update(|st, out| {
             st.next_id += 1;
             let id = SubscriptionId(st.next_id);
             let key = QueryKey::of(url);
@@ -452,12 +457,9 @@ impl ListKeeper {
                     known: BTreeSet::new(),
                 },
             );
-            let mut out = Pushes::new();
-            st.wake_ready(&mut out);
-            (id, out)
-        };
-        send(pushes);
-        id
+            st.wake_ready(out);
+            id
+        })
     }
 
     /// Removes a subscription, returning its delivery (for the caller to close). A query no

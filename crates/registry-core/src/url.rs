@@ -1096,11 +1096,14 @@ mod tests {
 
     #[test]
     fn parameters_are_found_on_both_sides_of_64_kib() {
-        for len in [10, 65_000, 70_000, 200_000] {
+        let base = "dubbo://10.0.0.1:20880/com.foo.Bar?a=1&big=&z=2&zz=".len();
+        // Full strings of exactly 65,535 and 65,536 bytes sit on the two sides of the switch.
+        for len in [10, 65_535 - base, 65_536 - base, 70_000, 200_000] {
             let big = "x".repeat(len);
             let u: Url = format!("dubbo://10.0.0.1:20880/com.foo.Bar?a=1&big={big}&z=2&zz=")
                 .parse()
                 .unwrap();
+            assert_eq!(u.as_full_str().len(), base + len);
             assert_eq!(u.parameter("a"), Some("1"), "len {len}");
             assert_eq!(u.parameter("big").map(str::len), Some(len));
             assert_eq!(u.parameter("z"), Some("2"));

@@ -159,3 +159,94 @@ fn a_password_never_shows_in_a_parse_error() {
         assert!(e.contains("***"), "says it was redacted: {e}");
     }
 }
+
+// A flush taken before the delivery was dropped (without close) used to wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_returns_when_the_delivery_is_dropped_without_close() {
+    let (g, entered, release) = gate();
+    let d = Delivery::spawn_isolated(g.clone(), DeliveryOptions::default());
+    d.push(list("providers", 1, 1));
+    tokio::task::spawn_blocking(move || entered.recv_timeout(DEADLINE).unwrap())
+        .await
+        .unwrap();
+    d.push(list("routers", 2, 2));
+    let flush = d.flush_handle();
+    drop(d);
+    release.send(()).unwrap();
+    tokio::time::timeout(DEADLINE, flush)
+        .await
+        .expect("the flush returned after the drop");
+}
+
+// The keeper pushed after releasing its lock: a subscription's first lists (providers, then
+// routers) could reach it after a later change of routers from another thread, so its first
+// notification was routers. Subscriptions race a writer; every subscription must see its
+// categories in order first, and revisions never go back across categories.
+#[test]
+fn keeper_lists_reach_each_subscription_in_the_order_of_the_changes() {
+    use registry_core::keeper::{ListKeeper, Scope};
+    type Seen = Arc<Mutex<Vec<(String, u64)>>>;
+    struct Rec(Seen);
+    impl NotifyListener for Rec {
+        fn notify(&self, n: Notification) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((n.category.clone(), n.revision));
+        }
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let keeper = ListKeeper::new("order");
+    keeper.replace(&Scope::service("S"), Vec::new(), 0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (keeper, stop) = (keeper.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let u: Url = format!("dubbo://10.0.{}.{}:1/S?category=routers", i / 250, i % 250)
+                    .parse()
+                    .unwrap();
+                keeper.put("S", "routers", u, 0);
+                i += 1;
+            }
+        })
+    };
+    let consumer: Url = "consumer://10.9.9.9/S?category=providers,routers"
+        .parse()
+        .unwrap();
+    let mut subs = Vec::new();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (keeper, consumer) = (keeper.clone(), consumer.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                for _ in 0..200 {
+                    let s: Seen = Arc::default();
+                    let d = Arc::new(Delivery::inline(
+                        Arc::new(Rec(s.clone())),
+                        DeliveryOptions::default(),
+                    ));
+                    keeper.subscribe(&consumer, d);
+                    seen.push(s);
+                }
+                seen
+            })
+        })
+        .collect();
+    for t in threads {
+        subs.extend(t.join().unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    for s in subs {
+        let seen = s.lock().unwrap().clone();
+        let firsts: Vec<&str> = seen.iter().take(2).map(|(c, _)| c.as_str()).collect();
+        assert_eq!(firsts, ["providers", "routers"], "{seen:?}");
+        assert!(
+            seen.windows(2).all(|w| w[0].1 <= w[1].1),
+            "revisions went back: {seen:?}"
+        );
+    }
+}

@@ -291,29 +291,52 @@ impl Inner {
         .await
     }
 
-    /// Reads `scope` until every directory was quiet during its read (for at most
-    /// [`MAX_UNSETTLED`]) and hands it to the keeper.
-    async fn load(&self, st: &mut State, scope: &Scope) -> Result<()> {
+    /// Reads `scope` until every directory was quiet during its read, for at most
+    /// [`MAX_UNSETTLED`].
+    async fn read_settled(&self, scope: &Scope) -> Result<Vec<(Key, Snapshot)>> {
         let start = Instant::now();
         loop {
             let reads = self.read(scope).await?;
             if reads.iter().all(|(_, s)| s.stable) || start.elapsed() >= MAX_UNSETTLED {
-                self.feed(st, scope, reads);
-                return Ok(());
+                return Ok(reads);
             }
             tokio::time::sleep(SETTLE).await;
         }
     }
 
-    fn feed(&self, st: &mut State, scope: &Scope, reads: Vec<(Key, Snapshot)>) {
+    /// Reads `scope` settled and hands it to the keeper.
+    async fn load(&self, st: &mut State, scope: &Scope) -> Result<()> {
+        let reads = self.read_settled(scope).await?;
         for (key, _) in &reads {
             st.unsettled.remove(key);
         }
-        let entries = reads.into_iter().flat_map(|((s, c), snap)| {
-            snap.entries
-                .into_values()
-                .map(move |u| (s.clone(), c.clone(), u))
-        });
+        self.feed(
+            st,
+            scope,
+            reads.into_iter().map(|(k, snap)| (k, Some(snap))),
+        );
+        Ok(())
+    }
+
+    /// Hands a read of `scope` to the keeper; a directory read as `None` (it was changing)
+    /// keeps what the keeper holds for it.
+    fn feed(
+        &self,
+        st: &mut State,
+        scope: &Scope,
+        reads: impl Iterator<Item = (Key, Option<Snapshot>)>,
+    ) {
+        let mut entries: Vec<(String, String, Url)> = Vec::new();
+        for ((s, c), snap) in reads {
+            match snap {
+                Some(snap) => entries.extend(
+                    snap.entries
+                        .into_values()
+                        .map(|u| (s.clone(), c.clone(), u)),
+                ),
+                None => entries.extend(self.keeper.entries(&Scope::category(s, c))),
+            }
+        }
         self.keeper.replace(scope, entries, 0);
         if !st.loaded.contains(scope) {
             st.loaded.push(scope.clone());
@@ -321,9 +344,10 @@ impl Inner {
     }
 
     /// One poll: reads every scope the subscriptions need and hands the reads to the keeper
-    /// (which notifies what changed). A directory that was changing during its read is read
-    /// again shortly (`true` is returned), unless it has been changing for [`MAX_UNSETTLED`]
-    /// and the read repeats the previous one.
+    /// (which notifies what changed). A directory that was changing during its read keeps its
+    /// previous list and is read again shortly (`true` is returned), unless it has been
+    /// changing for [`MAX_UNSETTLED`] and the read repeats the previous one; the other
+    /// directories of the scope are used at once.
     async fn scan(&self) -> Result<bool> {
         let mut st = self.state.lock().await;
         let mut wanted: Vec<Scope> = Vec::new();
@@ -344,14 +368,22 @@ impl Inner {
             self.keeper.forget(&scope);
             st.loaded.retain(|s| *s != scope);
         }
+        if wanted.is_empty() {
+            st.unsettled.clear();
+        }
         let mut hot = false;
         for scope in wanted {
             let reads = self.read(&scope).await?;
-            if settled(&mut st, &reads) {
-                self.feed(&mut st, &scope, reads);
-            } else {
-                hot = true;
+            let mut usable = Vec::with_capacity(reads.len());
+            for (key, snap) in reads {
+                if settled(&mut st, &key, &snap) {
+                    usable.push((key, Some(snap)));
+                } else {
+                    hot = true;
+                    usable.push((key, None));
+                }
             }
+            self.feed(&mut st, &scope, usable.into_iter());
         }
         Ok(hot)
     }
@@ -369,29 +401,29 @@ fn scopes_of(url: &Url) -> Vec<Scope> {
     }
 }
 
-/// Whether a poll's reads may be used: every directory was quiet during its read, or one
-/// has been changing for [`MAX_UNSETTLED`] and its read repeats the previous one.
-fn settled(st: &mut State, reads: &[(Key, Snapshot)]) -> bool {
-    let mut ok = true;
-    for (key, snap) in reads {
-        if snap.stable {
-            continue;
-        }
-        let names: BTreeSet<String> = snap.entries.keys().cloned().collect();
-        let settled_enough = match st.unsettled.get_mut(key) {
-            Some((since, last)) => {
-                let repeat = *last == names;
-                *last = names;
-                repeat && since.elapsed() >= MAX_UNSETTLED
-            }
-            None => {
-                st.unsettled.insert(key.clone(), (Instant::now(), names));
-                false
-            }
-        };
-        ok &= settled_enough;
+/// Whether a read of one directory may be used: it was quiet during the read, or it has been
+/// changing for [`MAX_UNSETTLED`] and the read repeats the previous one.
+fn settled(st: &mut State, key: &Key, snap: &Snapshot) -> bool {
+    if snap.stable {
+        st.unsettled.remove(key);
+        return true;
     }
-    ok
+    let names: BTreeSet<String> = snap.entries.keys().cloned().collect();
+    let settled_enough = match st.unsettled.get_mut(key) {
+        Some((since, last)) => {
+            let repeat = *last == names;
+            *last = names;
+            repeat && since.elapsed() >= MAX_UNSETTLED
+        }
+        None => {
+            st.unsettled.insert(key.clone(), (Instant::now(), names));
+            false
+        }
+    };
+    if settled_enough {
+        st.unsettled.remove(key);
+    }
+    settled_enough
 }
 
 #[async_trait]
@@ -468,11 +500,10 @@ impl Registry for LocalDirRegistry {
             },
         ));
         let id = inner.keeper.subscribe(url, delivery.clone());
-        // Read what the keeper does not hold yet; the first lists go out with the last read.
+        // Read the scopes now (held ones too: this registry's own writes are seen at once);
+        // the first lists go out with the read that completes them, changes to the others.
         for scope in scopes_of(url) {
-            if !st.loaded.contains(&scope)
-                && let Err(e) = inner.load(&mut st, &scope).await
-            {
+            if let Err(e) = inner.load(&mut st, &scope).await {
                 inner.keeper.unsubscribe(id);
                 delivery.close().await;
                 return Err(e);
@@ -507,7 +538,7 @@ impl Registry for LocalDirRegistry {
         // Fresh from the directory, matched by a keeper of its own.
         let keeper = ListKeeper::new("lookup");
         for scope in scopes_of(url) {
-            let reads = inner.read(&scope).await?;
+            let reads = inner.read_settled(&scope).await?;
             let entries = reads.into_iter().flat_map(|((s, c), snap)| {
                 snap.entries
                     .into_values()

@@ -318,3 +318,34 @@ async fn bad_urls_give_clear_errors() {
     );
     ok.destroy().await;
 }
+
+// A subscription made right after a register through the same instance sees the entry, even
+// when another subscription already holds that list and no poll ran in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_subscription_sees_this_instances_own_register_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = registry_localdir::LocalDirRegistry::open(
+        format!("localdir://{}?file=false&poll=600000", dir.path().display())
+            .parse()
+            .expect("url"),
+    )
+    .await
+    .expect("registry");
+    let s = unique_service("own-write");
+    let first = Recorder::new();
+    r.subscribe(&consumer(&s, ""), first.listener())
+        .await
+        .expect("first subscribe");
+    let p = provider(&s, 1, "");
+    r.register(&p).await.expect("register");
+    let second = Recorder::new();
+    r.subscribe(&consumer(&s, ""), second.listener())
+        .await
+        .expect("second subscribe");
+    // Subscribe returns once the first lists were delivered.
+    let list = second
+        .latest_entries(&s, PROVIDERS_CATEGORY)
+        .expect("the second subscription's first list");
+    assert_eq!(list, vec![p]);
+    r.destroy().await;
+}
