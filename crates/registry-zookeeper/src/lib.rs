@@ -48,8 +48,13 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-mod config;
+mod errors;
+mod options;
+mod paths;
 mod registry;
+mod session;
+mod tasks;
+mod watches;
 
 use std::sync::Arc;
 
@@ -59,8 +64,8 @@ use registry_core::{Registry, RegistryFactory, Result, Url};
 /// The checked registry URL parameters, for the fuzz targets (`fuzz/`) only.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
-pub use config::Config;
-pub use config::{DEFAULT_GROUP, DEFAULT_SESSION_MS, DEFAULT_TIMEOUT_MS};
+pub use options::Config;
+pub use options::{DEFAULT_GROUP, DEFAULT_SESSION_MS, DEFAULT_TIMEOUT_MS};
 pub use registry::ZookeeperRegistry;
 /// The client crate, re-exported so tests and tools use the same types
 /// ([`zookeeper_client::SessionInfo`] from [`ZookeeperRegistry::session_info`]).
