@@ -34,6 +34,9 @@ use crate::session::{Ctx, Session, lock};
 use crate::tasks::{self, Attach, Cmd, Job, READ_CONCURRENCY, TaskRef, after, answer, send_cmd};
 use crate::watches::{RootData, RootWatch, Sub, Watch, WatchData, decode_child};
 
+/// How many of our past session ids are remembered (see [`Inner::our_sessions`]).
+pub(crate) const SESSIONS_KEPT: usize = 16;
+
 /// A watched category path and its task on the current session.
 pub(crate) struct WatchEntry {
     watch: Arc<Watch>,
@@ -70,6 +73,10 @@ pub(crate) struct Inner {
     pub(crate) available: AtomicBool,
     pub(crate) ever_connected: AtomicBool,
     pub(crate) generations: AtomicU64,
+    /// The ids of our sessions, the current one last (at most [`SESSIONS_KEPT`]): an entry
+    /// owned by one of them is ours to delete, even when the session is no longer current
+    /// (a session our client gave up on may live on in the ensemble until it expires there).
+    pub(crate) our_sessions: Mutex<Vec<i64>>,
     pub(crate) session: Mutex<Option<Session>>,
     pub(crate) state: Mutex<State>,
     /// The monitor and connector tasks.
@@ -109,6 +116,11 @@ impl Inner {
             permits: self.permits.clone(),
             closing: self.closing.subscribe(),
         }
+    }
+
+    /// Whether `owner` (an `ephemeralOwner`) is one of our sessions, current or past.
+    pub(crate) fn is_ours(&self, owner: i64) -> bool {
+        lock(&self.our_sessions).contains(&owner)
     }
 
     pub(crate) fn alive(&self) -> Result<()> {
@@ -460,6 +472,7 @@ impl ZookeeperRegistry {
             available: AtomicBool::new(false),
             ever_connected: AtomicBool::new(false),
             generations: AtomicU64::new(0),
+            our_sessions: Mutex::new(Vec::new()),
             session: Mutex::new(None),
             state: Mutex::new(State::default()),
             background: Mutex::new(Vec::new()),
@@ -594,14 +607,42 @@ impl Registry for ZookeeperRegistry {
         self.create_entry(&session, url).await
     }
 
+    /// Deletes the entry only when one of our sessions owns it (or no session does: a
+    /// persistent `dynamic=false` entry), with the version just read. An entry another
+    /// session owns is left alone: it was registered again elsewhere with the same URL (a
+    /// restarted instance on the same host:port), and this unregister came late.
     async fn unregister(&self, url: &Url) -> Result<()> {
         let session = self.inner.session()?;
         let ctx = self.inner.ctx();
         let path = self.inner.cfg.entry_path(url);
-        match ctx.call(session.client.delete(&path, None)).await {
-            Ok(()) | Err(Fail::Zk(zk::Error::NoNode)) => Ok(()),
-            Err(f) => Err(ctx.error("delete", &path, f)),
+        for _ in 0..4 {
+            let stat = match ctx.call(session.client.check_stat(&path)).await {
+                Ok(Some(stat)) => stat,
+                Ok(None) => return Ok(()),
+                Err(f) => return Err(ctx.error("stat", &path, f)),
+            };
+            let owner = stat.ephemeral_owner;
+            if owner != 0 && !self.inner.is_ours(owner) {
+                tracing::info!(
+                    registry = %ctx.label, path, owner = format_args!("{owner:#x}"),
+                    "unregister left an entry another session registered with the same URL"
+                );
+                return Ok(());
+            }
+            match ctx
+                .call(session.client.delete(&path, Some(stat.version)))
+                .await
+            {
+                Ok(()) | Err(Fail::Zk(zk::Error::NoNode)) => return Ok(()),
+                Err(Fail::Zk(zk::Error::BadVersion)) => continue,
+                Err(f) => return Err(ctx.error("delete", &path, f)),
+            }
         }
+        Err(Error::backend(
+            &self.inner.url,
+            format!("delete {path}: the node kept changing under us; try again"),
+            true,
+        ))
     }
 
     async fn subscribe(&self, url: &Url, listener: Arc<dyn NotifyListener>) -> Result<()> {

@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, watch};
 use zookeeper_client as zk;
 
 use crate::errors::{self, Fail};
-use crate::registry::Inner;
+use crate::registry::{Inner, SESSIONS_KEPT};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -135,6 +135,13 @@ impl Inner {
             negotiated_ms = client.session_timeout().as_millis() as u64,
             "ZooKeeper session established (the server clamps the session timeout to 2-20 ticks)"
         );
+        {
+            let mut ours = lock(&self.our_sessions);
+            if ours.len() >= SESSIONS_KEPT {
+                ours.remove(0);
+            }
+            ours.push(client.session_id().0);
+        }
         let states = client.state_watcher();
         *lock(&self.session) = Some(Session {
             client: Arc::new(client),
