@@ -22,7 +22,8 @@
 //! - One persistent recursive watch per category path, shared by every subscription on it;
 //!   the list is kept from the created/deleted events (only the changed child is parsed) and
 //!   re-read after any reconnect, since ZooKeeper drops events during a disconnection
-//!   (ZOOKEEPER-4698).
+//!   (ZOOKEEPER-4698). Such a re-read is preceded by a `sync` of the path, so a server that
+//!   is behind (a follower we reconnected to) never gives back an older list.
 //! - Connection events ([`registry_core::RegistryEvent`]): a lost session is reported, a new
 //!   one is made (with the same credentials), every watch is re-armed and re-read, then
 //!   `NewSession` is sent so the reliability layer re-registers. Registrations are not

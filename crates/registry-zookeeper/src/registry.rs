@@ -685,6 +685,7 @@ impl Registry for ZookeeperRegistry {
                     root: Arc::new(RootWatch {
                         data: Mutex::new(RootData {
                             generation: 0,
+                            listed: false,
                             subs: Vec::new(),
                         }),
                     }),

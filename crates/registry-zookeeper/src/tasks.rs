@@ -78,8 +78,18 @@ impl Job {
         }
     }
 
-    /// Reads (and pushes or attaches) once the watch is armed. Returns the result and
-    /// whether the session ended meanwhile.
+    /// Whether this list was read before (by an earlier session's task, or before a
+    /// reconnect): a new read must then not go back in time (see [`sync`]).
+    fn read_before(&self) -> bool {
+        match self {
+            // Revisions start at 0 and only grow: anything read or seen made it non-zero.
+            Job::List(w) => lock(&w.data).revision > 0,
+            Job::Root { root, .. } => lock(&root.data).listed,
+        }
+    }
+
+    /// Reads (and pushes or attaches) once the watch is armed, after a [`sync`] of the path
+    /// with `sync`. Returns the result and whether the session ended meanwhile.
     async fn read(
         &self,
         client: &zk::Client,
@@ -87,12 +97,14 @@ impl Job {
         watcher: &mut zk::PersistentWatcher,
         ctx: &Ctx,
         admit: &[Arc<Sub>],
+        sync: bool,
     ) -> (Result<()>, bool) {
         match self {
-            Job::List(w) => reread_watch(w, client, generation, watcher, ctx, admit).await,
-            Job::Root { root, attach } => {
-                (relist(root, attach, client, generation, ctx).await, false)
-            }
+            Job::List(w) => reread_watch(w, client, generation, watcher, ctx, admit, sync).await,
+            Job::Root { root, attach } => (
+                relist(root, attach, client, generation, ctx, sync).await,
+                false,
+            ),
         }
     }
 }
@@ -321,6 +333,8 @@ pub(crate) async fn run(
 ) {
     let mut watcher: Option<zk::PersistentWatcher> = None;
     let mut need_read = true;
+    // A task of a new session for a list read before: its first read must be synced.
+    let mut need_sync = job.read_before();
     let mut pending = Pending::new(&ctx, job.path(&ctx));
     let end = 'task: loop {
         if pending.due(watcher.is_none() || need_read) {
@@ -331,10 +345,12 @@ pub(crate) async fn run(
             let Some(c) = client.upgrade() else {
                 break 'task End::Session;
             };
-            let attempt = attempt(&job, &c, generation, &mut watcher, &ctx, &admit).await;
+            let attempt =
+                attempt(&job, &c, generation, &mut watcher, &ctx, &admit, need_sync).await;
             drop(c);
             match attempt {
                 Attempt::Done => {
+                    need_sync = false;
                     job.set_ready(true);
                     pending.succeeded();
                 }
@@ -367,6 +383,8 @@ pub(crate) async fn run(
                         // Dropped before the new watch is added, so its removal reaches
                         // the server first.
                         watcher = None;
+                        // A reconnect: the server may be another one, behind the last.
+                        need_sync = true;
                     }
                     need_read = true;
                     job.set_ready(false);
@@ -390,6 +408,7 @@ async fn attempt(
     watcher: &mut Option<zk::PersistentWatcher>,
     ctx: &Ctx,
     admit: &[Arc<Sub>],
+    sync: bool,
 ) -> Attempt {
     if client.state().is_terminated() {
         return Attempt::SessionEnded;
@@ -408,12 +427,37 @@ async fn attempt(
             }
         }
     };
-    let (result, end) = job.read(client, generation, w, ctx, admit).await;
+    let (result, end) = job.read(client, generation, w, ctx, admit, sync).await;
     match result {
         _ if end => Attempt::SessionEnded,
         Ok(()) => Attempt::Done,
         Err(_) if client.state().is_terminated() => Attempt::SessionEnded,
         Err(e) => Attempt::Failed(e),
+    }
+}
+
+/// With `sync`, a `sync` of `path` first: the server we are connected to catches up with the
+/// leader up to now, so the read that follows (same session, so after it) is at least as new
+/// as anything we saw before.
+///
+/// ZooKeeper lets a session reconnect to any server whose data is not older than the last
+/// *reply* the session had; watch events do not count. A list kept from events may therefore
+/// be newer than what a follower that is behind would return: after a reconnect (or on a new
+/// session, which may land on another follower) an unsynced read could deliver an older list,
+/// with a newer revision.
+async fn sync_path(
+    ctx: &Ctx,
+    client: &zk::Client,
+    path: &str,
+    sync: bool,
+) -> std::result::Result<(), Fail> {
+    if !sync {
+        return Ok(());
+    }
+    match ctx.call(client.sync(path)).await {
+        // Nothing there yet: the read that follows says so.
+        Ok(()) | Err(Fail::Zk(zk::Error::NoNode)) => Ok(()),
+        Err(f) => Err(f),
     }
 }
 
@@ -426,10 +470,14 @@ async fn reread_watch(
     watcher: &mut zk::PersistentWatcher,
     ctx: &Ctx,
     admit: &[Arc<Sub>],
+    sync: bool,
 ) -> (Result<()>, bool) {
     let read = {
         let _permit = ctx.permits.acquire().await;
-        ctx.call(client.get_children(&watch.path)).await
+        match sync_path(ctx, client, &watch.path, sync).await {
+            Ok(()) => ctx.call(client.get_children(&watch.path)).await,
+            Err(f) => Err(f),
+        }
     };
     // Events that came before the reply are already in the read; applying them again on
     // top of it leaves the same list once all of them are applied, which `drain` ensures
@@ -461,10 +509,14 @@ async fn relist(
     client: &zk::Client,
     generation: u64,
     ctx: &Ctx,
+    sync: bool,
 ) -> Result<()> {
     let read = {
         let _permit = ctx.permits.acquire().await;
-        ctx.call(client.get_children(&ctx.root)).await
+        match sync_path(ctx, client, &ctx.root, sync).await {
+            Ok(()) => ctx.call(client.get_children(&ctx.root)).await,
+            Err(f) => Err(f),
+        }
     };
     let names = match read {
         Ok((names, _)) => names,
@@ -484,10 +536,11 @@ async fn relist(
         .collect();
     services.sort();
     let subs = {
-        let data = lock(&root.data);
+        let mut data = lock(&root.data);
         if data.generation != generation {
             return Ok(());
         }
+        data.listed = true;
         data.subs.clone()
     };
     let mut jobs = Vec::new();

@@ -235,5 +235,7 @@ pub(crate) struct RootWatch {
 
 pub(crate) struct RootData {
     pub(crate) generation: u64,
+    /// Whether the services were listed before (a new listing after a reconnect is synced).
+    pub(crate) listed: bool,
     pub(crate) subs: Vec<Arc<Sub>>,
 }
