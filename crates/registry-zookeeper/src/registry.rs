@@ -30,8 +30,8 @@ use zookeeper_client as zk;
 
 use crate::errors::Fail;
 use crate::options::Config;
-use crate::session::{Ctx, Session, lock};
-use crate::tasks::{self, Attach, Cmd, Job, READ_CONCURRENCY, TaskRef, after, answer, send_cmd};
+use crate::session::{Ctx, READ_UNITS, Session, lock};
+use crate::tasks::{self, Attach, Cmd, Job, TaskRef, after, answer, send_cmd};
 use crate::watches::{RootData, RootWatch, Sub, Watch, WatchData, decode_child};
 
 /// How many of our past session ids are remembered (see [`Inner::our_sessions`]).
@@ -432,8 +432,8 @@ impl Inner {
 
     pub(crate) async fn list(&self, session: &Session, path: &str) -> Result<Vec<Url>> {
         let ctx = self.ctx();
-        match ctx.call(session.client.list_children(path)).await {
-            Ok(names) => Ok(names.iter().filter_map(|n| decode_child(path, n)).collect()),
+        match ctx.read_children(&session.client, path, false, None).await {
+            Ok((names, _)) => Ok(names.iter().filter_map(|n| decode_child(path, n)).collect()),
             Err(Fail::Zk(zk::Error::NoNode)) => Ok(Vec::new()),
             Err(f) => Err(ctx.error("list children of", path, f)),
         }
@@ -476,7 +476,7 @@ impl ZookeeperRegistry {
             session: Mutex::new(None),
             state: Mutex::new(State::default()),
             background: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(READ_CONCURRENCY)),
+            permits: Arc::new(Semaphore::new(READ_UNITS as usize)),
             closing: watch::channel(false).0,
             cfg,
         });
@@ -732,10 +732,10 @@ impl Registry for ZookeeperRegistry {
         let services = if url.service_interface() == ANY_VALUE {
             let mut names: Vec<String> = match inner
                 .ctx()
-                .call(session.client.list_children(&inner.cfg.root))
+                .read_children(&session.client, &inner.cfg.root, false, None)
                 .await
             {
-                Ok(n) => n.iter().filter_map(|n| decode(n).ok()).collect(),
+                Ok((n, _)) => n.iter().filter_map(|n| decode(n).ok()).collect(),
                 Err(Fail::Zk(zk::Error::NoNode)) => Vec::new(),
                 Err(f) => return Err(inner.ctx().error("list children of", &inner.cfg.root, f)),
             };

@@ -36,13 +36,37 @@ pub(crate) struct Ctx {
     pub(crate) label: String,
     pub(crate) root: String,
     pub(crate) timeout: Duration,
-    /// Bounds how many watches arm and read at once.
+    /// Bounds the reads in flight: [`READ_UNITS`] units, a read taking one per
+    /// [`UNIT_BYTES`] it is expected to bring (at least one, at most all), an arm one.
     pub(crate) permits: Arc<Semaphore>,
     /// Becomes `true` when the registry is destroyed: calls in flight end at once.
     pub(crate) closing: watch::Receiver<bool>,
 }
 
+/// How many read units the registry has: at most this many reads at once (after a reconnect
+/// every watch reads).
+pub(crate) const READ_UNITS: u32 = 8;
+/// The expected reply size one read unit stands for: a list of `READ_UNITS * UNIT_BYTES`
+/// (4 MiB) or more is read alone, so on a slow link big lists take turns instead of all
+/// sharing the link and all running out of time.
+pub(crate) const UNIT_BYTES: u64 = 512 * 1024;
+/// The slowest link (bytes per second) a list read is given time for, beyond `timeout`:
+/// a 5 MB list gets `timeout` + 80 s. Progress itself is watched by the client: a connection
+/// that brings no byte for `timeout` is dropped, which fails the read at once.
+pub(crate) const MIN_READ_RATE: u64 = 64 * 1024;
+/// What one child costs in a `get_children` reply, as a bound for Dubbo's encoded URLs
+/// (300–700 bytes) plus the length prefix, used when only the number of children is known.
+pub(crate) const CHILD_BYTES_BOUND: u64 = 1024;
+
+/// The read units for a reply of about `bytes`.
+fn read_units(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(UNIT_BYTES))
+        .unwrap_or(READ_UNITS)
+        .clamp(1, READ_UNITS)
+}
+
 impl Ctx {
+    /// `fut` within `timeout`, ended at once when the registry is destroyed.
     pub(crate) async fn call<T>(
         &self,
         fut: impl Future<Output = std::result::Result<T, zk::Error>>,
@@ -50,15 +74,78 @@ impl Ctx {
     where
         T: Send,
     {
+        self.call_within(self.timeout, fut).await
+    }
+
+    /// `fut` within `bound`, ended at once when the registry is destroyed.
+    pub(crate) async fn call_within<T>(
+        &self,
+        bound: Duration,
+        fut: impl Future<Output = std::result::Result<T, zk::Error>>,
+    ) -> Result<T, Fail>
+    where
+        T: Send,
+    {
         let mut closing = self.closing.clone();
         tokio::select! {
-            r = tokio::time::timeout(self.timeout, fut) => match r {
+            r = tokio::time::timeout(bound, fut) => match r {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(Fail::Zk(e)),
-                Err(_) => Err(Fail::Timeout(self.timeout)),
+                Err(_) => Err(Fail::Timeout(bound)),
             },
             _ = closing.wait_for(|c| *c) => Err(Fail::Zk(zk::Error::ClientClosed)),
         }
+    }
+
+    /// How long a read of a reply of about `bytes` may take: `timeout`, plus the time the
+    /// bytes take at [`MIN_READ_RATE`].
+    pub(crate) fn read_budget(&self, bytes: u64) -> Duration {
+        self.timeout + Duration::from_millis(bytes.saturating_mul(1000) / MIN_READ_RATE)
+    }
+
+    /// Takes one read unit (an arm, a sync, a stat).
+    pub(crate) async fn small_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.permits.acquire().await.ok()
+    }
+
+    /// Reads the children of `path` with a time bound and a share of the read units that
+    /// follow the reply's size: `known_bytes` when the caller knows it (a list kept current
+    /// by events), else the number of children (a `stat`, one small request) times
+    /// [`CHILD_BYTES_BOUND`]. With `sync`, a `sync` of `path` comes first: the server we are
+    /// connected to catches up with the leader up to now, so the read (same session, so after
+    /// it) is at least as new as anything we saw before.
+    ///
+    /// ZooKeeper lets a session reconnect to any server not older than the last *reply* the
+    /// session had; watch events do not count. A list kept from events may therefore be newer
+    /// than what a follower that is behind returns: after a reconnect (or on a new session,
+    /// which may land on another follower) an unsynced read could give an older list.
+    pub(crate) async fn read_children(
+        &self,
+        client: &zk::Client,
+        path: &str,
+        sync: bool,
+        known_bytes: Option<u64>,
+    ) -> Result<(Vec<String>, zk::Stat), Fail> {
+        let bytes = {
+            let _permit = self.small_permit().await;
+            if sync {
+                match self.call(client.sync(path)).await {
+                    // Nothing there yet: the read that follows says so.
+                    Ok(()) | Err(Fail::Zk(zk::Error::NoNode)) => {}
+                    Err(f) => return Err(f),
+                }
+            }
+            match known_bytes {
+                Some(b) => b,
+                None => match self.call(client.check_stat(path)).await? {
+                    Some(stat) => u64::try_from(stat.num_children).unwrap_or(0) * CHILD_BYTES_BOUND,
+                    None => return Err(Fail::Zk(zk::Error::NoNode)),
+                },
+            }
+        };
+        let _permits = self.permits.acquire_many(read_units(bytes)).await;
+        self.call_within(self.read_budget(bytes), client.get_children(path))
+            .await
     }
 
     /// A registry error that names the registry, the operation and the path.
@@ -313,5 +400,20 @@ async fn connector_loop(registry: Weak<Inner>) {
         drop(inner);
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_reads_take_more_units_up_to_all() {
+        assert_eq!(read_units(0), 1);
+        assert_eq!(read_units(UNIT_BYTES), 1);
+        assert_eq!(read_units(UNIT_BYTES + 1), 2);
+        // A 10,000-entry Dubbo list (4-6 MB) is read alone.
+        assert_eq!(read_units(4_000_000), READ_UNITS);
+        assert_eq!(read_units(u64::MAX), READ_UNITS);
     }
 }

@@ -33,6 +33,18 @@ pub(crate) type Attach = Arc<
         + Sync,
 >;
 
+/// What one attempt is about.
+struct Ask<'a> {
+    /// The session generation of the task.
+    generation: u64,
+    /// Subscriptions that start receiving the list with this read.
+    admit: &'a [Arc<Sub>],
+    /// `sync` the path before reading (see [`Ctx::read_children`]).
+    sync: bool,
+    /// Ask the size of the list rather than take it from what is kept.
+    unsure: bool,
+}
+
 /// What a task watches and reads.
 pub(crate) enum Job {
     /// A category path: its list is kept from the events and read again when asked.
@@ -79,7 +91,7 @@ impl Job {
     }
 
     /// Whether this list was read before (by an earlier session's task, or before a
-    /// reconnect): a new read must then not go back in time (see [`sync`]).
+    /// reconnect): a new read must then not go back in time (see [`Ctx::read_children`]).
     fn read_before(&self) -> bool {
         match self {
             // Revisions start at 0 and only grow: anything read or seen made it non-zero.
@@ -88,23 +100,20 @@ impl Job {
         }
     }
 
-    /// Reads (and pushes or attaches) once the watch is armed, after a [`sync`] of the path
-    /// with `sync`. Returns the result and whether the session ended meanwhile.
+    /// Reads (and pushes or attaches) once the watch is armed, after a `sync` of the path
+    /// with `sync` (see [`Ctx::read_children`]); with `unsure`, the size of the list is asked
+    /// first rather than taken from what is kept. Returns the result and whether the session
+    /// ended meanwhile.
     async fn read(
         &self,
         client: &zk::Client,
-        generation: u64,
         watcher: &mut zk::PersistentWatcher,
         ctx: &Ctx,
-        admit: &[Arc<Sub>],
-        sync: bool,
+        ask: &Ask<'_>,
     ) -> (Result<()>, bool) {
         match self {
-            Job::List(w) => reread_watch(w, client, generation, watcher, ctx, admit, sync).await,
-            Job::Root { root, attach } => (
-                relist(root, attach, client, generation, ctx, sync).await,
-                false,
-            ),
+            Job::List(w) => reread_watch(w, client, watcher, ctx, ask).await,
+            Job::Root { root, attach } => (relist(root, attach, client, ctx, ask).await, false),
         }
     }
 }
@@ -114,8 +123,6 @@ impl Job {
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// The longest pause between two attempts to arm or read a watch.
 const RETRY_MAX: Duration = Duration::from_secs(3);
-/// How many watches arm and read at once (after a reconnect every watch does).
-pub(crate) const READ_CONCURRENCY: usize = 8;
 
 /// Exponential backoff from [`RETRY_FIRST`] to [`RETRY_MAX`].
 struct Backoff {
@@ -345,8 +352,13 @@ pub(crate) async fn run(
             let Some(c) = client.upgrade() else {
                 break 'task End::Session;
             };
-            let attempt =
-                attempt(&job, &c, generation, &mut watcher, &ctx, &admit, need_sync).await;
+            let ask = Ask {
+                generation,
+                admit: &admit,
+                sync: need_sync,
+                unsure: need_sync || pending.failures > 0 || !job.read_before(),
+            };
+            let attempt = attempt(&job, &c, &mut watcher, &ctx, &ask).await;
             drop(c);
             match attempt {
                 Attempt::Done => {
@@ -404,11 +416,9 @@ pub(crate) async fn run(
 async fn attempt(
     job: &Job,
     client: &zk::Client,
-    generation: u64,
     watcher: &mut Option<zk::PersistentWatcher>,
     ctx: &Ctx,
-    admit: &[Arc<Sub>],
-    sync: bool,
+    ask: &Ask<'_>,
 ) -> Attempt {
     if client.state().is_terminated() {
         return Attempt::SessionEnded;
@@ -417,7 +427,7 @@ async fn attempt(
         Some(w) => w,
         None => {
             let armed = {
-                let _permit = ctx.permits.acquire().await;
+                let _permit = ctx.small_permit().await;
                 arm(ctx, client, job.path(ctx), job.mode()).await
             };
             match armed {
@@ -427,7 +437,7 @@ async fn attempt(
             }
         }
     };
-    let (result, end) = job.read(client, generation, w, ctx, admit, sync).await;
+    let (result, end) = job.read(client, w, ctx, ask).await;
     match result {
         _ if end => Attempt::SessionEnded,
         Ok(()) => Attempt::Done,
@@ -436,49 +446,27 @@ async fn attempt(
     }
 }
 
-/// With `sync`, a `sync` of `path` first: the server we are connected to catches up with the
-/// leader up to now, so the read that follows (same session, so after it) is at least as new
-/// as anything we saw before.
-///
-/// ZooKeeper lets a session reconnect to any server whose data is not older than the last
-/// *reply* the session had; watch events do not count. A list kept from events may therefore
-/// be newer than what a follower that is behind would return: after a reconnect (or on a new
-/// session, which may land on another follower) an unsynced read could deliver an older list,
-/// with a newer revision.
-async fn sync_path(
-    ctx: &Ctx,
-    client: &zk::Client,
-    path: &str,
-    sync: bool,
-) -> std::result::Result<(), Fail> {
-    if !sync {
-        return Ok(());
-    }
-    match ctx.call(client.sync(path)).await {
-        // Nothing there yet: the read that follows says so.
-        Ok(()) | Err(Fail::Zk(zk::Error::NoNode)) => Ok(()),
-        Err(f) => Err(f),
-    }
-}
-
 /// Reads the list, applies the events that came meanwhile, pushes. Returns the result and
 /// whether the session ended.
 async fn reread_watch(
     watch: &Watch,
     client: &zk::Client,
-    generation: u64,
     watcher: &mut zk::PersistentWatcher,
     ctx: &Ctx,
-    admit: &[Arc<Sub>],
-    sync: bool,
+    ask: &Ask<'_>,
 ) -> (Result<()>, bool) {
-    let read = {
-        let _permit = ctx.permits.acquire().await;
-        match sync_path(ctx, client, &watch.path, sync).await {
-            Ok(()) => ctx.call(client.get_children(&watch.path)).await,
-            Err(f) => Err(f),
-        }
-    };
+    // The list kept from events tells the size, unless it may have changed unseen (a
+    // reconnect, a new session, a failed read) or was never read.
+    let known = (!ask.unsure).then(|| {
+        lock(&watch.data)
+            .children
+            .keys()
+            .map(|n| n.len() as u64 + 4)
+            .sum()
+    });
+    let read = ctx
+        .read_children(client, &watch.path, ask.sync, known)
+        .await;
     // Events that came before the reply are already in the read; applying them again on
     // top of it leaves the same list once all of them are applied, which `drain` ensures
     // (they are all queued by the time the reply is seen).
@@ -486,15 +474,15 @@ async fn reread_watch(
     drain(watcher, &mut batch);
     let result = match read {
         Ok((names, stat)) => {
-            watch.replace(generation, Some((names, stat.pzxid)), &batch, admit);
+            watch.replace(ask.generation, Some((names, stat.pzxid)), &batch, ask.admit);
             Ok(())
         }
         Err(Fail::Zk(zk::Error::NoNode)) => {
-            watch.replace(generation, None, &batch, admit);
+            watch.replace(ask.generation, None, &batch, ask.admit);
             Ok(())
         }
         Err(f) => {
-            watch.apply_batch(generation, &batch);
+            watch.apply_batch(ask.generation, &batch);
             Err(ctx.error("list children of", &watch.path, f))
         }
     };
@@ -507,17 +495,13 @@ async fn relist(
     root: &RootWatch,
     attach: &Attach,
     client: &zk::Client,
-    generation: u64,
     ctx: &Ctx,
-    sync: bool,
+    ask: &Ask<'_>,
 ) -> Result<()> {
-    let read = {
-        let _permit = ctx.permits.acquire().await;
-        match sync_path(ctx, client, &ctx.root, sync).await {
-            Ok(()) => ctx.call(client.get_children(&ctx.root)).await,
-            Err(f) => Err(f),
-        }
-    };
+    // Service names are short: the size is asked only when the listing may have grown
+    // unseen, or a listing failed.
+    let known = (!ask.unsure).then_some(0);
+    let read = ctx.read_children(client, &ctx.root, ask.sync, known).await;
     let names = match read {
         Ok((names, _)) => names,
         Err(Fail::Zk(zk::Error::NoNode)) => Vec::new(),
@@ -537,7 +521,7 @@ async fn relist(
     services.sort();
     let subs = {
         let mut data = lock(&root.data);
-        if data.generation != generation {
+        if data.generation != ask.generation {
             return Ok(());
         }
         data.listed = true;
