@@ -20,8 +20,9 @@
 //!   replaces it (delete with its version, create) only when another session owns it, so
 //!   watchers never see a provider vanish and come back on a reconnect.
 //! - One persistent recursive watch per category path, shared by every subscription on it;
-//!   the list is kept from the created/deleted events (only the changed child is parsed) and
-//!   re-read after any reconnect, since ZooKeeper drops events during a disconnection
+//!   the registry's [`registry_core::keeper::ListKeeper`] keeps the lists, fed with the
+//!   created/deleted events (only the changed child is parsed) and with full reads, which are
+//!   made after any reconnect, since ZooKeeper drops events during a disconnection
 //!   (ZOOKEEPER-4698). Such a re-read is preceded by a `sync` of the path, so a server that
 //!   is behind (a follower we reconnected to) never gives back an older list.
 //! - Connection events ([`registry_core::RegistryEvent`]): a lost session is reported, a new

@@ -4,22 +4,25 @@
 //!
 //! Tasks:
 //! - one *watch task* per watched path and session: it owns the [`zk::PersistentWatcher`],
-//!   applies created/deleted events to the path's list, answers re-read requests, and
-//!   pushes full lists to the subscriptions' [`Delivery`]s (never calls a listener);
+//!   feeds created/deleted events and full reads of the path to the registry's
+//!   [`ListKeeper`] (which pushes the lists to the subscriptions' [`Delivery`]s; no
+//!   listener runs here), and answers re-read requests;
 //! - one *root task* while an `interface=*` subscription exists: it lists the services and
 //!   attaches new ones to the wildcard subscriptions;
 //! - one *monitor* per session: it turns session states into [`RegistryEvent`]s, re-reads
 //!   every watched path after a reconnect, and starts a new session when one expires;
 //! - a *connector* while there is no session (`check=false` start, or after an expiry).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use registry_core::delivery::{Delivery, DeliveryOptions};
+use registry_core::keeper::{ListKeeper, Scope};
 use registry_core::url::ANY_VALUE;
 use registry_core::{
     Error, NotifyListener, Registry, RegistryEvent, Result, Url, decode, is_match, listener_id,
@@ -31,8 +34,10 @@ use zookeeper_client as zk;
 use crate::errors::Fail;
 use crate::options::Config;
 use crate::session::{Ctx, READ_UNITS, Session, lock};
-use crate::tasks::{self, Attach, Cmd, Job, TaskRef, after, answer, send_cmd};
-use crate::watches::{RootData, RootWatch, Sub, Watch, WatchData, decode_child};
+use crate::tasks::{self, Cmd, Job, RootHost, TaskRef, after, answer, send_cmd};
+use crate::watches::{
+    RETIRED, RootData, RootWatch, Sub, SubKey, Watch, WatchData, decode_child, mark_root_loaded,
+};
 
 /// How many of our past session ids are remembered (see [`Inner::our_sessions`]).
 pub(crate) const SESSIONS_KEPT: usize = 16;
@@ -41,6 +46,28 @@ pub(crate) const SESSIONS_KEPT: usize = 16;
 pub(crate) struct WatchEntry {
     watch: Arc<Watch>,
     task: Option<TaskRef>,
+    /// The subscriptions on it.
+    users: Vec<SubKey>,
+}
+
+/// What the root task reaches the registry through.
+struct Host(Weak<Inner>);
+
+impl RootHost for Host {
+    fn attach(
+        &self,
+        sub: &Arc<Sub>,
+        service: &str,
+    ) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>> {
+        let inner = self.0.upgrade()?;
+        Some(Box::pin(inner.attach_service(sub, service, false)))
+    }
+
+    fn all_attached(&self) {
+        if let Some(inner) = self.0.upgrade() {
+            mark_root_loaded(&inner.keeper, &inner.feed);
+        }
+    }
 }
 
 /// The root watch and its task on the current session.
@@ -51,7 +78,7 @@ pub(crate) struct RootEntry {
 
 #[derive(Default)]
 pub(crate) struct State {
-    subs: HashMap<(Url, usize), Arc<Sub>>,
+    subs: HashMap<SubKey, Arc<Sub>>,
     watches: HashMap<String, WatchEntry>,
     root: Option<RootEntry>,
     /// Tasks of watches that were dropped and may still be ending, by path. A new task for
@@ -59,10 +86,6 @@ pub(crate) struct State {
     /// server before the new watch, or it would remove the new one (ZooKeeper removes
     /// persistent watches per path, ZOOKEEPER-4472).
     retiring: HashMap<String, JoinHandle<()>>,
-    /// The highest revision reported for each path, kept when its watch is dropped, so a
-    /// watch made again for the path (whose read gives the real `pzxid`, possibly lower
-    /// than the revisions we made up from events) never reports an older revision.
-    high_water: HashMap<String, u64>,
 }
 
 pub(crate) struct Inner {
@@ -85,6 +108,10 @@ pub(crate) struct Inner {
     pub(crate) permits: Arc<Semaphore>,
     /// Set by destroy: ends every call in flight.
     pub(crate) closing: watch::Sender<bool>,
+    /// The lists of every subscription (see the watches module).
+    pub(crate) keeper: ListKeeper,
+    /// Taken by everything that feeds the keeper (see [`mark_root_loaded`]).
+    pub(crate) feed: Arc<Mutex<()>>,
 }
 
 impl Drop for Inner {
@@ -196,15 +223,6 @@ impl Inner {
         Some(tx)
     }
 
-    /// What the root task calls to attach a service to a wildcard subscription.
-    fn attacher(self: &Arc<Self>) -> Attach {
-        let registry = Arc::downgrade(self);
-        Arc::new(move |sub: &Arc<Sub>, service: &str| {
-            let inner = registry.upgrade()?;
-            Some(Box::pin(inner.attach_service(sub, service, false)) as _)
-        })
-    }
-
     fn root_task(
         self: &Arc<Self>,
         retiring: &mut HashMap<String, JoinHandle<()>>,
@@ -227,7 +245,7 @@ impl Inner {
             tasks::run(
                 Job::Root {
                     root: entry.root.clone(),
-                    attach: self.attacher(),
+                    host: Arc::new(Host(Arc::downgrade(self))),
                 },
                 Arc::downgrade(&session.client),
                 session.generation,
@@ -243,10 +261,20 @@ impl Inner {
         Some(tx)
     }
 
-    /// Puts `sub` on the watches of `service`'s categories, and returns a future that reads
-    /// them one after another in the subscription's category order (each read admits `sub`,
-    /// see [`WatchData::joining`]) and marks the service attached once all of them were read.
-    /// An attached service is read again only with `force`.
+    /// Whether the watch of `entry` is armed and read on the current session.
+    fn watch_ready(entry: &WatchEntry, session: &Session) -> bool {
+        let live = entry
+            .task
+            .as_ref()
+            .is_some_and(|t| t.generation == session.generation && !t.tx.is_closed());
+        let d = lock(&entry.watch.data);
+        live && d.ready && d.generation == session.generation
+    }
+
+    /// Puts `sub` on the watches of `service`'s categories, and returns a future that waits
+    /// until each of them is armed and read on the current session (reading the ones that
+    /// are not, or every one with `force`) and then marks the service attached. An attached
+    /// service is looked at again only with `force`.
     pub(crate) fn attach_service(
         &self,
         sub: &Arc<Sub>,
@@ -255,13 +283,13 @@ impl Inner {
     ) -> impl Future<Output = Result<()>> + Send + 'static {
         let mut targets = Vec::new();
         {
+            let session = self.current();
             let mut st = lock(&self.state);
             let st = &mut *st;
             let mut attached = lock(&sub.attached);
             if sub.active.load(Ordering::Acquire) && (force || !attached.0.contains(service)) {
                 for category in &sub.categories {
                     let path = self.cfg.category_path(service, category);
-                    let revision = st.high_water.get(&path).copied().unwrap_or(0);
                     let entry = st
                         .watches
                         .entry(path.clone())
@@ -270,29 +298,33 @@ impl Inner {
                                 path: path.clone(),
                                 service: service.to_owned(),
                                 category: category.clone(),
+                                scope: Scope::category(service, category.as_str()),
+                                keeper: self.keeper.clone(),
+                                feed: self.feed.clone(),
                                 data: Mutex::new(WatchData {
-                                    children: BTreeMap::new(),
-                                    revision,
                                     generation: 0,
                                     primed: false,
                                     ready: false,
-                                    subs: Vec::new(),
-                                    joining: Vec::new(),
+                                    read_once: false,
+                                    bytes: 0,
                                 }),
                             }),
                             task: None,
+                            users: Vec::new(),
                         });
-                    {
-                        let mut d = lock(&entry.watch.data);
-                        if !d.has(sub) {
-                            d.joining.push(sub.clone());
-                        }
+                    if !entry.users.contains(&sub.key) {
+                        entry.users.push(sub.key.clone());
                     }
                     if !attached.1.contains(&path) {
                         attached.1.push(path.clone());
                     }
+                    let ready = session
+                        .as_ref()
+                        .is_some_and(|s| Inner::watch_ready(entry, s));
                     let tx = self.watch_task(&mut st.retiring, entry);
-                    targets.push((path, tx));
+                    if force || !ready {
+                        targets.push((path, tx));
+                    }
                 }
             }
         }
@@ -300,17 +332,20 @@ impl Inner {
         let sub = sub.clone();
         let service = service.to_owned();
         async move {
-            for (path, tx) in targets {
-                answer(&label, &path, send_cmd(tx, false, false, Some(sub.clone()))).await?;
+            let answers: Vec<_> = targets
+                .into_iter()
+                .map(|(path, tx)| (path, send_cmd(tx, false, false)))
+                .collect();
+            for (path, rx) in answers {
+                answer(&label, &path, rx).await?;
             }
             lock(&sub.attached).0.insert(service);
             Ok(())
         }
     }
 
-    /// Whether every watch of `sub` is armed and read on the current session, with `sub`
-    /// receiving its list.
-    pub(crate) fn is_ready(&self, sub: &Arc<Sub>) -> bool {
+    /// Whether every watch of `sub` is armed and read on the current session.
+    fn is_ready(&self, sub: &Arc<Sub>) -> bool {
         let Some(session) = self.current() else {
             return false;
         };
@@ -318,45 +353,36 @@ impl Inner {
         let paths = lock(&sub.attached).1.clone();
         !paths.is_empty()
             && paths.iter().all(|path| {
-                st.watches.get(path).is_some_and(|e| {
-                    let live = e
-                        .task
-                        .as_ref()
-                        .is_some_and(|t| t.generation == session.generation && !t.tx.is_closed());
-                    let d = lock(&e.watch.data);
-                    live && d.ready
-                        && d.generation == session.generation
-                        && d.subs.iter().any(|s| Arc::ptr_eq(s, sub))
-                })
+                st.watches
+                    .get(path)
+                    .is_some_and(|e| e.users.contains(&sub.key) && Inner::watch_ready(e, &session))
             })
     }
 
-    /// Takes `sub` off every watch; drops the watches nobody needs any more.
-    pub(crate) fn detach(&self, sub: &Arc<Sub>) {
+    /// Takes `sub` off every watch; drops the watches nobody needs any more (and their
+    /// scopes from the keeper).
+    fn detach(&self, sub: &Arc<Sub>) {
         let mut st = lock(&self.state);
         sub.active.store(false, Ordering::Release);
         let paths = std::mem::take(&mut lock(&sub.attached).1);
         for path in paths {
-            let empty = match st.watches.get(&path) {
+            let empty = match st.watches.get_mut(&path) {
                 Some(e) => {
-                    let mut d = lock(&e.watch.data);
-                    d.subs.retain(|s| !Arc::ptr_eq(s, sub));
-                    d.joining.retain(|s| !Arc::ptr_eq(s, sub));
-                    d.subs.is_empty() && d.joining.is_empty()
+                    e.users.retain(|k| *k != sub.key);
+                    e.users.is_empty()
                 }
                 None => false,
             };
-            let removed = if empty {
-                st.watches.remove(&path)
-            } else {
-                None
+            let Some(e) = empty.then(|| st.watches.remove(&path)).flatten() else {
+                continue;
             };
-            if let Some(e) = &removed {
-                let revision = lock(&e.watch.data).revision;
-                let hw = st.high_water.entry(path.clone()).or_default();
-                *hw = (*hw).max(revision);
+            // Its ending task feeds nothing more.
+            lock(&e.watch.data).generation = RETIRED;
+            {
+                let _feed = lock(&self.feed);
+                self.keeper.forget(&e.watch.scope);
             }
-            if let Some(t) = removed.and_then(|e| e.task) {
+            if let Some(t) = e.task {
                 // Dropping the sender ends the task, which drops the watcher.
                 st.retiring.retain(|_, h| !h.is_finished());
                 st.retiring.insert(path, t.handle);
@@ -368,16 +394,53 @@ impl Inner {
                 d.subs.retain(|s| !Arc::ptr_eq(s, sub));
                 d.subs.is_empty()
             });
-            if empty && let Some(t) = st.root.take().and_then(|r| r.task) {
-                st.retiring.retain(|_, h| !h.is_finished());
-                st.retiring.insert(self.cfg.root.clone(), t.handle);
+            if empty && let Some(r) = st.root.take() {
+                lock(&r.root.data).generation = RETIRED;
+                {
+                    let _feed = lock(&self.feed);
+                    self.keeper.forget(&Scope::Root);
+                }
+                if let Some(t) = r.task {
+                    st.retiring.retain(|_, h| !h.is_finished());
+                    st.retiring.insert(self.cfg.root.clone(), t.handle);
+                }
             }
         }
     }
 
-    pub(crate) async fn remove_sub(&self, key: &(Url, usize)) {
+    /// What the keeper holds for `url` when every category path it needs is watched and read
+    /// on the current session (else the caller reads).
+    fn held(&self, url: &Url, session: &Session) -> Option<Vec<Url>> {
+        let service = url.service_interface();
+        if service == ANY_VALUE {
+            return None;
+        }
+        let all_ready = {
+            let st = lock(&self.state);
+            url.categories().iter().all(|c| {
+                st.watches
+                    .get(&self.cfg.category_path(service, c))
+                    .is_some_and(|e| Inner::watch_ready(e, session))
+            })
+        };
+        if all_ready {
+            self.keeper.lookup(url)
+        } else {
+            None
+        }
+    }
+
+    async fn remove_sub(&self, key: &SubKey) {
         let sub = lock(&self.state).subs.remove(key);
         if let Some(sub) = sub {
+            let id = {
+                let mut id = lock(&sub.id);
+                sub.active.store(false, Ordering::Release);
+                id.take()
+            };
+            if let Some(id) = id {
+                self.keeper.unsubscribe(id);
+            }
             self.detach(&sub);
             sub.delivery.close().await;
         }
@@ -406,12 +469,12 @@ impl Inner {
                 .iter_mut()
                 .map(|(path, e)| {
                     let tx = self.watch_task(retiring, e);
-                    (path.clone(), send_cmd(tx, rearm, true, None))
+                    (path.clone(), send_cmd(tx, rearm, true))
                 })
                 .collect();
             if let Some(r) = root.as_mut() {
                 let tx = self.root_task(retiring, r);
-                answers.push((self.cfg.root.clone(), send_cmd(tx, rearm, true, None)));
+                answers.push((self.cfg.root.clone(), send_cmd(tx, rearm, true)));
             }
             answers
         };
@@ -433,7 +496,10 @@ impl Inner {
     pub(crate) async fn list(&self, session: &Session, path: &str) -> Result<Vec<Url>> {
         let ctx = self.ctx();
         match ctx.read_children(&session.client, path, false, None).await {
-            Ok((names, _)) => Ok(names.iter().filter_map(|n| decode_child(path, n)).collect()),
+            Ok((names, _)) => Ok(names
+                .iter()
+                .filter_map(|n| decode_child(path, n, true))
+                .collect()),
             Err(Fail::Zk(zk::Error::NoNode)) => Ok(Vec::new()),
             Err(f) => Err(ctx.error("list children of", path, f)),
         }
@@ -478,6 +544,8 @@ impl ZookeeperRegistry {
             background: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(READ_UNITS as usize)),
             closing: watch::channel(false).0,
+            keeper: ListKeeper::new(cfg.label.clone()),
+            feed: Arc::new(Mutex::new(())),
             cfg,
         });
         if inner.cfg.check {
@@ -658,19 +726,19 @@ impl Registry for ZookeeperRegistry {
                 Some(sub) => (sub.clone(), true),
                 None => {
                     let sub = Arc::new(Sub {
-                        url: url.clone(),
+                        key: key.clone(),
                         categories: url.categories(),
                         wildcard,
-                        delivery: Delivery::for_listener(
+                        delivery: Arc::new(Delivery::for_listener(
                             listener,
                             DeliveryOptions {
                                 empty_protection: inner.cfg.empty_protection,
                                 label: url.to_redacted_string(),
                             },
-                        ),
+                        )),
                         active: AtomicBool::new(true),
+                        id: Mutex::new(None),
                         attached: Mutex::new((HashSet::new(), Vec::new())),
-                        last: Mutex::new(HashMap::new()),
                     });
                     st.subs.insert(key.clone(), sub.clone());
                     (sub, false)
@@ -697,7 +765,7 @@ impl Registry for ZookeeperRegistry {
                         d.subs.push(sub.clone());
                     }
                 }
-                send_cmd(inner.root_task(retiring, entry), false, false, None)
+                send_cmd(inner.root_task(retiring, entry), false, false)
             };
             answer(&inner.cfg.label, &inner.cfg.root, rx).await
         } else {
@@ -714,6 +782,13 @@ impl Registry for ZookeeperRegistry {
             }
             return Err(e);
         }
+        {
+            // Every scope it needs is read: the keeper gives it its first lists now.
+            let mut id = lock(&sub.id);
+            if id.is_none() && sub.active.load(Ordering::Acquire) {
+                *id = Some(inner.keeper.subscribe(url, sub.delivery.clone()));
+            }
+        }
         sub.delivery.flush_handle().await;
         Ok(())
     }
@@ -729,6 +804,9 @@ impl Registry for ZookeeperRegistry {
     async fn lookup(&self, url: &Url) -> Result<Vec<Url>> {
         let inner = &self.inner;
         let session = inner.session()?;
+        if let Some(held) = inner.held(url, &session) {
+            return Ok(held);
+        }
         let services = if url.service_interface() == ANY_VALUE {
             let mut names: Vec<String> = match inner
                 .ctx()
@@ -783,7 +861,14 @@ impl Registry for ZookeeperRegistry {
             let _ = h.await;
         }
         for sub in &subs {
-            sub.active.store(false, Ordering::Release);
+            let id = {
+                let mut id = lock(&sub.id);
+                sub.active.store(false, Ordering::Release);
+                id.take()
+            };
+            if let Some(id) = id {
+                inner.keeper.unsubscribe(id);
+            }
             sub.delivery.close().await;
         }
         // zookeeper-client 0.11 has no `close()`: dropping the last client closes the

@@ -25,20 +25,25 @@ use crate::errors::{Fail, copy_error};
 use crate::session::{Ctx, lock};
 use crate::watches::{RootWatch, Sub, Watch};
 
-/// Starts the first reads of a service for a wildcard subscription (see
-/// `Inner::attach_service`); `None` when the registry is gone.
-pub(crate) type Attach = Arc<
-    dyn Fn(&Arc<Sub>, &str) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>
-        + Send
-        + Sync,
->;
+/// What the root task needs of the registry.
+pub(crate) trait RootHost: Send + Sync {
+    /// Attaches `service` to the wildcard subscription `sub`: its category paths watched and
+    /// read (see `Inner::attach_service`); `None` when the registry is gone.
+    fn attach(
+        &self,
+        sub: &Arc<Sub>,
+        service: &str,
+    ) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>;
+
+    /// Every service listed is attached to every wildcard subscription: their lists can go
+    /// out.
+    fn all_attached(&self);
+}
 
 /// What one attempt is about.
-struct Ask<'a> {
+struct Ask {
     /// The session generation of the task.
     generation: u64,
-    /// Subscriptions that start receiving the list with this read.
-    admit: &'a [Arc<Sub>],
     /// `sync` the path before reading (see [`Ctx::read_children`]).
     sync: bool,
     /// Ask the size of the list rather than take it from what is kept.
@@ -50,10 +55,10 @@ pub(crate) enum Job {
     /// A category path: its list is kept from the events and read again when asked.
     List(Arc<Watch>),
     /// The root, for `interface=*` subscriptions: every event (a service added or removed)
-    /// lists the services again; new ones are attached through `attach`.
+    /// lists the services again; new ones are attached through `host`.
     Root {
         root: Arc<RootWatch>,
-        attach: Attach,
+        host: Arc<dyn RootHost>,
     },
 }
 
@@ -94,8 +99,7 @@ impl Job {
     /// reconnect): a new read must then not go back in time (see [`Ctx::read_children`]).
     fn read_before(&self) -> bool {
         match self {
-            // Revisions start at 0 and only grow: anything read or seen made it non-zero.
-            Job::List(w) => lock(&w.data).revision > 0,
+            Job::List(w) => lock(&w.data).read_once,
             Job::Root { root, .. } => lock(&root.data).listed,
         }
     }
@@ -109,11 +113,13 @@ impl Job {
         client: &zk::Client,
         watcher: &mut zk::PersistentWatcher,
         ctx: &Ctx,
-        ask: &Ask<'_>,
+        ask: &Ask,
     ) -> (Result<()>, bool) {
         match self {
             Job::List(w) => reread_watch(w, client, watcher, ctx, ask).await,
-            Job::Root { root, attach } => (relist(root, attach, client, ctx, ask).await, false),
+            Job::Root { root, host } => {
+                (relist(root, host.as_ref(), client, ctx, ask).await, false)
+            }
         }
     }
 }
@@ -159,8 +165,6 @@ pub(crate) struct Cmd {
     /// answer is the result of the next attempt. Either way the task keeps trying after a
     /// failure, with backoff, until it succeeds or its session ends.
     pub(crate) until_ok: bool,
-    /// A subscription that starts receiving this list with this read (see [`crate::watches::WatchData::joining`]).
-    pub(crate) admit: Option<Arc<Sub>>,
     pub(crate) ack: oneshot::Sender<Result<()>>,
 }
 
@@ -272,13 +276,6 @@ impl Pending {
         work && self.now
     }
 
-    fn admitted(&self) -> Vec<Arc<Sub>> {
-        self.waiters
-            .iter()
-            .filter_map(|w| w.admit.clone())
-            .collect()
-    }
-
     fn succeeded(&mut self) {
         self.now = false;
         self.retry_at = None;
@@ -348,13 +345,11 @@ pub(crate) async fn run(
             job.set_ready(false);
             // Events from here on ask for another read (root).
             need_read = false;
-            let admit = pending.admitted();
             let Some(c) = client.upgrade() else {
                 break 'task End::Session;
             };
             let ask = Ask {
                 generation,
-                admit: &admit,
                 sync: need_sync,
                 unsure: need_sync || pending.failures > 0 || !job.read_before(),
             };
@@ -418,7 +413,7 @@ async fn attempt(
     client: &zk::Client,
     watcher: &mut Option<zk::PersistentWatcher>,
     ctx: &Ctx,
-    ask: &Ask<'_>,
+    ask: &Ask,
 ) -> Attempt {
     if client.state().is_terminated() {
         return Attempt::SessionEnded;
@@ -453,17 +448,11 @@ async fn reread_watch(
     client: &zk::Client,
     watcher: &mut zk::PersistentWatcher,
     ctx: &Ctx,
-    ask: &Ask<'_>,
+    ask: &Ask,
 ) -> (Result<()>, bool) {
     // The list kept from events tells the size, unless it may have changed unseen (a
     // reconnect, a new session, a failed read) or was never read.
-    let known = (!ask.unsure).then(|| {
-        lock(&watch.data)
-            .children
-            .keys()
-            .map(|n| n.len() as u64 + 4)
-            .sum()
-    });
+    let known = (!ask.unsure).then(|| lock(&watch.data).bytes);
     let read = ctx
         .read_children(client, &watch.path, ask.sync, known)
         .await;
@@ -474,11 +463,11 @@ async fn reread_watch(
     drain(watcher, &mut batch);
     let result = match read {
         Ok((names, stat)) => {
-            watch.replace(ask.generation, Some((names, stat.pzxid)), &batch, ask.admit);
+            watch.replace(ask.generation, Some((names, stat.pzxid)), &batch);
             Ok(())
         }
         Err(Fail::Zk(zk::Error::NoNode)) => {
-            watch.replace(ask.generation, None, &batch, ask.admit);
+            watch.replace(ask.generation, None, &batch);
             Ok(())
         }
         Err(f) => {
@@ -493,10 +482,10 @@ async fn reread_watch(
 /// wildcard subscription (each service's categories read in order).
 async fn relist(
     root: &RootWatch,
-    attach: &Attach,
+    host: &dyn RootHost,
     client: &zk::Client,
     ctx: &Ctx,
-    ask: &Ask<'_>,
+    ask: &Ask,
 ) -> Result<()> {
     // Service names are short: the size is asked only when the listing may have grown
     // unseen, or a listing failed.
@@ -531,7 +520,7 @@ async fn relist(
     for sub in &subs {
         for svc in &services {
             if !lock(&sub.attached).0.contains(svc) {
-                let Some(job) = attach(sub, svc) else {
+                let Some(job) = host.attach(sub, svc) else {
                     // The registry is gone.
                     return Ok(());
                 };
@@ -545,7 +534,15 @@ async fn relist(
             first_error.get_or_insert(e);
         }
     }
-    first_error.map_or(Ok(()), Err)
+    match first_error {
+        Some(e) => Err(e),
+        None => {
+            if lock(&root.data).generation == ask.generation {
+                host.all_attached();
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Sends a request to a task; the answer comes on the returned receiver (`None`: there is
@@ -554,13 +551,11 @@ pub(crate) fn send_cmd(
     tx: Option<mpsc::UnboundedSender<Cmd>>,
     rearm: bool,
     until_ok: bool,
-    admit: Option<Arc<Sub>>,
 ) -> Option<oneshot::Receiver<Result<()>>> {
     let (ack, answer) = oneshot::channel();
     tx?.send(Cmd {
         rearm,
         until_ok,
-        admit,
         ack,
     })
     .ok()?;

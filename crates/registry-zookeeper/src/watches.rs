@@ -1,230 +1,182 @@
-//! Subscriptions and the lists of their watches: each watched category path keeps its
-//! children (node name -> decoded URL), kept up to date from the watch events (only the
-//! changed child is parsed) and replaced by full reads; the matching per subscription and the
-//! pushes to each subscription's [`Delivery`] live here too. The root watch of `interface=*`
-//! subscriptions only keeps its subscriptions.
+//! What the backend keeps per subscription and per watched path, and how a watched path's
+//! reads and events reach the registry's [`ListKeeper`], which owns everything else: the
+//! entries (each held once), the matching per subscription, the lists, `empty://` markers,
+//! revisions and the pushes to each subscription's [`Delivery`].
 //!
-//! This is the part a shared list keeper in `registry-core` is meant to take over.
+//! A watched category path is one [`Scope::Category`]: a full read is
+//! [`ListKeeper::replace`], a batch of created/deleted events one [`ListKeeper::change`] (only
+//! the changed children are decoded). The root watch of `interface=*` subscriptions marks
+//! [`Scope::Root`] loaded once every service it listed is attached (see [`mark_root_loaded`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+use registry_core::Url;
 use registry_core::delivery::Delivery;
-use registry_core::{Notification, Source, Url, is_match};
+use registry_core::keeper::{ListKeeper, Scope, SubscriptionId};
 use zookeeper_client as zk;
 
 use crate::session::lock;
 
+/// A subscription's key: its URL and the listener's id.
+pub(crate) type SubKey = (Url, usize);
+
 /// One subscription.
 pub(crate) struct Sub {
-    pub(crate) url: Url,
+    /// Its URL and listener.
+    pub(crate) key: SubKey,
     pub(crate) categories: Vec<String>,
     pub(crate) wildcard: bool,
-    pub(crate) delivery: Delivery,
+    pub(crate) delivery: Arc<Delivery>,
     pub(crate) active: AtomicBool,
-    /// Services attached (their first read succeeded; wildcard: every service seen) and the
+    /// Its id in the keeper, once its first reads are done.
+    pub(crate) id: Mutex<Option<SubscriptionId>>,
+    /// Services attached (their reads succeeded; wildcard: every service seen) and the
     /// watched paths the subscription is on.
     pub(crate) attached: Mutex<(HashSet<String>, Vec<String>)>,
-    /// The last list pushed per (service, category), so an unchanged list is not pushed again.
-    pub(crate) last: Mutex<LastPushed>,
 }
 
-/// (service, category) -> the list last pushed.
-pub(crate) type LastPushed = HashMap<(String, String), Arc<[Url]>>;
-
-impl Sub {
-    pub(crate) fn push(&self, service: &str, category: &str, data: &WatchData) {
-        if !self.active.load(Ordering::Acquire) {
-            return;
-        }
-        let mut urls: Vec<Url> = data
-            .children
-            .values()
-            .flatten()
-            .filter(|u| is_match(&self.url, u))
-            .cloned()
-            .collect();
-        if urls.is_empty() {
-            urls.push(self.url.to_empty_marker_for(service, category));
-        }
-        let urls: Arc<[Url]> = urls.into();
-        {
-            let mut last = lock(&self.last);
-            let key = (service.to_owned(), category.to_owned());
-            if last.get(&key) == Some(&urls) {
-                return;
-            }
-            last.insert(key, urls.clone());
-        }
-        self.delivery.push(Notification::new(
-            service,
-            category,
-            urls,
-            data.revision,
-            Source::Live,
-        ));
-    }
-}
-
-/// The list of one category path.
+/// What the backend keeps of one watched category path (the entries are in the keeper).
 pub(crate) struct WatchData {
-    /// Node name -> the URL it decodes to (`None`: skipped, already warned about).
-    pub(crate) children: BTreeMap<String, Option<Url>>,
-    /// Never goes back: the parent's `pzxid` on a read, the event's zxid (3.9+) or one more
-    /// than before on an event.
-    pub(crate) revision: u64,
-    /// The session generation of the task allowed to change this list.
+    /// The session generation of the task allowed to feed this path.
     pub(crate) generation: u64,
-    /// Whether a read of this generation succeeded. Until then events are applied but
-    /// nothing is pushed: the list may be the previous session's, or empty.
+    /// Whether a read of this generation succeeded. Until then events are not fed: a read
+    /// is due, and it gives the whole list.
     pub(crate) primed: bool,
     /// Whether the watch is armed and its list read, with no read pending.
     pub(crate) ready: bool,
-    /// Subscriptions that receive this list.
-    pub(crate) subs: Vec<Arc<Sub>>,
-    /// Subscriptions waiting for their first read of this list (asked with
-    /// [`Cmd::admit`]), so their first notifications come in category order and complete.
-    pub(crate) joining: Vec<Arc<Sub>>,
+    /// Whether the list was ever read (a read after a reconnect is then synced).
+    pub(crate) read_once: bool,
+    /// About how many bytes a read of the list brings (names and their length prefixes).
+    pub(crate) bytes: u64,
 }
 
-impl WatchData {
-    pub(crate) fn has(&self, sub: &Arc<Sub>) -> bool {
-        self.subs
-            .iter()
-            .chain(&self.joining)
-            .any(|s| Arc::ptr_eq(s, sub))
-    }
-}
+/// A generation no task has: set when a watch is dropped, so its ending task feeds nothing.
+pub(crate) const RETIRED: u64 = u64::MAX;
 
+/// One watched category path.
 pub(crate) struct Watch {
     pub(crate) path: String,
     pub(crate) service: String,
     pub(crate) category: String,
+    pub(crate) scope: Scope,
+    pub(crate) keeper: ListKeeper,
+    /// Taken by everything that feeds the keeper, so [`mark_root_loaded`] sees a steady state.
+    pub(crate) feed: Arc<Mutex<()>>,
     pub(crate) data: Mutex<WatchData>,
 }
 
-pub(crate) fn decode_child(path: &str, name: &str) -> Option<Url> {
+/// The URL a child node name decodes to, or `None` (with a warning when `warn`).
+pub(crate) fn decode_child(path: &str, name: &str, warn: bool) -> Option<Url> {
     match Url::from_encoded(name) {
         Ok(u) => Some(u),
         Err(e) => {
-            tracing::warn!(path, child = name, error = %e, "skipped a child node that is not an encoded URL");
+            if warn {
+                tracing::warn!(path, child = name, error = %e, "skipped a child node that is not an encoded URL");
+            }
             None
         }
     }
 }
 
-impl Watch {
-    /// Applies one node event; whether the list changed.
-    pub(crate) fn apply(&self, data: &mut WatchData, ev: &zk::WatchedEvent) -> bool {
-        let Some(rest) = ev.path.strip_prefix(self.path.as_str()) else {
-            return false;
+/// The net effect of a batch of events on the children of `path`: added and removed URLs
+/// (the last event of a child decides), the bytes they change, and the highest zxid (3.9+
+/// servers send it with events; 0 otherwise).
+fn net(path: &str, batch: &[zk::WatchedEvent]) -> (Vec<Url>, Vec<Url>, i64, u64) {
+    let mut last: BTreeMap<&str, bool> = BTreeMap::new();
+    let mut zxid = 0i64;
+    for ev in batch {
+        let Some(child) = ev
+            .path
+            .strip_prefix(path)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .filter(|c| !c.is_empty() && !c.contains('/'))
+        else {
+            continue;
         };
-        let changed = if rest.is_empty() {
-            // The category node itself: deleted means no children.
-            ev.event_type == zk::EventType::NodeDeleted && {
-                let had = !data.children.is_empty();
-                data.children.clear();
-                had
-            }
-        } else {
-            match rest.strip_prefix('/') {
-                Some(child) if !child.is_empty() && !child.contains('/') => match ev.event_type {
-                    zk::EventType::NodeCreated => {
-                        if data.children.contains_key(child) {
-                            false
-                        } else {
-                            let url = decode_child(&self.path, child);
-                            data.children.insert(child.to_owned(), url);
-                            true
-                        }
-                    }
-                    zk::EventType::NodeDeleted => data.children.remove(child).is_some(),
-                    _ => false,
-                },
-                _ => false,
-            }
+        match ev.event_type {
+            zk::EventType::NodeCreated => last.insert(child, true),
+            zk::EventType::NodeDeleted => last.insert(child, false),
+            _ => continue,
         };
-        if changed {
-            data.revision = (data.revision + 1).max(u64::try_from(ev.zxid).unwrap_or(0));
-        }
-        changed
+        zxid = zxid.max(ev.zxid);
     }
+    let (mut added, mut removed, mut bytes) = (Vec::new(), Vec::new(), 0i64);
+    for (name, present) in last {
+        let size = name.len() as i64 + 4;
+        if present {
+            bytes += size;
+            added.extend(decode_child(path, name, true));
+        } else {
+            bytes -= size;
+            removed.extend(decode_child(path, name, false));
+        }
+    }
+    (added, removed, bytes, u64::try_from(zxid).unwrap_or(0))
+}
 
-    /// Applies a batch of events from the task of `generation`, then pushes once (only when
-    /// a read of this generation succeeded before).
-    pub(crate) fn apply_batch(&self, generation: u64, batch: &[zk::WatchedEvent]) {
-        let mut data = lock(&self.data);
-        if data.generation != generation {
+impl Watch {
+    fn feed(&self, data: &mut WatchData, batch: &[zk::WatchedEvent]) {
+        let (added, removed, bytes, zxid) = net(&self.path, batch);
+        data.bytes = data.bytes.saturating_add_signed(bytes);
+        if added.is_empty() && removed.is_empty() {
             return;
         }
-        let mut changed = false;
-        for ev in batch {
-            if ev.event_type != zk::EventType::Session {
-                changed |= self.apply(&mut data, ev);
-            }
-        }
-        if changed && data.primed {
-            self.push_all(&data);
-        }
+        let _feed = lock(&self.feed);
+        self.keeper
+            .change(&self.service, &self.category, added, removed, zxid);
     }
 
-    /// Replaces the list with a read (`None`: the node does not exist), applies the events
-    /// that arrived with it, admits the joining subscriptions in `admit`, and pushes to every
-    /// subscription.
+    /// Feeds a batch of events from the task of `generation` (nothing before a read of this
+    /// generation: one is due and gives the whole list).
+    pub(crate) fn apply_batch(&self, generation: u64, batch: &[zk::WatchedEvent]) {
+        let mut data = lock(&self.data);
+        if data.generation != generation || !data.primed {
+            return;
+        }
+        self.feed(&mut data, batch);
+    }
+
+    /// Feeds a read (`None`: the node does not exist) and the events that arrived with it.
     pub(crate) fn replace(
         &self,
         generation: u64,
         read: Option<(Vec<String>, i64)>,
         batch: &[zk::WatchedEvent],
-        admit: &[Arc<Sub>],
     ) {
         let mut data = lock(&self.data);
         if data.generation != generation {
             return;
         }
         let (names, pzxid) = read.unwrap_or_default();
-        let mut old = std::mem::take(&mut data.children);
-        let mut changed = old.len() != names.len();
-        for name in names {
-            let url = match old.remove(&name) {
-                Some(u) => u,
-                None => {
-                    changed = true;
-                    decode_child(&self.path, &name)
-                }
-            };
-            data.children.insert(name, url);
+        data.bytes = names.iter().map(|n| n.len() as u64 + 4).sum();
+        let entries: Vec<(String, String, Url)> = names
+            .iter()
+            .filter_map(|n| decode_child(&self.path, n, true))
+            .map(|u| (self.service.clone(), self.category.clone(), u))
+            .collect();
+        {
+            let _feed = lock(&self.feed);
+            self.keeper
+                .replace(&self.scope, entries, u64::try_from(pzxid).unwrap_or(0));
         }
-        let read_revision = u64::try_from(pzxid).unwrap_or(0);
-        data.revision = if read_revision > data.revision {
-            read_revision
-        } else if changed {
-            // Our own revisions ran ahead of the server's (several events per zxid): a
-            // changed list still gets a newer revision.
-            data.revision + 1
-        } else {
-            data.revision
-        };
-        for ev in batch {
-            if ev.event_type != zk::EventType::Session {
-                self.apply(&mut data, ev);
-            }
-        }
+        // Events that came before the reply are already in the read; applied again on top of
+        // it they leave the same list (the last event of each child decides).
+        self.feed(&mut data, batch);
         data.primed = true;
-        for sub in admit {
-            if let Some(i) = data.joining.iter().position(|s| Arc::ptr_eq(s, sub)) {
-                let s = data.joining.swap_remove(i);
-                data.subs.push(s);
-            }
-        }
-        self.push_all(&data);
+        data.read_once = true;
     }
+}
 
-    pub(crate) fn push_all(&self, data: &WatchData) {
-        for sub in &data.subs {
-            sub.push(&self.service, &self.category, data);
-        }
+/// Marks [`Scope::Root`] loaded in `keeper` without changing what it holds, so `interface=*`
+/// subscriptions get their lists: the services are attached one category path at a time, and
+/// this says they all are. Under `feed`, so no change slips in between.
+pub(crate) fn mark_root_loaded(keeper: &ListKeeper, feed: &Mutex<()>) {
+    let _feed = lock(feed);
+    if !keeper.is_loaded(&Scope::Root) {
+        let held = keeper.entries(&Scope::Root);
+        keeper.replace(&Scope::Root, held, 0);
     }
 }
 
