@@ -1,7 +1,6 @@
 //! The task behind each watch, one per watched path and session, and the one retry
 //! mechanism every such task runs ([`run`]): a *list* task per category path
-//! ([`Job::List`]: a persistent recursive watch, the list kept from its events, read again
-//! when asked) and a *root* task while an `interface=*` subscription exists ([`Job::Root`]: a
+//! ([`Job::List`]: a persistent recursive watch whose events and reads feed the keeper) and a *root* task while an `interface=*` subscription exists ([`Job::Root`]: a
 //! persistent watch on the root, the services listed again on every event and attached to
 //! the wildcard subscriptions).
 //!
@@ -52,7 +51,7 @@ struct Ask {
 
 /// What a task watches and reads.
 pub(crate) enum Job {
-    /// A category path: its list is kept from the events and read again when asked.
+    /// A category path: its events and reads feed the keeper; read again when asked.
     List(Arc<Watch>),
     /// The root, for `interface=*` subscriptions: every event (a service added or removed)
     /// lists the services again; new ones are attached through `host`.
@@ -450,8 +449,8 @@ async fn reread_watch(
     ctx: &Ctx,
     ask: &Ask,
 ) -> (Result<()>, bool) {
-    // The list kept from events tells the size, unless it may have changed unseen (a
-    // reconnect, a new session, a failed read) or was never read.
+    // The bytes counted from reads and events tell the size, unless the list may have
+    // changed unseen (a reconnect, a new session, a failed read) or was never read.
     let known = (!ask.unsure).then(|| lock(&watch.data).bytes);
     let read = ctx
         .read_children(client, &watch.path, ask.sync, known)
