@@ -20,9 +20,11 @@
 //!   replaces it (delete with its version, create) only when another session owns it, so
 //!   watchers never see a provider vanish and come back on a reconnect.
 //! - One persistent recursive watch per category path, shared by every subscription on it;
-//!   the list is kept from the created/deleted events (only the changed child is parsed) and
-//!   re-read after any reconnect, since ZooKeeper drops events during a disconnection
-//!   (ZOOKEEPER-4698).
+//!   the registry's [`registry_core::keeper::ListKeeper`] keeps the lists, fed with the
+//!   created/deleted events (only the changed child is parsed) and with full reads, which are
+//!   made after any reconnect, since ZooKeeper drops events during a disconnection
+//!   (ZOOKEEPER-4698). Such a re-read is preceded by a `sync` of the path, so a server that
+//!   is behind (a follower we reconnected to) never gives back an older list.
 //! - Connection events ([`registry_core::RegistryEvent`]): a lost session is reported, a new
 //!   one is made (with the same credentials), every watch is re-armed and re-read, then
 //!   `NewSession` is sent so the reliability layer re-registers. Registrations are not
@@ -48,8 +50,13 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-mod config;
+mod errors;
+mod options;
+mod paths;
 mod registry;
+mod session;
+mod tasks;
+mod watches;
 
 use std::sync::Arc;
 
@@ -59,8 +66,8 @@ use registry_core::{Registry, RegistryFactory, Result, Url};
 /// The checked registry URL parameters, for the fuzz targets (`fuzz/`) only.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
-pub use config::Config;
-pub use config::{DEFAULT_GROUP, DEFAULT_SESSION_MS, DEFAULT_TIMEOUT_MS};
+pub use options::Config;
+pub use options::{DEFAULT_GROUP, DEFAULT_SESSION_MS, DEFAULT_TIMEOUT_MS};
 pub use registry::ZookeeperRegistry;
 /// The client crate, re-exported so tests and tools use the same types
 /// ([`zookeeper_client::SessionInfo`] from [`ZookeeperRegistry::session_info`]).

@@ -1,0 +1,586 @@
+//! The task behind each watch, one per watched path and session, and the one retry
+//! mechanism every such task runs ([`run`]): a *list* task per category path
+//! ([`Job::List`]: a persistent recursive watch whose events and reads feed the keeper) and a *root* task while an `interface=*` subscription exists ([`Job::Root`]: a
+//! persistent watch on the root, the services listed again on every event and attached to
+//! the wildcard subscriptions).
+//!
+//! A task arms its watch and reads when asked ([`Cmd`]); a failed attempt is tried again
+//! with backoff until it succeeds, the watch is dropped (its command channel closes) or the
+//! session ends. Requests that came meanwhile are answered by the attempt that settles them.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use registry_core::url::ANY_VALUE;
+use registry_core::{Error, Result, decode};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use zookeeper_client as zk;
+
+use crate::errors::{Fail, copy_error};
+use crate::session::{Ctx, lock};
+use crate::watches::{RootWatch, Sub, Watch};
+
+/// What the root task needs of the registry.
+pub(crate) trait RootHost: Send + Sync {
+    /// Attaches `service` to the wildcard subscription `sub`: its category paths watched and
+    /// read (see `Inner::attach_service`); `None` when the registry is gone.
+    fn attach(
+        &self,
+        sub: &Arc<Sub>,
+        service: &str,
+    ) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>;
+
+    /// Every service listed is attached to every wildcard subscription: their lists can go
+    /// out.
+    fn all_attached(&self);
+}
+
+/// What one attempt is about.
+struct Ask {
+    /// The session generation of the task.
+    generation: u64,
+    /// `sync` the path before reading (see [`Ctx::read_children`]).
+    sync: bool,
+    /// Ask the size of the list rather than take it from what is kept.
+    unsure: bool,
+}
+
+/// What a task watches and reads.
+pub(crate) enum Job {
+    /// A category path: its events and reads feed the keeper; read again when asked.
+    List(Arc<Watch>),
+    /// The root, for `interface=*` subscriptions: every event (a service added or removed)
+    /// lists the services again; new ones are attached through `host`.
+    Root {
+        root: Arc<RootWatch>,
+        host: Arc<dyn RootHost>,
+    },
+}
+
+impl Job {
+    fn path<'a>(&'a self, ctx: &'a Ctx) -> &'a str {
+        match self {
+            Job::List(w) => &w.path,
+            Job::Root { .. } => &ctx.root,
+        }
+    }
+
+    fn mode(&self) -> zk::AddWatchMode {
+        match self {
+            Job::List(_) => zk::AddWatchMode::PersistentRecursive,
+            Job::Root { .. } => zk::AddWatchMode::Persistent,
+        }
+    }
+
+    /// Marks a list watch as armed and read with nothing pending (or not).
+    fn set_ready(&self, ready: bool) {
+        if let Job::List(w) = self {
+            lock(&w.data).ready = ready;
+        }
+    }
+
+    /// Handles a batch of watch events; whether the list must be read again.
+    fn on_events(&self, generation: u64, batch: &[zk::WatchedEvent]) -> bool {
+        match self {
+            Job::List(w) => {
+                w.apply_batch(generation, batch);
+                false
+            }
+            Job::Root { .. } => batch.iter().any(|e| e.event_type != zk::EventType::Session),
+        }
+    }
+
+    /// Whether this list was read before (by an earlier session's task, or before a
+    /// reconnect): a new read must then not go back in time (see [`Ctx::read_children`]).
+    fn read_before(&self) -> bool {
+        match self {
+            Job::List(w) => lock(&w.data).read_once,
+            Job::Root { root, .. } => lock(&root.data).listed,
+        }
+    }
+
+    /// Reads (and pushes or attaches) once the watch is armed, after a `sync` of the path
+    /// with `sync` (see [`Ctx::read_children`]); with `unsure`, the size of the list is asked
+    /// first rather than taken from what is kept. Returns the result and whether the session
+    /// ended meanwhile.
+    async fn read(
+        &self,
+        client: &zk::Client,
+        watcher: &mut zk::PersistentWatcher,
+        ctx: &Ctx,
+        ask: &Ask,
+    ) -> (Result<()>, bool) {
+        match self {
+            Job::List(w) => reread_watch(w, client, watcher, ctx, ask).await,
+            Job::Root { root, host } => {
+                (relist(root, host.as_ref(), client, ctx, ask).await, false)
+            }
+        }
+    }
+}
+
+/// The first pause before a failed arm or read of a watch is tried again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest pause between two attempts to arm or read a watch.
+const RETRY_MAX: Duration = Duration::from_secs(3);
+
+/// Exponential backoff from [`RETRY_FIRST`] to [`RETRY_MAX`].
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: RETRY_FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = RETRY_FIRST;
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(RETRY_MAX);
+        d
+    }
+}
+
+/// A request to a watch (or root) task: read the list again (after arming the watch when
+/// needed) and push it.
+pub(crate) struct Cmd {
+    /// Drop the watch and add it again first (after a reconnect of the same session).
+    ///
+    /// zookeeper-client 0.11.2 re-sends persistent watches with the old `SetWatches` request,
+    /// which cannot carry them (`resend_watches` computes `index.max(index)` where it means
+    /// `index.max(i)`), so after a reconnect the server no longer knows them. Adding them
+    /// again ourselves works with any client version.
+    pub(crate) rearm: bool,
+    /// Answer only once the watch is armed and read (or no longer needed); otherwise the
+    /// answer is the result of the next attempt. Either way the task keeps trying after a
+    /// failure, with backoff, until it succeeds or its session ends.
+    pub(crate) until_ok: bool,
+    pub(crate) ack: oneshot::Sender<Result<()>>,
+}
+
+/// A running task and how to reach it.
+pub(crate) struct TaskRef {
+    pub(crate) generation: u64,
+    pub(crate) tx: mpsc::UnboundedSender<Cmd>,
+    pub(crate) handle: JoinHandle<()>,
+}
+
+fn is_terminal(ev: &zk::WatchedEvent) -> bool {
+    ev.event_type == zk::EventType::Session && ev.session_state.is_terminated()
+}
+
+/// Takes every event that is already waiting, stopping after a terminal one.
+fn drain(watcher: &mut zk::PersistentWatcher, batch: &mut Vec<zk::WatchedEvent>) {
+    if batch.last().is_some_and(is_terminal) {
+        return;
+    }
+    while let Some(ev) = watcher.changed().now_or_never() {
+        let end = is_terminal(&ev);
+        batch.push(ev);
+        if end {
+            return;
+        }
+    }
+}
+
+/// The next event of `watcher`, or never when there is none.
+async fn next_event(watcher: &mut Option<zk::PersistentWatcher>) -> zk::WatchedEvent {
+    match watcher {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn arm(
+    ctx: &Ctx,
+    client: &zk::Client,
+    path: &str,
+    mode: zk::AddWatchMode,
+) -> Result<zk::PersistentWatcher> {
+    ctx.call(client.watch(path, mode))
+        .await
+        .map_err(|f| ctx.error("watch", path, f))
+}
+
+/// The outcome of one attempt of a watch or root task.
+enum Attempt {
+    Done,
+    Failed(Error),
+    /// The session ended: the task stops (a task of the next session takes over).
+    SessionEnded,
+}
+
+/// Why a watch or root task stopped.
+enum End {
+    /// Nobody needs the watch any more.
+    Dropped,
+    /// The session ended.
+    Session,
+}
+
+/// What a watch or root task keeps between attempts: the requests waiting for an answer
+/// and when to try again.
+struct Pending {
+    label: String,
+    path: String,
+    waiters: Vec<Cmd>,
+    /// Try now (a request came).
+    now: bool,
+    /// Try again then (the last attempt failed).
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Backoff,
+    failures: u32,
+}
+
+impl Pending {
+    fn new(ctx: &Ctx, path: &str) -> Pending {
+        Pending {
+            label: ctx.label.clone(),
+            path: path.to_owned(),
+            waiters: Vec::new(),
+            now: false,
+            retry_at: None,
+            backoff: Backoff::new(),
+            failures: 0,
+        }
+    }
+
+    fn take(&mut self, cmd: Cmd) {
+        if cmd.rearm {
+            self.backoff.reset();
+        }
+        self.now = true;
+        self.waiters.push(cmd);
+    }
+
+    /// Whether an attempt is due (`work`: arming or reading is still needed).
+    fn due(&self, work: bool) -> bool {
+        work && self.now
+    }
+
+    fn succeeded(&mut self) {
+        self.now = false;
+        self.retry_at = None;
+        self.backoff.reset();
+        if self.failures > 0 {
+            tracing::info!(registry = %self.label, path = %self.path, attempts = self.failures + 1, "watch armed and read after retrying");
+        }
+        self.failures = 0;
+        for w in self.waiters.drain(..) {
+            let _ = w.ack.send(Ok(()));
+        }
+    }
+
+    fn failed(&mut self, e: &Error) {
+        self.now = false;
+        self.failures += 1;
+        let pause = self.backoff.next();
+        self.retry_at = Some(tokio::time::Instant::now() + pause);
+        if self.failures == 1 || self.failures.is_multiple_of(10) {
+            tracing::warn!(registry = %self.label, path = %self.path, error = %e, failures = self.failures, retry_in = ?pause, "cannot watch or read; retrying");
+        } else {
+            tracing::debug!(registry = %self.label, path = %self.path, error = %e, failures = self.failures, retry_in = ?pause, "cannot watch or read; retrying");
+        }
+        let (answer, keep): (Vec<Cmd>, Vec<Cmd>) =
+            self.waiters.drain(..).partition(|w| !w.until_ok);
+        self.waiters = keep;
+        for w in answer {
+            let _ = w.ack.send(Err(copy_error(e, &self.label)));
+        }
+    }
+
+    /// Answers everything still waiting when the task stops.
+    fn end(mut self, end: End, rx: &mut mpsc::UnboundedReceiver<Cmd>) {
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            self.waiters.push(cmd);
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.ack.send(match end {
+                End::Dropped => Ok(()),
+                End::Session => Err(Error::Unavailable {
+                    registry: self.label.clone(),
+                    reason: format!("the session ended before {} was read", self.path),
+                }),
+            });
+        }
+    }
+}
+
+/// The task of `job` for one session: arms the watch, reads when asked, handles events,
+/// and after a failure tries again with backoff until it succeeds, the watch is dropped or
+/// the session ends.
+pub(crate) async fn run(
+    job: Job,
+    client: Weak<zk::Client>,
+    generation: u64,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    ctx: Ctx,
+) {
+    let mut watcher: Option<zk::PersistentWatcher> = None;
+    let mut need_read = true;
+    // A task of a new session for a list read before: its first read must be synced.
+    let mut need_sync = job.read_before();
+    let mut pending = Pending::new(&ctx, job.path(&ctx));
+    let end = 'task: loop {
+        if pending.due(watcher.is_none() || need_read) {
+            job.set_ready(false);
+            // Events from here on ask for another read (root).
+            need_read = false;
+            let Some(c) = client.upgrade() else {
+                break 'task End::Session;
+            };
+            let ask = Ask {
+                generation,
+                sync: need_sync,
+                unsure: need_sync || pending.failures > 0 || !job.read_before(),
+            };
+            let attempt = attempt(&job, &c, &mut watcher, &ctx, &ask).await;
+            drop(c);
+            match attempt {
+                Attempt::Done => {
+                    need_sync = false;
+                    job.set_ready(true);
+                    pending.succeeded();
+                }
+                Attempt::Failed(e) => {
+                    need_read = true;
+                    pending.failed(&e);
+                }
+                Attempt::SessionEnded => break 'task End::Session,
+            }
+        }
+        tokio::select! {
+            ev = next_event(&mut watcher) => {
+                let mut batch = vec![ev];
+                if let Some(w) = watcher.as_mut() {
+                    drain(w, &mut batch);
+                }
+                let again = job.on_events(generation, &batch);
+                if batch.last().is_some_and(is_terminal) {
+                    break 'task End::Session;
+                }
+                if again {
+                    need_read = true;
+                    pending.now = true;
+                }
+            }
+            cmd = rx.recv() => match cmd {
+                None => break 'task End::Dropped,
+                Some(cmd) => {
+                    if cmd.rearm {
+                        // Dropped before the new watch is added, so its removal reaches
+                        // the server first.
+                        watcher = None;
+                        // A reconnect: the server may be another one, behind the last.
+                        need_sync = true;
+                    }
+                    need_read = true;
+                    job.set_ready(false);
+                    pending.take(cmd);
+                }
+            },
+            () = sleep_until(pending.retry_at) => {
+                pending.now = true;
+            }
+        }
+    };
+    pending.end(end, &mut rx);
+    tracing::debug!(registry = %ctx.label, path = %job.path(&ctx), "watch task ended");
+}
+
+/// Arms the watch when needed, then reads.
+async fn attempt(
+    job: &Job,
+    client: &zk::Client,
+    watcher: &mut Option<zk::PersistentWatcher>,
+    ctx: &Ctx,
+    ask: &Ask,
+) -> Attempt {
+    if client.state().is_terminated() {
+        return Attempt::SessionEnded;
+    }
+    let w = match watcher {
+        Some(w) => w,
+        None => {
+            let armed = {
+                let _permit = ctx.small_permit().await;
+                arm(ctx, client, job.path(ctx), job.mode()).await
+            };
+            match armed {
+                Ok(w) => watcher.insert(w),
+                Err(_) if client.state().is_terminated() => return Attempt::SessionEnded,
+                Err(e) => return Attempt::Failed(e),
+            }
+        }
+    };
+    let (result, end) = job.read(client, w, ctx, ask).await;
+    match result {
+        _ if end => Attempt::SessionEnded,
+        Ok(()) => Attempt::Done,
+        Err(_) if client.state().is_terminated() => Attempt::SessionEnded,
+        Err(e) => Attempt::Failed(e),
+    }
+}
+
+/// Reads the list, applies the events that came meanwhile, pushes. Returns the result and
+/// whether the session ended.
+async fn reread_watch(
+    watch: &Watch,
+    client: &zk::Client,
+    watcher: &mut zk::PersistentWatcher,
+    ctx: &Ctx,
+    ask: &Ask,
+) -> (Result<()>, bool) {
+    // The bytes counted from reads and events tell the size, unless the list may have
+    // changed unseen (a reconnect, a new session, a failed read) or was never read.
+    let known = (!ask.unsure).then(|| lock(&watch.data).bytes);
+    let read = ctx
+        .read_children(client, &watch.path, ask.sync, known)
+        .await;
+    // Events that came before the reply are already in the read; applying them again on
+    // top of it leaves the same list once all of them are applied, which `drain` ensures
+    // (they are all queued by the time the reply is seen).
+    let mut batch = Vec::new();
+    drain(watcher, &mut batch);
+    let result = match read {
+        Ok((names, stat)) => {
+            watch.replace(ask.generation, Some((names, stat.pzxid)), &batch);
+            Ok(())
+        }
+        Err(Fail::Zk(zk::Error::NoNode)) => {
+            watch.replace(ask.generation, None, &batch);
+            Ok(())
+        }
+        Err(f) => {
+            watch.apply_batch(ask.generation, &batch);
+            Err(ctx.error("list children of", &watch.path, f))
+        }
+    };
+    (result, batch.last().is_some_and(is_terminal))
+}
+
+/// Lists the services under the root and attaches the ones not attached yet to every
+/// wildcard subscription (each service's categories read in order).
+async fn relist(
+    root: &RootWatch,
+    host: &dyn RootHost,
+    client: &zk::Client,
+    ctx: &Ctx,
+    ask: &Ask,
+) -> Result<()> {
+    // Service names are short: the size is asked only when the listing may have grown
+    // unseen, or a listing failed.
+    let known = (!ask.unsure).then_some(0);
+    let read = ctx.read_children(client, &ctx.root, ask.sync, known).await;
+    let names = match read {
+        Ok((names, _)) => names,
+        Err(Fail::Zk(zk::Error::NoNode)) => Vec::new(),
+        Err(f) => return Err(ctx.error("list children of", &ctx.root, f)),
+    };
+    let mut services: Vec<String> = names
+        .iter()
+        .filter_map(|n| match decode(n) {
+            Ok(s) if !s.is_empty() && s != ANY_VALUE => Some(s),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(path = %ctx.root, child = %n, error = %e, "skipped a service node that does not decode");
+                None
+            }
+        })
+        .collect();
+    services.sort();
+    let subs = {
+        let mut data = lock(&root.data);
+        if data.generation != ask.generation {
+            return Ok(());
+        }
+        data.listed = true;
+        data.subs.clone()
+    };
+    let mut jobs = Vec::new();
+    for sub in &subs {
+        for svc in &services {
+            if !lock(&sub.attached).0.contains(svc) {
+                let Some(job) = host.attach(sub, svc) else {
+                    // The registry is gone.
+                    return Ok(());
+                };
+                jobs.push(job);
+            }
+        }
+    }
+    let mut first_error = None;
+    for r in futures_util::future::join_all(jobs).await {
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => {
+            if lock(&root.data).generation == ask.generation {
+                host.all_attached();
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sends a request to a task; the answer comes on the returned receiver (`None`: there is
+/// no task, no session).
+pub(crate) fn send_cmd(
+    tx: Option<mpsc::UnboundedSender<Cmd>>,
+    rearm: bool,
+    until_ok: bool,
+) -> Option<oneshot::Receiver<Result<()>>> {
+    let (ack, answer) = oneshot::channel();
+    tx?.send(Cmd {
+        rearm,
+        until_ok,
+        ack,
+    })
+    .ok()?;
+    Some(answer)
+}
+
+/// Waits for the answer of [`send_cmd`].
+pub(crate) async fn answer(
+    label: &str,
+    path: &str,
+    answer: Option<oneshot::Receiver<Result<()>>>,
+) -> Result<()> {
+    let stopped = || Error::Unavailable {
+        registry: label.to_owned(),
+        reason: format!("the watch on {path} is not running (no session)"),
+    };
+    match answer {
+        Some(rx) => rx.await.unwrap_or_else(|_| Err(stopped())),
+        None => Err(stopped()),
+    }
+}
+
+/// Runs `task` once the retiring task of the same path (if any) has ended.
+pub(crate) async fn after(previous: Option<JoinHandle<()>>, task: impl Future<Output = ()>) {
+    if let Some(p) = previous {
+        let _ = p.await;
+    }
+    task.await
+}
