@@ -138,6 +138,23 @@ impl Raw {
         Ok(())
     }
 
+    /// Deletes an entry (one `delete` / one etcd delete).
+    pub async fn delete(&self, key: &str) -> anyhow::Result<()> {
+        match self {
+            Raw::Zk(c) => c
+                .delete(key, None)
+                .await
+                .with_context(|| format!("delete {key}"))?,
+            Raw::Etcd { kv, .. } => {
+                kv.clone()
+                    .delete(key, None)
+                    .await
+                    .with_context(|| format!("delete {key}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The minimal read of a list: one `get_children` (ZooKeeper) / one keys-only range read
     /// of `path/` (etcd, as ours reads). Returns the number of entries.
     pub async fn read(&self, path: &str) -> anyhow::Result<usize> {

@@ -482,6 +482,8 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
     let server0 = server_stats(b, &ctx.addr).await;
     let before = live_bytes();
     let observer = Raw::connect(b, &ctx.addr).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let raw_connected = live_bytes();
     let paths: Vec<(String, Counted)> = services
         .iter()
         .map(|svc| (category_path(&group, svc), Counted::Children))
@@ -489,10 +491,13 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
     let (raw_tracks, _tasks) = observer.watch_many(&paths).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let raw_mem = live_bytes() - before;
+    let raw_watch_mem = live_bytes() - raw_connected;
     let server1 = server_stats(b, &ctx.addr).await;
 
     let before = live_bytes();
     let reg = ctx.ours(&group).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let connected = live_bytes();
     let mut ours_tracks: Vec<Vec<Arc<Track>>> = Vec::new();
     let mut listeners = Vec::new();
     for svc in &services {
@@ -508,6 +513,7 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ours_mem = live_bytes() - before;
+    let subs_mem = live_bytes() - connected;
     let server2 = server_stats(b, &ctx.addr).await;
 
     let (mut lo, mut lr) = (Lat::new(), Lat::new());
@@ -560,6 +566,21 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
             Some(Summary::single(raw_mem as f64)),
         )
         .note("both include their client connection; ours also its delivery task per subscription and the lists"),
+    );
+    let per_sub = subs_mem as f64 / subs as f64;
+    ctx.push(
+        Measurement::new(
+            b.name(),
+            "fan-out",
+            "heap per subscription",
+            Unit::Bytes,
+            subs,
+            format!("live heap after − before the {subs} subscribes (connected registry excluded), / {subs}"),
+            Summary::single(per_sub),
+            Some(Summary::single(raw_watch_mem as f64 / subs as f64)),
+        )
+        .target("≤ 2 KB", per_sub <= 2048.0)
+        .note(format!("the services have no providers yet, so this is what a subscription costs by itself (its lists hold one empty marker); raw = the raw client's {s} watches (connection excluded) / {subs}")),
     );
     for (i, name) in server_stat_names(b).iter().enumerate() {
         ctx.push(Measurement::new(
