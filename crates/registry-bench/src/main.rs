@@ -67,7 +67,8 @@ struct Args {
     /// Where results.jsonl and report.md go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Run only these workloads (register, notify, cold, churn, fanout, recovery, scale).
+    /// Run only these workloads (register, notify, cold, churn, fanout, recovery, scale;
+    /// `scale-many` or `scale-big` for one part of scale).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run only these backends.
@@ -290,8 +291,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })?;
         backends.push((b, addr));
     }
-    const KNOWN: [&str; 7] = [
-        "register", "notify", "cold", "churn", "fanout", "recovery", "scale",
+    const KNOWN: [&str; 9] = [
+        "register",
+        "notify",
+        "cold",
+        "churn",
+        "fanout",
+        "recovery",
+        "scale",
+        "scale-many",
+        "scale-big",
     ];
     if let Some(bad) = args.only.iter().find(|o| !KNOWN.contains(&o.as_str())) {
         anyhow::bail!(
@@ -320,7 +329,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ("scale", "scale"),
         ];
         for (key, name) in workloads {
-            if !wanted(key) {
+            let scale_part = key == "scale" && (wanted("scale-many") || wanted("scale-big"));
+            if !wanted(key) && !scale_part {
                 continue;
             }
             let result = match key {
@@ -330,7 +340,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "churn" => workloads::churn(&mut ctx).await,
                 "fanout" => workloads::fan_out(&mut ctx).await,
                 "recovery" => workloads::recovery(&mut ctx).await,
-                _ => scale::scale(&mut ctx).await,
+                _ => {
+                    let many = wanted("scale") || wanted("scale-many");
+                    let big = wanted("scale") || wanted("scale-big");
+                    scale::scale(&mut ctx, many, big).await
+                }
             };
             // A workload that fails is reported as such; the others still run.
             if let Err(e) = result {

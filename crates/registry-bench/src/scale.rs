@@ -13,7 +13,7 @@ use anyhow::{Context, anyhow};
 use registry_core::{Notification, NotifyListener, Registry, Url};
 
 use crate::alloc::{allocated_bytes, cpu_ns, live_bytes};
-use crate::raw::{Counted, Raw, concurrently};
+use crate::raw::{Counted, Raw};
 use crate::report::{Lat, Measurement, Summary, Unit};
 use crate::util::{Track, category_path, consumer, entry_path, provider};
 use crate::{Backend, Ctx};
@@ -27,15 +27,18 @@ const SETTLE: Duration = Duration::from_millis(200);
 /// Warm-up changes of (a).
 const WARM: usize = 2;
 
-/// Runs (a) and (b) on the backend of `ctx`; a part that fails is reported as a failed row.
-pub async fn scale(ctx: &mut Ctx) -> anyhow::Result<()> {
+/// Runs (a) `many` and (b) `big` on the backend of `ctx`; a part that fails is reported as a
+/// failed row.
+pub async fn scale(ctx: &mut Ctx, many_part: bool, big_part: bool) -> anyhow::Result<()> {
     let b = ctx.backend.name();
     let (subs, n, big_n) = (
         ctx.sizes.scale_subs,
         ctx.sizes.scale_providers,
         ctx.sizes.scale_big,
     );
-    if let Err(e) = many(ctx).await {
+    if !many_part {
+        // Not asked for.
+    } else if let Err(e) = many(ctx).await {
         tracing::error!(backend = b, error = %format!("{e:#}"), "scale (a) failed");
         ctx.push(Measurement::failed(
             b,
@@ -46,7 +49,9 @@ pub async fn scale(ctx: &mut Ctx) -> anyhow::Result<()> {
             format!("{e:#}"),
         ));
     }
-    if let Err(e) = big(ctx).await {
+    if !big_part {
+        // Not asked for.
+    } else if let Err(e) = big(ctx).await {
         tracing::error!(backend = b, error = %format!("{e:#}"), "scale (b) failed");
         ctx.push(Measurement::failed(
             b,
@@ -98,7 +103,8 @@ async fn write_providers(
             (entry_path(group, &u), u.to_full_string())
         })
         .collect();
-    concurrently(entries, 64, |(k, v)| async move { writer.create(&k, &v).await })
+    writer
+        .create_all(entries)
         .await
         .with_context(|| format!("writing the {n} providers of {service}"))?;
     tracing::info!(

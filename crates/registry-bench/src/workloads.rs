@@ -209,11 +209,7 @@ pub async fn cold_subscribe(ctx: &mut Ctx) -> anyhow::Result<()> {
             (entry_path(&group, &u), u.to_full_string())
         })
         .collect();
-    concurrently(entries, 64, |(k, v)| {
-        let w = &writer;
-        async move { w.create(&k, &v).await }
-    })
-    .await?;
+    writer.create_all(entries).await?;
     tracing::info!(
         backend = b.name(),
         n,
