@@ -39,30 +39,49 @@ pub async fn scale(ctx: &mut Ctx, many_part: bool, big_part: bool) -> anyhow::Re
     if !many_part {
         // Not asked for.
     } else if let Err(e) = many(ctx).await {
-        tracing::error!(backend = b, error = %format!("{e:#}"), "scale (a) failed");
+        let e = format!("{e:#}; {}", server_state(ctx.backend, &ctx.addr).await);
+        tracing::error!(backend = b, error = %e, "scale (a) failed");
         ctx.push(Measurement::failed(
             b,
             "scale",
             format!("{subs} subscriptions of one {n}-provider service"),
             subs as u64,
             "",
-            format!("{e:#}"),
+            e,
         ));
     }
     if !big_part {
         // Not asked for.
     } else if let Err(e) = big(ctx).await {
-        tracing::error!(backend = b, error = %format!("{e:#}"), "scale (b) failed");
+        let e = format!("{e:#}; {}", server_state(ctx.backend, &ctx.addr).await);
+        tracing::error!(backend = b, error = %e, "scale (b) failed");
         ctx.push(Measurement::failed(
             b,
             "scale",
             format!("one subscription of a {big_n}-provider service"),
             big_n as u64,
             "",
-            format!("{e:#}"),
+            e,
         ));
     }
     Ok(())
+}
+
+/// Whether the server still answers (ZooKeeper `ruok`, etcd `/health`), for failure reports:
+/// a server that ran out of memory is gone.
+async fn server_state(b: Backend, addr: &str) -> String {
+    let (cmd, ok) = match b {
+        Backend::Zookeeper => ("ruok", "imok"),
+        Backend::Etcd => (
+            "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
+            "\"health\":\"true\"",
+        ),
+    };
+    match crate::workloads::four_letter(addr, cmd).await {
+        Ok(answer) if answer.contains(ok) => "the server still answers".to_owned(),
+        Ok(answer) => format!("the server answers {:?}", answer.trim()),
+        Err(e) => format!("the server no longer answers ({e}): it may have died (its log is in its directory)"),
+    }
 }
 
 /// Consumer number `i` of `service`: the same query (interface, group, version, category) as
@@ -449,7 +468,8 @@ async fn big_on(ctx: &mut Ctx, group: &str, service: &str, cat: &str) -> anyhow:
                     Ok(Err(e)) => format!("lookup failed: {e}"),
                     Ok(Ok(list)) => format!("lookup returned {} URLs", list.len()),
                 };
-                failure = Some(format!("{why}; {direct}"));
+                let server = server_state(b, &ctx.addr).await;
+                failure = Some(format!("{why}; {direct}; {server}"));
             }
         }
         let _ = tokio::time::timeout(DEADLINE, reg.unsubscribe(&u, &l)).await;

@@ -644,7 +644,7 @@ async fn server_stats(b: Backend, addr: &str) -> Vec<i64> {
 }
 
 /// Sends `cmd` on a new connection and reads the whole answer.
-async fn four_letter(addr: &str, cmd: &str) -> anyhow::Result<String> {
+pub(crate) async fn four_letter(addr: &str, cmd: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(cmd.as_bytes()).await?;
