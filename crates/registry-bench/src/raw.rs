@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use etcd_client::{
-    EventType, GetOptions, KvClient, LeaseClient, PutOptions, Txn, TxnOp, WatchClient,
-    WatchOptions,
+    EventType, GetOptions, KvClient, LeaseClient, PutOptions, Txn, TxnOp, WatchClient, WatchOptions,
 };
 use registry_zookeeper::zookeeper_client as zk;
 
@@ -145,7 +144,12 @@ impl Raw {
     pub async fn create_all(&self, entries: Vec<(String, String)>) -> anyhow::Result<()> {
         match self {
             Raw::Zk(_) => {
-                concurrently(entries, 64, |(k, v)| async move { self.create(&k, &v).await }).await
+                concurrently(
+                    entries,
+                    64,
+                    |(k, v)| async move { self.create(&k, &v).await },
+                )
+                .await
             }
             Raw::Etcd { kv, lease, .. } => {
                 let chunks: Vec<Vec<(String, String)>> =
@@ -157,7 +161,9 @@ impl Raw {
                         let first = chunk.first().map(|(k, _)| k.clone()).unwrap_or_default();
                         let ops: Vec<TxnOp> = chunk
                             .into_iter()
-                            .map(|(k, v)| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease))))
+                            .map(|(k, v)| {
+                                TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease)))
+                            })
                             .collect();
                         kv.txn(Txn::new().and_then(ops))
                             .await

@@ -378,7 +378,11 @@ pub fn markdown(header: &str, all: &[Measurement]) -> String {
         for m in notes {
             match (&m.error, m.note.is_empty()) {
                 (Some(e), true) => {
-                    let _ = writeln!(s, "- {} {} {}: FAILED: {e}", m.backend, m.workload, m.metric);
+                    let _ = writeln!(
+                        s,
+                        "- {} {} {}: FAILED: {e}",
+                        m.backend, m.workload, m.metric
+                    );
                 }
                 (Some(e), false) => {
                     let _ = writeln!(

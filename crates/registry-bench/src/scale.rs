@@ -80,7 +80,9 @@ async fn server_state(b: Backend, addr: &str) -> String {
     match crate::workloads::four_letter(addr, cmd).await {
         Ok(answer) if answer.contains(ok) => "the server still answers".to_owned(),
         Ok(answer) => format!("the server answers {:?}", answer.trim()),
-        Err(e) => format!("the server no longer answers ({e}): it may have died (its log is in its directory)"),
+        Err(e) => format!(
+            "the server no longer answers ({e}): it may have died (its log is in its directory)"
+        ),
     }
 }
 
@@ -154,7 +156,10 @@ async fn many(ctx: &mut Ctx) -> anyhow::Result<()> {
     let result = many_on(ctx, &reg, &writer, &raw_tracks[0], &group, service).await;
     let t = Instant::now();
     if tokio::time::timeout(DEADLINE, reg.destroy()).await.is_err() {
-        tracing::warn!(backend = b.name(), "scale: destroy did not return within 60 s");
+        tracing::warn!(
+            backend = b.name(),
+            "scale: destroy did not return within 60 s"
+        );
     }
     tracing::info!(
         backend = b.name(),
@@ -194,8 +199,8 @@ async fn many_on(
     for i in 0..subs {
         let held = live_bytes() - heap0;
         if held > heap_budget {
-            let projected = held / i64::try_from(i.max(1)).unwrap_or(1)
-                * i64::try_from(subs).unwrap_or(0);
+            let projected =
+                held / i64::try_from(i.max(1)).unwrap_or(1) * i64::try_from(subs).unwrap_or(0);
             stopped = Some(format!(
                 "set-up stopped at {i} of {subs} subscriptions: they held {} MiB of heap (budget {} MiB; {subs} would hold ~{} MiB)",
                 held >> 20,
@@ -263,12 +268,15 @@ async fn many_on(
         }
         let mut times = Vec::with_capacity(k);
         for (i, (t, since)) in tracks.iter().zip(&since).enumerate() {
-            let at = t.wait(*since, |x| x == want, DEADLINE).await.with_context(|| {
-                format!(
-                    "change {c} (provider {}) did not reach listener {i} of {k}",
-                    if add { "added" } else { "removed" }
-                )
-            })?;
+            let at = t
+                .wait(*since, |x| x == want, DEADLINE)
+                .await
+                .with_context(|| {
+                    format!(
+                        "change {c} (provider {}) did not reach listener {i} of {k}",
+                        if add { "added" } else { "removed" }
+                    )
+                })?;
             times.push(at);
         }
         let raw_at = raw_track
@@ -438,8 +446,7 @@ async fn big_on(ctx: &mut Ctx, group: &str, service: &str, cat: &str) -> anyhow:
         let l = counting(&track);
         let u = consumer(service);
         let t0 = Instant::now();
-        let outcome = match tokio::time::timeout(BIG_DEADLINE, reg.subscribe(&u, l.clone())).await
-        {
+        let outcome = match tokio::time::timeout(BIG_DEADLINE, reg.subscribe(&u, l.clone())).await {
             Err(_) => Err(format!("subscribe did not return within {BIG_DEADLINE:?}")),
             Ok(Err(e)) => Err(format!("subscribe failed: {e}")),
             Ok(Ok(())) => {
@@ -508,7 +515,9 @@ async fn big_on(ctx: &mut Ctx, group: &str, service: &str, cat: &str) -> anyhow:
     };
     let note = match b {
         Backend::Zookeeper => "raw = one get_children of the category node",
-        Backend::Etcd => "raw = one keys-only range read of the prefix (with a 64 MiB decoding limit)",
+        Backend::Etcd => {
+            "raw = one keys-only range read of the prefix (with a 64 MiB decoding limit)"
+        }
     };
     ctx.push(
         Measurement::new(
