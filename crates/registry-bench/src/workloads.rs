@@ -1,4 +1,5 @@
-//! The six workloads of issue 7, each run on the backend of a [`Ctx`].
+//! The six workloads of issue 7, each run on the backend of a [`Ctx`] (the seventh, scale, is in
+//! `scale.rs`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
