@@ -35,7 +35,8 @@ const USAGE: &str =
   demo   run examples/quickstart on memory:// (set REGISTRY_URL to use another backend)
   test   start ZooKeeper and etcd, run every test of the workspace against them, stop them
   bench  start ZooKeeper and etcd, benchmark ours against the raw clients on them, stop them
-         (`--quick`: small sizes; results in target/bench/{results.jsonl,report.md})
+         (`--quick`: small sizes; `--only scale,fanout`: some workloads; `--backend etcd`;
+         results in target/bench/{results.jsonl,report.md})
   soak   run the reliability layer's model test for many cases, in release mode
          (`--cases 100000` (default) or `--time 10m`; `--seed S` to start from a seed)
   fuzz   build the fuzz targets (nightly; installs cargo-fuzz when missing) and run each
@@ -183,6 +184,16 @@ fn bench(rest: &[String]) -> Result<(), String> {
     .arg(root().join("target").join("bench"))
     .args(rest);
     let result = run(cmd);
+    // A server that died during the run (out of memory, say) takes its log with it: show it.
+    let (mut zk, mut etcd) = (zk, etcd);
+    for (name, server) in [("ZooKeeper", &mut zk), ("etcd", &mut etcd)] {
+        if !server.is_running() {
+            eprintln!(
+                "xtask: {name} was no longer running at the end of the bench; its log:\n{}",
+                server.log_tail()
+            );
+        }
+    }
     drop((zk, etcd));
     result
 }

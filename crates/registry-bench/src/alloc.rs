@@ -20,6 +20,16 @@ pub fn live_bytes() -> i64 {
     alloc - freed + realloc
 }
 
+/// Bytes the whole process has asked the allocator for so far: every allocation, plus the
+/// net growth of reallocations, whether freed since or not. The allocation volume of a piece
+/// of work is the difference of two readings.
+pub fn allocated_bytes() -> i64 {
+    let s = GLOBAL.stats();
+    i64::try_from(s.bytes_allocated)
+        .unwrap_or(i64::MAX)
+        .saturating_add(i64::try_from(s.bytes_reallocated).unwrap_or(0))
+}
+
 /// CPU time of every thread of the process so far, in nanoseconds, from
 /// `/proc/self/task/*/schedstat` (threads that have exited are not counted; the tokio
 /// workers live for the whole run).

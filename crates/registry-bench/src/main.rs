@@ -16,6 +16,7 @@
 mod alloc;
 mod raw;
 mod report;
+mod scale;
 mod util;
 mod workloads;
 
@@ -66,7 +67,8 @@ struct Args {
     /// Where results.jsonl and report.md go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Run only these workloads (register, notify, cold, churn, fanout, recovery).
+    /// Run only these workloads (register, notify, cold, churn, fanout, recovery, scale;
+    /// `scale-many` or `scale-big` for one part of scale).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run only these backends.
@@ -105,6 +107,21 @@ pub struct Sizes {
     pub recovery_n: usize,
     /// Recoveries per side.
     pub recovery_iters: usize,
+    /// Scale (a): subscriptions of the one large service.
+    pub scale_subs: usize,
+    /// Scale (a): providers of that service.
+    pub scale_providers: usize,
+    /// Scale (a): measured changes (alternately a provider added and the same one removed).
+    pub scale_changes: usize,
+    /// Scale (a): the set-up of the subscriptions stops when it has taken this long (s)...
+    pub scale_setup_secs: u64,
+    /// ... or when the subscriptions hold this much heap (MiB); the rest of the workload then
+    /// runs with the subscriptions made so far, and says so.
+    pub scale_heap_mib: u64,
+    /// Scale (b): providers of the one very large service.
+    pub scale_big: usize,
+    /// Scale (b): subscribes per side.
+    pub scale_big_iters: usize,
 }
 
 impl Sizes {
@@ -124,6 +141,13 @@ impl Sizes {
             fan_changes: 50,
             recovery_n: 100,
             recovery_iters: 3,
+            scale_subs: 1000,
+            scale_providers: 10_000,
+            scale_changes: 10,
+            scale_setup_secs: 120,
+            scale_heap_mib: 2048,
+            scale_big: 100_000,
+            scale_big_iters: 2,
         }
     }
 
@@ -143,6 +167,13 @@ impl Sizes {
             fan_changes: 10,
             recovery_n: 100,
             recovery_iters: 1,
+            scale_subs: 50,
+            scale_providers: 1000,
+            scale_changes: 4,
+            scale_setup_secs: 30,
+            scale_heap_mib: 512,
+            scale_big: 5000,
+            scale_big_iters: 1,
         }
     }
 }
@@ -180,9 +211,20 @@ impl Ctx {
             self.addr
         )
         .parse()?;
-        Ok(registry_core::factory_for(self.backend.name())?
+        let reg = registry_core::factory_for(self.backend.name())?
             .create(&url)
-            .await?)
+            .await?;
+        // Connected before anything is measured on it.
+        let end = Instant::now() + std::time::Duration::from_secs(30);
+        while !reg.is_available() {
+            anyhow::ensure!(
+                Instant::now() < end,
+                "our {} registry did not connect within 30 s",
+                self.backend.name()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        Ok(reg)
     }
 
     /// Adds a measurement and prints it.
@@ -192,7 +234,7 @@ impl Ctx {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -201,10 +243,18 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    runtime.block_on(run(args))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(args)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("registry-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// The 1-minute load average (other work on the machine during the run), or `?`.
@@ -249,6 +299,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })?;
         backends.push((b, addr));
     }
+    const KNOWN: [&str; 9] = [
+        "register",
+        "notify",
+        "cold",
+        "churn",
+        "fanout",
+        "recovery",
+        "scale",
+        "scale-many",
+        "scale-big",
+    ];
+    if let Some(bad) = args.only.iter().find(|o| !KNOWN.contains(&o.as_str())) {
+        anyhow::bail!(
+            "--only {bad}: no such workload (known: {})",
+            KNOWN.join(", ")
+        );
+    }
     let wanted = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
     let mut all = Vec::new();
     for (backend, addr) in backends {
@@ -260,25 +327,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
             out: Vec::new(),
         };
         tracing::info!(backend = backend.name(), addr = %ctx.addr, "benchmarking");
-        if wanted("register") {
-            workloads::register(&mut ctx).await.context("register")?;
-        }
-        if wanted("notify") {
-            workloads::notify(&mut ctx).await.context("notify")?;
-        }
-        if wanted("cold") {
-            workloads::cold_subscribe(&mut ctx)
-                .await
-                .context("cold subscribe")?;
-        }
-        if wanted("churn") {
-            workloads::churn(&mut ctx).await.context("churn")?;
-        }
-        if wanted("fanout") {
-            workloads::fan_out(&mut ctx).await.context("fan-out")?;
-        }
-        if wanted("recovery") {
-            workloads::recovery(&mut ctx).await.context("recovery")?;
+        let workloads = [
+            ("register", "register"),
+            ("notify", "notify"),
+            ("cold", "cold subscribe"),
+            ("churn", "churn"),
+            ("fanout", "fan-out"),
+            ("recovery", "recovery"),
+            ("scale", "scale"),
+        ];
+        for (key, name) in workloads {
+            let scale_part = key == "scale" && (wanted("scale-many") || wanted("scale-big"));
+            if !wanted(key) && !scale_part {
+                continue;
+            }
+            let result = match key {
+                "register" => workloads::register(&mut ctx).await,
+                "notify" => workloads::notify(&mut ctx).await,
+                "cold" => workloads::cold_subscribe(&mut ctx).await,
+                "churn" => workloads::churn(&mut ctx).await,
+                "fanout" => workloads::fan_out(&mut ctx).await,
+                "recovery" => workloads::recovery(&mut ctx).await,
+                _ => {
+                    let many = wanted("scale") || wanted("scale-many");
+                    let big = wanted("scale") || wanted("scale-big");
+                    scale::scale(&mut ctx, many, big).await
+                }
+            };
+            // A workload that fails is reported as such; the others still run.
+            if let Err(e) = result {
+                tracing::error!(backend = backend.name(), workload = name, error = %format!("{e:#}"), "workload failed");
+                ctx.push(Measurement::failed(
+                    backend.name(),
+                    name,
+                    "the whole workload",
+                    0,
+                    "",
+                    format!("{e:#}"),
+                ));
+            }
         }
         all.append(&mut ctx.out);
     }
@@ -310,6 +397,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "wrote {} and {}",
         args.out.join("results.jsonl").display(),
         args.out.join("report.md").display()
+    );
+    let failed = all.iter().filter(|m| m.error.is_some()).count();
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} measurement(s) failed; the report above says what went wrong"
     );
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use etcd_client::{
-    EventType, GetOptions, KvClient, LeaseClient, PutOptions, WatchClient, WatchOptions,
+    EventType, GetOptions, KvClient, LeaseClient, PutOptions, Txn, TxnOp, WatchClient, WatchOptions,
 };
 use registry_zookeeper::zookeeper_client as zk;
 
@@ -133,6 +133,61 @@ impl Raw {
                 kv.put(key, value, Some(PutOptions::new().with_lease(*lease)))
                     .await
                     .with_context(|| format!("put {key}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes many entries as a workload's set-up (not measured): on etcd in transactions of
+    /// 128 puts (etcd's default `--max-txn-ops`), 8 in flight; on ZooKeeper as single creates,
+    /// 64 in flight.
+    pub async fn create_all(&self, entries: Vec<(String, String)>) -> anyhow::Result<()> {
+        match self {
+            Raw::Zk(_) => {
+                concurrently(
+                    entries,
+                    64,
+                    |(k, v)| async move { self.create(&k, &v).await },
+                )
+                .await
+            }
+            Raw::Etcd { kv, lease, .. } => {
+                let chunks: Vec<Vec<(String, String)>> =
+                    entries.chunks(128).map(<[_]>::to_vec).collect();
+                concurrently(chunks, 8, |chunk| {
+                    let mut kv = kv.clone();
+                    let lease = *lease;
+                    async move {
+                        let first = chunk.first().map(|(k, _)| k.clone()).unwrap_or_default();
+                        let ops: Vec<TxnOp> = chunk
+                            .into_iter()
+                            .map(|(k, v)| {
+                                TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease)))
+                            })
+                            .collect();
+                        kv.txn(Txn::new().and_then(ops))
+                            .await
+                            .with_context(|| format!("a transaction of puts from {first}"))?;
+                        Ok(())
+                    }
+                })
+                .await
+            }
+        }
+    }
+
+    /// Deletes an entry (one `delete` / one etcd delete).
+    pub async fn delete(&self, key: &str) -> anyhow::Result<()> {
+        match self {
+            Raw::Zk(c) => c
+                .delete(key, None)
+                .await
+                .with_context(|| format!("delete {key}"))?,
+            Raw::Etcd { kv, .. } => {
+                kv.clone()
+                    .delete(key, None)
+                    .await
+                    .with_context(|| format!("delete {key}"))?;
             }
         }
         Ok(())

@@ -161,6 +161,9 @@ pub struct Measurement {
     pub meets: Option<bool>,
     /// Anything a reader must know to read the numbers.
     pub note: String,
+    /// Set when the measurement could not be made: what went wrong (the numbers are then
+    /// zero and mean nothing).
+    pub error: Option<String>,
 }
 
 impl Measurement {
@@ -191,7 +194,40 @@ impl Measurement {
             target: None,
             meets: None,
             note: String::new(),
+            error: None,
         }
+    }
+
+    /// A measurement that could not be made, and why. It counts as a missed target
+    /// (`works`), and the run exits with an error after writing its report.
+    pub fn failed(
+        backend: &'static str,
+        workload: &'static str,
+        metric: impl Into<String>,
+        size: u64,
+        method: impl Into<String>,
+        error: impl Into<String>,
+    ) -> Measurement {
+        let none = Summary {
+            n: 0,
+            p50: 0.0,
+            p99: 0.0,
+            mean: 0.0,
+            max: 0.0,
+        };
+        let mut m = Measurement::new(
+            backend,
+            workload,
+            metric,
+            Unit::Count,
+            size,
+            method,
+            none,
+            None,
+        )
+        .target("works", false);
+        m.error = Some(error.into());
+        m
     }
 
     /// Sets the target text and whether it is met.
@@ -209,6 +245,12 @@ impl Measurement {
 
     /// One line for the console.
     pub fn console_line(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!(
+                "{:<9} {:<16} {:<34} FAILED: {e}",
+                self.backend, self.workload, self.metric
+            );
+        }
         let u = self.unit.label();
         let mut s = format!(
             "{:<9} {:<16} {:<34} ours p50 {:>10} p99 {:>10}",
@@ -287,6 +329,19 @@ pub fn markdown(header: &str, all: &[Measurement]) -> String {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for m in all {
+        if m.error.is_some() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | **failed** (see notes) | | | | | | {} | **no** |",
+                m.backend,
+                m.workload,
+                m.metric,
+                m.size,
+                m.method,
+                m.target.as_deref().unwrap_or("")
+            );
+            continue;
+        }
         let u = m.unit.label();
         let (rp50, rp99) = match &m.raw {
             Some(r) => (fmt_num(r.p50, u), fmt_num(r.p99, u)),
@@ -314,11 +369,32 @@ pub fn markdown(header: &str, all: &[Measurement]) -> String {
             }
         );
     }
-    let notes: Vec<&Measurement> = all.iter().filter(|m| !m.note.is_empty()).collect();
+    let notes: Vec<&Measurement> = all
+        .iter()
+        .filter(|m| !m.note.is_empty() || m.error.is_some())
+        .collect();
     if !notes.is_empty() {
         let _ = writeln!(s, "\nNotes:\n");
         for m in notes {
-            let _ = writeln!(s, "- {} {} {}: {}", m.backend, m.workload, m.metric, m.note);
+            match (&m.error, m.note.is_empty()) {
+                (Some(e), true) => {
+                    let _ = writeln!(
+                        s,
+                        "- {} {} {}: FAILED: {e}",
+                        m.backend, m.workload, m.metric
+                    );
+                }
+                (Some(e), false) => {
+                    let _ = writeln!(
+                        s,
+                        "- {} {} {}: FAILED: {e} ({})",
+                        m.backend, m.workload, m.metric, m.note
+                    );
+                }
+                (None, _) => {
+                    let _ = writeln!(s, "- {} {} {}: {}", m.backend, m.workload, m.metric, m.note);
+                }
+            }
         }
     }
     s

@@ -1,4 +1,5 @@
-//! The six workloads of issue 7, each run on the backend of a [`Ctx`].
+//! The six workloads of issue 7, each run on the backend of a [`Ctx`] (the seventh, scale, is in
+//! `scale.rs`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -209,11 +210,7 @@ pub async fn cold_subscribe(ctx: &mut Ctx) -> anyhow::Result<()> {
             (entry_path(&group, &u), u.to_full_string())
         })
         .collect();
-    concurrently(entries, 64, |(k, v)| {
-        let w = &writer;
-        async move { w.create(&k, &v).await }
-    })
-    .await?;
+    writer.create_all(entries).await?;
     tracing::info!(
         backend = b.name(),
         n,
@@ -291,8 +288,9 @@ pub async fn cold_subscribe(ctx: &mut Ctx) -> anyhow::Result<()> {
         Backend::Zookeeper => "raw = one get_children; ours also arms a persistent recursive watch (one more round trip), decodes and parses every name, and delivers the list through Delivery",
         Backend::Etcd => "raw = one keys-only range read of the prefix (what ours reads); ours also parses every key into a Url, sorts, starts the watch and delivers through Delivery",
     });
-    let meets = m.ratio_p50.is_some_and(|r| r <= 1.5);
-    ctx.push(m.target("≤ 1.5× raw", meets));
+    // Issue 12's target (issue 7 asked for 1.5×).
+    let meets = m.ratio_p50.is_some_and(|r| r <= 2.0);
+    ctx.push(m.target("≤ 2× raw", meets));
     ctx.push(
         Measurement::new(
             b.name(),
@@ -444,19 +442,20 @@ pub async fn churn(ctx: &mut Ctx) -> anyhow::Result<()> {
         )
         .note("ours = listener calls (latest-wins coalescing merges bursts); raw = watch responses that changed the set"),
     );
-    ctx.push(
-        Measurement::new(
-            b.name(),
-            "churn",
-            "CPU time of the process",
-            Unit::Ms,
-            n as u64,
-            method,
-            Summary::of_signed(&cpu_o),
-            Some(Summary::of_signed(&cpu_r)),
-        )
-        .note("all threads, first write → final list; includes the raw writer, identical on both sides"),
+    let m = Measurement::new(
+        b.name(),
+        "churn",
+        "CPU time of the process",
+        Unit::Ms,
+        n as u64,
+        method,
+        Summary::of_signed(&cpu_o),
+        Some(Summary::of_signed(&cpu_r)),
     );
+    let meets = m.ratio_p50.is_some_and(|r| r <= 1.5);
+    ctx.push(m.target("≤ 1.5× raw", meets).note(
+        "all threads, first write → final list; includes the raw writer, identical on both sides",
+    ));
     ours.destroy().await;
     observer.close().await;
     writer.close().await;
@@ -482,6 +481,8 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
     let server0 = server_stats(b, &ctx.addr).await;
     let before = live_bytes();
     let observer = Raw::connect(b, &ctx.addr).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let raw_connected = live_bytes();
     let paths: Vec<(String, Counted)> = services
         .iter()
         .map(|svc| (category_path(&group, svc), Counted::Children))
@@ -489,10 +490,13 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
     let (raw_tracks, _tasks) = observer.watch_many(&paths).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let raw_mem = live_bytes() - before;
+    let raw_watch_mem = live_bytes() - raw_connected;
     let server1 = server_stats(b, &ctx.addr).await;
 
     let before = live_bytes();
     let reg = ctx.ours(&group).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let connected = live_bytes();
     let mut ours_tracks: Vec<Vec<Arc<Track>>> = Vec::new();
     let mut listeners = Vec::new();
     for svc in &services {
@@ -508,6 +512,7 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ours_mem = live_bytes() - before;
+    let subs_mem = live_bytes() - connected;
     let server2 = server_stats(b, &ctx.addr).await;
 
     let (mut lo, mut lr) = (Lat::new(), Lat::new());
@@ -561,17 +566,41 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
         )
         .note("both include their client connection; ours also its delivery task per subscription and the lists"),
     );
+    let per_sub = subs_mem as f64 / subs as f64;
+    ctx.push(
+        Measurement::new(
+            b.name(),
+            "fan-out",
+            "heap per subscription",
+            Unit::Bytes,
+            subs,
+            format!("live heap after − before the {subs} subscribes (connected registry excluded), / {subs}"),
+            Summary::single(per_sub),
+            Some(Summary::single(raw_watch_mem as f64 / subs as f64)),
+        )
+        .target("≤ 2 KB", per_sub <= 2048.0)
+        .note(format!("the services have no providers yet, so this is what a subscription costs by itself (its lists hold one empty marker); raw = the raw client's {s} watches (connection excluded) / {subs}")),
+    );
     for (i, name) in server_stat_names(b).iter().enumerate() {
-        ctx.push(Measurement::new(
+        let ours = server2[i] - server1[i];
+        let m = Measurement::new(
             b.name(),
             "fan-out",
             format!("server: {name}"),
             Unit::Count,
             subs,
             "server counters, delta of the set-up".to_owned(),
-            Summary::single((server2[i] - server1[i]) as f64),
+            Summary::single(ours as f64),
             Some(Summary::single((server1[i] - server0[i]) as f64)),
-        ));
+        );
+        // Watches / watchers: at most one per watched prefix (one per service here), plus
+        // the etcd backend's watch of its lease sentinel.
+        let bound = s as i64 + i64::from(b == Backend::Etcd);
+        ctx.push(if name.starts_with("watch") && !name.contains("stream") {
+            m.target(&format!("≤ one per prefix ({bound})"), ours <= bound)
+        } else {
+            m
+        });
     }
     for (u, li) in &listeners {
         reg.unsubscribe(u, li).await?;
@@ -627,7 +656,7 @@ async fn server_stats(b: Backend, addr: &str) -> Vec<i64> {
 }
 
 /// Sends `cmd` on a new connection and reads the whole answer.
-async fn four_letter(addr: &str, cmd: &str) -> anyhow::Result<String> {
+pub(crate) async fn four_letter(addr: &str, cmd: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(cmd.as_bytes()).await?;

@@ -298,7 +298,11 @@ impl Server {
                 c.arg("-cp")
                     .arg(format!("{}:{ZOOKEEPER_JAR}", self.dir.path().display()))
                     .arg(format!("-Dzookeeper.log.dir={}", self.dir.path().display()))
-                    .arg("-Xmx256m")
+                    // ZooKeeper's own default heap (zkEnv.sh): 256 MB ran out with 100,000
+                    // ~400-byte nodes and their get_children reply; an out-of-memory error
+                    // ends the server with its reason in server.log.
+                    .arg("-Xmx1g")
+                    .arg("-XX:+ExitOnOutOfMemoryError")
                     .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
                     .arg(self.dir.path().join("zoo.cfg"));
                 c
