@@ -57,6 +57,7 @@ mod options;
 mod paths;
 mod registry;
 mod session;
+mod shared;
 mod watches;
 
 use std::sync::Arc;
@@ -69,7 +70,8 @@ use registry_core::{Registry, RegistryFactory, Result, Url};
 #[doc(hidden)]
 pub use options::Options;
 pub use options::{
-    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REREAD_PERIOD_MS, MAX_MESSAGE_SIZE_KEY, REREAD_PERIOD_KEY,
+    DEFAULT_LEASE_PREFIX, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REREAD_PERIOD_MS, LEASE_PREFIX_KEY,
+    MAX_MESSAGE_SIZE_KEY, REREAD_PERIOD_KEY,
 };
 pub use registry::EtcdRegistry;
 

@@ -1,244 +1,57 @@
 //! [`EtcdRegistry`]: the raw `etcd://` backend (CONTRACT §7 etcd).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use etcd_client::{
-    Client, ConnectOptions, GetOptions, KvClient, LeaseClient, PutOptions, WatchClient,
-};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 use registry_core::delivery::{Delivery, DeliveryOptions};
 use registry_core::url::ANY_VALUE;
 use registry_core::{
     Error, NotifyListener, Registry, RegistryEvent, Result, Url, is_match, listener_id,
 };
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 
-use crate::errors::{self, Kind};
+use crate::errors;
 use crate::options::Options;
 use crate::paths;
-use crate::session::{self, Cmd};
-use crate::watches::{Scope, Sub, WatchState, parse_entries};
+use crate::session;
+use crate::shared::{Clients, Cmd, Inner, connect, grant, lock};
+use crate::watches::{Scope, Sub, WatchState};
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The clients of one connection, with the raised decoding limit.
-#[derive(Clone)]
-pub(crate) struct Clients {
-    pub client: Client,
-    pub kv: KvClient,
-    pub watch: WatchClient,
-    pub lease: LeaseClient,
-}
-
-/// The state shared by the registry handle and its session task.
-pub(crate) struct Inner {
-    pub url: Url,
-    /// The registry URL for messages (password hidden).
-    pub label: String,
-    pub opts: Options,
-    pub clients: RwLock<Option<Clients>>,
-    /// The current lease; 0 while there is none.
-    pub lease: AtomicI64,
-    pub available: AtomicBool,
-    pub destroyed: AtomicBool,
-    pub events: broadcast::Sender<RegistryEvent>,
-    pub subs: Mutex<HashMap<(Url, usize), Arc<Sub>>>,
-    /// watch id -> watch.
-    pub watches: Mutex<HashMap<i64, WatchState>>,
-    pub next_watch_id: AtomicI64,
-    pub cmds: mpsc::UnboundedSender<Cmd>,
-    pub shutdown: watch::Sender<bool>,
-    /// The session task, joined by `destroy`.
-    pub session: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Inner {
-    pub fn clients(&self) -> Option<Clients> {
-        self.clients
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn alive(&self) -> Result<()> {
-        if self.destroyed.load(Ordering::Acquire) {
-            Err(Error::Destroyed {
-                registry: self.label.clone(),
-            })
-        } else {
-            Ok(())
-        }
-    }
-
-    fn connected(&self) -> Result<Clients> {
-        self.alive()?;
-        self.clients().ok_or_else(|| Error::Unavailable {
-            registry: self.label.clone(),
-            reason: "not connected to etcd yet (connecting in the background)".to_owned(),
-        })
-    }
-
-    /// Converts an operation's error; asks the session to check the lease or the token
-    /// when the error says they are gone.
-    pub fn fail(&self, (e, kind): (Error, Kind)) -> Error {
-        // "user name is empty" with credentials: the request went out without a token (it is
-        // being renewed); like etcd's Go client, authenticate again and retry.
-        if kind == Kind::Denied
-            && self.opts.user.is_some()
-            && e.to_string().contains("user name is empty")
-        {
-            let _ = self.cmds.send(Cmd::Reauthenticate);
-            return Error::Backend {
-                registry: self.label.clone(),
-                message: e.to_string(),
-                retryable: true,
-                source: Some(Box::new(e)),
-            };
-        }
-        match kind {
-            Kind::LeaseNotFound => {
-                let _ = self.cmds.send(Cmd::CheckLease);
-            }
-            Kind::TokenInvalid => {
-                let _ = self.cmds.send(Cmd::Reauthenticate);
-            }
-            _ => {}
-        }
-        e
-    }
-
-    pub fn emit(&self, e: RegistryEvent) {
-        if self.destroyed.load(Ordering::Acquire) {
-            return;
-        }
-        tracing::info!(registry = %self.label, event = ?e, "etcd registry event");
-        let _ = self.events.send(e);
-    }
-
-    /// One range read of `prefix`: the parsed entries and the read's revision.
-    pub async fn read(
-        &self,
-        clients: &Clients,
-        prefix: &str,
-        scope: &Scope,
-    ) -> std::result::Result<(std::collections::BTreeMap<String, Url>, i64), (Error, Kind)> {
-        let mut kv = clients.kv.clone();
-        let resp = errors::timed(
-            &self.label,
-            || format!("reading {prefix}"),
-            self.opts.timeout,
-            kv.get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        )
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let entries = parse_entries(
-            &self.label,
-            prefix,
-            scope,
-            resp.kvs().iter().map(|kv| kv.key()),
-        );
-        Ok((entries, revision))
-    }
-}
-
-/// Connects to etcd: builds the client (authenticating when the URL has credentials).
-pub(crate) async fn connect(inner: &Inner) -> std::result::Result<Clients, (Error, Kind)> {
-    let o = &inner.opts;
-    let base = ConnectOptions::new()
-        .with_timeout(o.timeout)
-        .with_connect_timeout(o.timeout)
-        .with_keep_alive(std::time::Duration::from_secs(10), o.timeout)
-        .with_keep_alive_while_idle(false);
-    let what = || format!("connecting to {}", o.endpoints.join(","));
-    let client = match &o.user {
-        Some((user, password)) => {
-            let with_user = base.clone().with_user(user.clone(), password.clone());
-            match errors::timed(
-                &inner.label,
-                what,
-                o.timeout,
-                Client::connect(&o.endpoints, Some(with_user)),
-            )
-            .await
-            {
-                Err((e, _)) if e.to_string().contains("authentication is not enabled") => {
-                    tracing::warn!(
-                        registry = %inner.label,
-                        "etcd has authentication off: connecting without the user name and password of the URL"
-                    );
-                    errors::timed(
-                        &inner.label,
-                        what,
-                        o.timeout,
-                        Client::connect(&o.endpoints, Some(base)),
-                    )
-                    .await?
-                }
-                other => other?,
-            }
-        }
-        None => {
-            errors::timed(
-                &inner.label,
-                what,
-                o.timeout,
-                Client::connect(&o.endpoints, Some(base)),
-            )
-            .await?
-        }
-    };
-    let kv = client
-        .kv_client()
-        .max_decoding_message_size(o.max_message_size);
-    let watch = client
-        .watch_client()
-        .max_decoding_message_size(o.max_message_size);
-    let lease = client.lease_client();
-    Ok(Clients {
-        client,
-        kv,
-        watch,
-        lease,
-    })
-}
-
-/// Grants a lease of the configured TTL.
-pub(crate) async fn grant(
+/// Connects to one member, grants the lease and checks that the root can be read (leases
+/// need no permission: missing or insufficient credentials fail here rather than on the first
+/// operation). Revokes the lease when the read fails.
+async fn open(
     inner: &Inner,
-    clients: &Clients,
-) -> std::result::Result<i64, (Error, Kind)> {
-    let mut lease = clients.lease.clone();
-    let resp = errors::timed(
+    endpoint: &str,
+    within: std::time::Duration,
+) -> std::result::Result<(Clients, i64), (Error, errors::Kind)> {
+    let clients = connect(inner, endpoint, within).await?;
+    let id = grant(inner, &clients, within).await?;
+    let mut kv = clients.kv.clone();
+    let root = paths::root_prefix(&inner.opts.root);
+    let probe = errors::timed(
         &inner.label,
-        || {
-            format!(
-                "granting a lease of {} s at {}",
-                inner.opts.ttl_secs,
-                inner.opts.endpoints.join(",")
-            )
-        },
+        || format!("reading {root}"),
         inner.opts.timeout,
-        lease.grant(inner.opts.ttl_secs, None),
-    )
-    .await?;
-    if !resp.error().is_empty() {
-        return Err((
-            Error::backend(
-                &inner.url,
-                format!("granting a lease: {}", resp.error()),
-                true,
+        kv.get(
+            root.as_str(),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_limit(1),
             ),
-            Kind::Transient,
-        ));
+        ),
+    )
+    .await;
+    if let Err(e) = probe {
+        let mut lease = clients.lease.clone();
+        let _ = tokio::time::timeout(within, lease.revoke(id)).await;
+        return Err(e);
     }
-    Ok(resp.id())
+    Ok((clients, id))
 }
 
 /// The `etcd://` (and `etcd3://`) registry: entries are keys whose value is the URL, dynamic
@@ -256,53 +69,39 @@ impl EtcdRegistry {
     pub async fn new(url: Url) -> Result<EtcdRegistry> {
         let opts = Options::from_url(&url)?;
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            label: url.to_identity_string_redacted(),
-            url,
-            clients: RwLock::new(None),
-            lease: AtomicI64::new(0),
-            available: AtomicBool::new(false),
-            destroyed: AtomicBool::new(false),
-            events: broadcast::channel(64).0,
-            subs: Mutex::new(HashMap::new()),
-            watches: Mutex::new(HashMap::new()),
-            next_watch_id: AtomicI64::new(session::FIRST_WATCH_ID),
-            cmds,
-            shutdown: watch::channel(false).0,
-            session: Mutex::new(None),
-            opts,
-        });
+        let inner = Arc::new(Inner::new(url, opts, cmds, session::FIRST_WATCH_ID));
         if inner.opts.check {
-            let clients = connect(&inner).await.map_err(|(e, _)| e)?;
-            let id = grant(&inner, &clients).await.map_err(|(e, _)| e)?;
-            // Leases need no permission: check that the root can be read too, so missing or
-            // insufficient credentials fail here rather than on the first operation.
-            let mut kv = clients.kv.clone();
-            let root = paths::root_prefix(&inner.opts.root);
-            let probe = errors::timed(
-                &inner.label,
-                || format!("reading {root}"),
-                inner.opts.timeout,
-                kv.get(
-                    root.as_str(),
-                    Some(
-                        GetOptions::new()
-                            .with_prefix()
-                            .with_keys_only()
-                            .with_limit(1),
-                    ),
-                ),
-            )
-            .await;
-            if let Err((e, _)) = probe {
-                let mut lease = clients.lease.clone();
-                let _ = tokio::time::timeout(inner.opts.timeout, lease.revoke(id)).await;
+            // Each member in turn, until one answers: a member that is down or hung must not
+            // fail the registry when others serve.
+            let n = inner.opts.endpoints.len();
+            let within = if n == 1 {
+                inner.opts.timeout
+            } else {
+                inner.step_timeout()
+            };
+            let mut last = None;
+            for (i, endpoint) in inner.opts.endpoints.iter().enumerate() {
+                match open(&inner, endpoint, within).await {
+                    Ok((clients, id)) => {
+                        inner.set_clients(Some(clients));
+                        inner.member.store(i, Ordering::Release);
+                        inner.lease.store(id, Ordering::Release);
+                        inner.available.store(true, Ordering::Release);
+                        tracing::info!(registry = %inner.label, lease = id, endpoint, "connected to etcd");
+                        last = None;
+                        break;
+                    }
+                    // Refused credentials or permissions: the same on every member.
+                    Err((e, errors::Kind::Denied)) => return Err(e),
+                    Err((e, _)) => {
+                        tracing::debug!(registry = %inner.label, endpoint, error = %e, "member unavailable; trying the next one");
+                        last = Some(e);
+                    }
+                }
+            }
+            if let Some(e) = last {
                 return Err(e);
             }
-            *inner.clients.write().unwrap_or_else(|p| p.into_inner()) = Some(clients);
-            inner.lease.store(id, Ordering::Release);
-            inner.available.store(true, Ordering::Release);
-            tracing::info!(registry = %inner.label, lease = id, "connected to etcd");
         }
         let task = tokio::spawn(session::run(inner.clone(), cmd_rx));
         *lock(&inner.session) = Some(task);
@@ -371,18 +170,49 @@ impl Registry for EtcdRegistry {
         self.put(url).await
     }
 
+    /// Deletes the entry only when it is ours: a dynamic entry only while it is on this
+    /// registry's current lease, a persistent one only while it has no lease (one transaction:
+    /// compare the key's lease, then delete). An entry that another registry put since (the
+    /// same URL after a restart on the same host:port) stays: a late unregister of the old
+    /// instance must not delete the new instance's entry. Deleting nothing is not an error.
     async fn unregister(&self, url: &Url) -> Result<()> {
-        let clients = self.inner.connected()?;
-        let key = paths::entry_key(&self.inner.opts.root, url);
+        let inner = &self.inner;
+        let clients = inner.connected()?;
+        let key = paths::entry_key(&inner.opts.root, url);
+        let owner = if url.is_dynamic() {
+            let lease = inner.lease.load(Ordering::Acquire);
+            if lease == 0 {
+                return Err(Error::Unavailable {
+                    registry: inner.label.clone(),
+                    reason: format!(
+                        "no lease to delete {key} from yet (a new one is being granted)"
+                    ),
+                });
+            }
+            lease
+        } else {
+            0
+        };
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, owner)])
+            .and_then([TxnOp::delete(key.as_str(), None::<DeleteOptions>)]);
         let mut kv = clients.kv.clone();
-        errors::timed(
-            &self.inner.label,
+        let resp = errors::timed(
+            &inner.label,
             || format!("deleting {key}"),
-            self.inner.opts.timeout,
-            kv.delete(key.clone(), None),
+            inner.opts.timeout,
+            kv.txn(txn),
         )
         .await
-        .map_err(|e| self.inner.fail(e))?;
+        .map_err(|e| inner.fail(e))?;
+        if !resp.succeeded() {
+            tracing::debug!(
+                registry = %inner.label,
+                key,
+                lease = owner,
+                "not deleted: the entry is not on this registry's lease (gone, or put by another registry since)"
+            );
+        }
         Ok(())
     }
 
@@ -443,6 +273,7 @@ impl Registry for EtcdRegistry {
                     revision,
                     armed: 0,
                     resyncing: false,
+                    refused: false,
                 }),
                 Err(e) => {
                     let removed = {
@@ -594,7 +425,7 @@ impl Registry for EtcdRegistry {
                 ),
             }
         }
-        *inner.clients.write().unwrap_or_else(|p| p.into_inner()) = None;
+        inner.set_clients(None);
         tracing::debug!(registry = %inner.label, "etcd registry destroyed");
     }
 

@@ -65,6 +65,9 @@ pub(crate) struct WatchState {
     /// Cancelled by the server; its prefix is being read again, after which it is created
     /// again.
     pub resyncing: bool,
+    /// etcd refused to create it (no permission on its prefix): not created again on this
+    /// stream; the periodic re-read retries it (and creates it once the prefix can be read).
+    pub refused: bool,
 }
 
 /// A (service, category) whose list changed.
@@ -262,12 +265,13 @@ impl WatchState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paths::{root_prefix, sentinel_key};
+    use crate::paths::{LEASES_DIR, root_prefix};
 
+    /// Older versions kept the lease sentinels under the root: never an entry.
     #[test]
-    fn a_lease_sentinel_is_not_an_entry_of_the_root() {
+    fn an_old_lease_sentinel_is_not_an_entry_of_the_root() {
         let prefix = root_prefix("/dubbo");
-        let key = sentinel_key("/dubbo", 0x1a2b);
+        let key = format!("/dubbo/{LEASES_DIR}/1a2b");
         assert_eq!(parse_key("r", &prefix, &Scope::Root, &key), None);
         let entries = parse_entries("r", &prefix, &Scope::Root, [key.as_bytes()].into_iter());
         assert!(entries.is_empty());
