@@ -282,7 +282,10 @@ mod tests {
             ("etcd://h?session=100", "session"),
             ("etcd://h?etcd.max-message-size=-1", "etcd.max-message-size"),
             ("etcd://h?etcd.reread.period=x", "etcd.reread.period"),
-            ("etcd://h?etcd.lease-prefix=/dubbo/leases", "etcd.lease-prefix"),
+            (
+                "etcd://h?etcd.lease-prefix=/dubbo/leases",
+                "etcd.lease-prefix",
+            ),
             ("etcd://h?group=x&etcd.lease-prefix=/x", "etcd.lease-prefix"),
             ("etcd://h?etcd.lease-prefix=leases", "etcd.lease-prefix"),
             ("etcd://h?etcd.lease-prefix=/", "etcd.lease-prefix"),

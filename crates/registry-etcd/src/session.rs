@@ -139,7 +139,10 @@ impl AuthPace {
     /// Schedules one authentication: returns how long to wait before it.
     fn schedule(&mut self) -> Duration {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.saturating_duration_since(t) > AUTH_STABLE) {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) > AUTH_STABLE)
+        {
             self.backoff.reset();
         }
         let wait = self
@@ -212,7 +215,10 @@ struct Members {
 impl Members {
     fn new(inner: &Inner) -> Members {
         let n = inner.opts.endpoints.len();
-        let current = inner.member.load(Ordering::Acquire).min(n.saturating_sub(1));
+        let current = inner
+            .member
+            .load(Ordering::Acquire)
+            .min(n.saturating_sub(1));
         let mut cache = vec![None; n];
         cache[current] = inner.clients();
         Members { cache, current }
@@ -399,9 +405,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 auth.schedule()
             }
         };
-        if !wait.is_zero()
-            && sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, wait)).await
-        {
+        if !wait.is_zero() && sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, wait)).await {
             return;
         }
         check_expiry(&inner, &mut flags);
@@ -546,7 +550,11 @@ async fn revoke(
 /// (a DELETE after the put, the lease revoked before the watch is created, is still
 /// reported), or on the sentinel prefix itself (no key of it is ever deleted by a lease of
 /// ours: keep-alive detection only) when etcd refused the sentinel.
-fn anchor_watch(inner: &Inner, sentinel: &Option<(String, i64)>, id: i64) -> (String, WatchOptions) {
+fn anchor_watch(
+    inner: &Inner,
+    sentinel: &Option<(String, i64)>,
+    id: i64,
+) -> (String, WatchOptions) {
     match sentinel {
         Some((key, revision)) => (
             key.clone(),
@@ -1446,7 +1454,11 @@ mod tests {
         }
         for (i, d) in caps.iter().enumerate() {
             let cap = Duration::from_secs(1 << i.min(5)).min(Duration::from_secs(30));
-            assert!(*d >= cap / 2 && *d <= cap, "{i}: {d:?} not in [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                *d >= cap / 2 && *d <= cap,
+                "{i}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
         }
         b.reset();
         assert!(b.next() <= Duration::from_secs(1));
@@ -1461,7 +1473,10 @@ mod tests {
         let second = a.schedule();
         assert!(second >= Duration::from_millis(500) && second <= Duration::from_secs(1));
         let third = a.schedule();
-        assert!(third >= second + Duration::from_secs(1), "{third:?} after {second:?}");
+        assert!(
+            third >= second + Duration::from_secs(1),
+            "{third:?} after {second:?}"
+        );
     }
 
     #[test]

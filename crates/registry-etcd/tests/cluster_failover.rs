@@ -140,7 +140,11 @@ impl Scene {
             );
         }
         assert_eq!(
-            lease_of(&mut raw(&self.live).await, &entry_key(&self.service, &self.p)).await,
+            lease_of(
+                &mut raw(&self.live).await,
+                &entry_key(&self.service, &self.p)
+            )
+            .await,
             Some(self.lease),
             "{what}: the provider's entry is on its first lease"
         );
@@ -166,7 +170,10 @@ fn report(test: &str, times: &[(String, Duration)]) {
         eprintln!("{test}: {what}: {d:.1?}");
     }
     let late: Vec<_> = times.iter().filter(|(_, d)| *d > TARGET).collect();
-    assert!(late.is_empty(), "{test}: over the {TARGET:?} target: {late:?}");
+    assert!(
+        late.is_empty(),
+        "{test}: over the {TARGET:?} target: {late:?}"
+    );
 }
 
 /// SIGSTOP of the member both registries are on (each member in turn, the leader
@@ -254,7 +261,11 @@ async fn a_member_cut_off_from_its_peers_is_left() {
             .assert_lease_kept(t, &format!("member {member} isolated"))
             .await;
         c.heal(member);
-        let role = if member == leader { "leader" } else { "follower" };
+        let role = if member == leader {
+            "leader"
+        } else {
+            "follower"
+        };
         times.push((
             format!("member {member} ({role}) isolated: subscription saw a change"),
             seen,

@@ -105,7 +105,10 @@ async fn a_revoked_lease_is_noticed_in_milliseconds_with_a_long_keep_alive_perio
     under_root.sort();
     let mut entries: Vec<String> = ps.iter().map(|p| key(&group, &s, p)).collect();
     entries.sort();
-    assert_eq!(under_root, entries, "nothing but the entries under the root");
+    assert_eq!(
+        under_root, entries,
+        "nothing but the entries under the root"
+    );
     assert_eq!(before[0].2, old, "the sentinel is on the registry's lease");
     assert!(
         before[0].1.contains(&addr),
@@ -277,7 +280,10 @@ async fn a_sentinel_deleted_by_hand_moves_every_entry_to_a_renewed_lease() {
     let s = unique_service("deleted");
     let group = format!("kit-deleted-{}", s.rsplit('.').next().unwrap_or("x"));
     // session=6000: TTL 3 s, so a lease nobody renews would be gone within the test.
-    let r = registry(&format!("etcd://{addr}?session=6000&file=false&group={group}")).await;
+    let r = registry(&format!(
+        "etcd://{addr}?session=6000&file=false&group={group}"
+    ))
+    .await;
     let log = EventLog::attach(&r);
     let ps: Vec<Url> = (1..=5).map(|i| provider(&s, i, "")).collect();
     for p in &ps {
@@ -354,9 +360,12 @@ async fn the_sentinel_prefix_is_configurable() {
         let addr = addr.clone();
         let group = group.clone();
         async move {
-            keys_under(&mut common::raw(&addr).await, &format!("/ops/leases/{group}/"))
-                .await
-                .len()
+            keys_under(
+                &mut common::raw(&addr).await,
+                &format!("/ops/leases/{group}/"),
+            )
+            .await
+            .len()
                 == 1
         }
     })

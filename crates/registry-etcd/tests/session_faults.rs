@@ -147,7 +147,11 @@ async fn a_late_unregister_of_an_old_instance_keeps_the_new_instances_entry() {
     assert_eq!(lease_of(&mut rawc, &key).await, Some(new_lease));
 
     new.unregister(&p).await.expect("unregister");
-    assert_eq!(lease_of(&mut rawc, &key).await, None, "the owner deletes it");
+    assert_eq!(
+        lease_of(&mut rawc, &key).await,
+        None,
+        "the owner deletes it"
+    );
 
     // Persistent entries (no lease) are deleted by an unregister of any registry.
     let q = provider(&s, 2, "dynamic=false");
@@ -172,16 +176,10 @@ async fn app_user(addr: &str, group: &str, services: &[&str]) {
     rawc.user_grant_role("root", "root")
         .await
         .expect("grant role");
-    rawc.user_add("app", "apppw", None)
-        .await
-        .expect("user add");
+    rawc.user_add("app", "apppw", None).await.expect("user add");
     rawc.role_add("app").await.expect("role add");
     let mut prefixes = vec![format!("/.registry-leases/{group}/")];
-    prefixes.extend(
-        services
-            .iter()
-            .map(|s| format!("/{group}/{}/", encode(s))),
-    );
+    prefixes.extend(services.iter().map(|s| format!("/{group}/{}/", encode(s))));
     for p in prefixes {
         rawc.role_grant_permission("app", Permission::read_write(p).with_prefix())
             .await
@@ -256,7 +254,12 @@ async fn a_refused_watch_disturbs_no_other_subscription_and_loops_nowhere() {
     root.register(&pa2).await.expect("register");
     let t = Instant::now();
     seen_a
-        .wait_for_entries(&a, PROVIDERS_CATEGORY, &[pa1.clone(), pa2.clone()], DEADLINE)
+        .wait_for_entries(
+            &a,
+            PROVIDERS_CATEGORY,
+            &[pa1.clone(), pa2.clone()],
+            DEADLINE,
+        )
         .await;
     let current = t.elapsed();
     // Long enough for a loop (the old behaviour authenticated again about every second).
