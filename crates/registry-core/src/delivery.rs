@@ -1,8 +1,10 @@
-//! [`Delivery`]: the one task per subscription that hands notifications to a listener
+//! [`Delivery`]: what hands one subscription's notifications to its listener
 //! (CONTRACT §4.5–4.7, 4.9).
 //!
 //! Producers (a backend's watch handler, a store mutation) call [`Delivery::push`], which
-//! never blocks and never runs the listener. The delivery task then:
+//! never blocks and never runs the listener (except [`Delivery::inline`], for forwarders). A
+//! drainer is started when something is pushed and none is running, and ends when the queue
+//! is empty, so an idle subscription costs no task. It:
 //! - delivers one notification at a time, in the order they were pushed;
 //! - keeps only the latest pending list per (service, category), so a slow listener ends on
 //!   the latest state instead of a queue of stale ones;
@@ -19,14 +21,71 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use crate::registry::{Notification, NotifyListener, Source};
 use crate::url::PROVIDERS_CATEGORY;
 
 type Key = (String, String);
+
+/// The lists of one delivery, one per (service, category): a plain vector while there are
+/// few (most subscriptions have one to four categories: no hashing, no spare buckets), a map
+/// beyond [`FEW`] (`interface=*` subscriptions of many services).
+#[derive(Default)]
+struct Lists {
+    few: Vec<Tagged>,
+    many: HashMap<Key, Tagged>,
+}
+
+const FEW: usize = 16;
+
+impl Lists {
+    fn get(&self, service: &str, category: &str) -> Option<&Tagged> {
+        if self.many.is_empty() {
+            self.few
+                .iter()
+                .find(|t| t.n.service == service && t.n.category == category)
+        } else {
+            self.many.get(&(service.to_owned(), category.to_owned()))
+        }
+    }
+
+    fn get_mut(&mut self, service: &str, category: &str) -> Option<&mut Tagged> {
+        if self.many.is_empty() {
+            self.few
+                .iter_mut()
+                .find(|t| t.n.service == service && t.n.category == category)
+        } else {
+            self.many
+                .get_mut(&(service.to_owned(), category.to_owned()))
+        }
+    }
+
+    fn insert(&mut self, t: Tagged) {
+        if let Some(slot) = self.get_mut(&t.n.service, &t.n.category) {
+            *slot = t;
+            return;
+        }
+        if self.many.is_empty() && self.few.len() < FEW {
+            self.few.reserve_exact(1);
+            self.few.push(t);
+            return;
+        }
+        for old in self.few.drain(..) {
+            self.many
+                .insert((old.n.service.clone(), old.n.category.clone()), old);
+        }
+        self.many
+            .insert((t.n.service.clone(), t.n.category.clone()), t);
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Tagged> {
+        self.few.iter().chain(self.many.values())
+    }
+}
 
 /// Options of a [`Delivery`].
 #[derive(Debug, Clone, Default)]
@@ -49,23 +108,29 @@ struct State {
     /// Bumped by [`Delivery::rebase`]: lists of a newer epoch are never older than lists of an
     /// earlier one, whatever their revisions.
     epoch: u64,
-    order: VecDeque<Key>,
-    pending: HashMap<Key, Tagged>,
-    last: HashMap<Key, Tagged>,
+    /// Lists waiting for the listener, in delivery order, at most one per (service, category).
+    pending: VecDeque<Tagged>,
+    last: Lists,
     closed: bool,
     /// A listener call is under way.
     running: bool,
+    /// A drainer is scheduled or running (at most one at a time: calls stay in order).
+    active: bool,
 }
 
 struct Inner {
     state: Mutex<State>,
-    wake: Notify,
-    delivered: watch::Sender<u64>,
+    /// How many pushes were delivered (or superseded or dropped); `u64::MAX` once closed.
+    delivered: AtomicU64,
+    /// Woken when `delivered` grows.
+    progress: Notify,
     /// `true` while the listener may be called; held during each call.
     gate: tokio::sync::Mutex<bool>,
     listener: Arc<dyn NotifyListener>,
     options: DeliveryOptions,
     isolated: bool,
+    /// Where drainers run (task modes only).
+    runtime: Option<tokio::runtime::Handle>,
     /// Inline mode (no task): held through each listener call, so calls are one at a time
     /// and `close` can wait for a running one.
     inline: Option<Mutex<()>>,
@@ -77,15 +142,16 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Starts the delivery task for `listener` on the current tokio runtime; the listener is
-    /// called on that task. For a listener that only enqueues (a layer forwarding to another
-    /// delivery).
+    /// A delivery for `listener` on the current tokio runtime; the listener is called on a task
+    /// started when lists are pushed. For a listener that only enqueues (a layer forwarding to
+    /// another delivery).
     pub fn spawn(listener: Arc<dyn NotifyListener>, options: DeliveryOptions) -> Delivery {
         Delivery::start(listener, options, false)
     }
 
-    /// Like [`Delivery::spawn`], but each call of the listener runs on tokio's blocking pool
-    /// (one at a time, in order): for application listeners, which may block.
+    /// Like [`Delivery::spawn`], but the listener is called on tokio's blocking pool (one call
+    /// at a time, in order; one hand-off from the push to the call): for application
+    /// listeners, which may block.
     pub fn spawn_isolated(listener: Arc<dyn NotifyListener>, options: DeliveryOptions) -> Delivery {
         Delivery::start(listener, options, true)
     }
@@ -117,9 +183,9 @@ impl Delivery {
         options: DeliveryOptions,
         isolated: bool,
     ) -> Delivery {
-        let inner = Delivery::inner(listener, options, isolated, false);
-        tokio::spawn(run(inner.clone()));
-        Delivery { inner }
+        Delivery {
+            inner: Delivery::inner(listener, options, isolated, false),
+        }
     }
 
     fn inner(
@@ -132,18 +198,19 @@ impl Delivery {
             state: Mutex::new(State {
                 enqueued: 0,
                 epoch: 0,
-                order: VecDeque::new(),
-                pending: HashMap::new(),
-                last: HashMap::new(),
+                pending: VecDeque::new(),
+                last: Lists::default(),
                 closed: false,
                 running: false,
+                active: false,
             }),
-            wake: Notify::new(),
-            delivered: watch::channel(0).0,
+            delivered: AtomicU64::new(0),
+            progress: Notify::new(),
             gate: tokio::sync::Mutex::new(true),
             listener,
             options,
             isolated,
+            runtime: (!inline).then(tokio::runtime::Handle::current),
             inline: inline.then(|| Mutex::new(())),
         })
     }
@@ -163,22 +230,33 @@ impl Delivery {
                 return;
             }
             st.enqueued += 1;
-            let key = (n.service.clone(), n.category.clone());
             let new = Tagged { n, epoch: st.epoch };
-            match st.pending.get(&key) {
-                Some(p) if is_stale(p, &new) => {}
-                Some(_) => {
-                    st.order.retain(|k| k != &key);
-                    st.order.push_back(key.clone());
-                    st.pending.insert(key, new);
+            let at = st
+                .pending
+                .iter()
+                .position(|p| p.n.service == new.n.service && p.n.category == new.n.category);
+            match at {
+                Some(i) if is_stale(&st.pending[i], &new) => {}
+                Some(i) => {
+                    st.pending.remove(i);
+                    st.pending.push_back(new);
                 }
-                None => {
-                    st.order.push_back(key.clone());
-                    st.pending.insert(key, new);
-                }
+                None => st.pending.push_back(new),
             }
+            if st.active {
+                return;
+            }
+            st.active = true;
         }
-        self.inner.wake.notify_one();
+        // No drainer: start one. It ends when the queue is empty, so an idle subscription
+        // costs no task, and an application listener is reached with one hand-off.
+        let (inner, runtime) = (self.inner.clone(), &self.inner.runtime);
+        let Some(runtime) = runtime else { return };
+        if inner.isolated {
+            runtime.spawn_blocking(move || drain_blocking(&inner));
+        } else {
+            runtime.spawn(drain_task(inner));
+        }
     }
 
     fn push_inline(&self, calls: &Mutex<()>, n: Notification) {
@@ -194,17 +272,10 @@ impl Delivery {
         if admit(&self.inner, &t) {
             let listener = &self.inner.listener;
             if catch_unwind(AssertUnwindSafe(|| listener.notify(t.n))).is_err() {
-                tracing::error!(
-                    subscription = %self.inner.options.label,
-                    "a registry listener panicked; the notification is dropped and the subscription goes on"
-                );
+                report_panic(&self.inner);
             }
         }
-        self.inner.delivered.send_if_modified(|d| {
-            let changed = upto > *d;
-            *d = (*d).max(upto);
-            changed
-        });
+        self.inner.advance(upto);
     }
 
     /// Waits until everything pushed before this call was delivered (or superseded, or
@@ -217,9 +288,16 @@ impl Delivery {
     /// the delivery, so it can be awaited after the delivery was moved or locks released.
     pub fn flush_handle(&self) -> impl Future<Output = ()> + Send + 'static {
         let target = lock(&self.inner.state).enqueued;
-        let mut rx = self.inner.delivered.subscribe();
+        let inner = self.inner.clone();
         async move {
-            let _ = rx.wait_for(|d| *d >= target).await;
+            loop {
+                // Created before the check: a wake-up between the two is not lost.
+                let progressed = inner.progress.notified();
+                if inner.delivered.load(Ordering::Acquire) >= target {
+                    return;
+                }
+                progressed.await;
+            }
         }
     }
 
@@ -244,7 +322,7 @@ impl Delivery {
     pub fn last_delivered_for(&self, service: &str, category: &str) -> Option<Notification> {
         lock(&self.inner.state)
             .last
-            .get(&(service.to_owned(), category.to_owned()))
+            .get(service, category)
             .map(|t| t.n.clone())
     }
 
@@ -267,7 +345,7 @@ impl Delivery {
         } else {
             *self.inner.gate.lock().await = false;
         }
-        self.inner.delivered.send_replace(u64::MAX);
+        self.inner.advance(u64::MAX);
     }
 
     /// Like [`Delivery::close`], but waits at most `limit` for a listener call that is running.
@@ -277,7 +355,7 @@ impl Delivery {
         self.begin_close();
         if let Some(calls) = &self.inner.inline {
             drop(lock(calls));
-            self.inner.delivered.send_replace(u64::MAX);
+            self.inner.advance(u64::MAX);
             return true;
         }
         let done = match tokio::time::timeout(limit, self.inner.gate.lock()).await {
@@ -298,7 +376,7 @@ impl Delivery {
                 false
             }
         };
-        self.inner.delivered.send_replace(u64::MAX);
+        self.inner.advance(u64::MAX);
         done
     }
 
@@ -306,10 +384,8 @@ impl Delivery {
         {
             let mut st = lock(&self.inner.state);
             st.closed = true;
-            st.pending.clear();
-            st.order.clear();
+            st.pending = VecDeque::new();
         }
-        self.inner.wake.notify_one();
     }
 
     /// Whether [`Delivery::close`] was called.
@@ -321,7 +397,6 @@ impl Delivery {
 impl Drop for Delivery {
     fn drop(&mut self) {
         lock(&self.inner.state).closed = true;
-        self.inner.wake.notify_one();
     }
 }
 
@@ -356,56 +431,81 @@ fn stale(old: &Notification, old_epoch: u64, new: &Notification, new_epoch: u64)
     }
 }
 
-async fn run(inner: Arc<Inner>) {
-    loop {
-        let notified = inner.wake.notified();
-        let (batch, upto) = {
-            let mut st = lock(&inner.state);
-            if st.closed {
+/// Takes what is pending, or ends the drainer (clearing `active`) when nothing is; `None`
+/// also when closed.
+fn next_batch(inner: &Inner) -> Option<(VecDeque<Tagged>, u64)> {
+    let mut st = lock(&inner.state);
+    if st.closed || st.pending.is_empty() {
+        st.active = false;
+        let upto = st.enqueued;
+        let closed = st.closed;
+        drop(st);
+        if !closed {
+            inner.advance(upto);
+        }
+        return None;
+    }
+    // Taken whole: an idle subscription keeps no queue capacity.
+    Some((std::mem::take(&mut st.pending), st.enqueued))
+}
+
+fn report_panic(inner: &Inner) {
+    tracing::error!(
+        subscription = %inner.options.label,
+        "a registry listener panicked; the notification is dropped and the subscription goes on"
+    );
+}
+
+/// The drainer of an isolated delivery, on tokio's blocking pool: calls the listener for
+/// everything pending, in order, until the queue is empty.
+fn drain_blocking(inner: &Arc<Inner>) {
+    while let Some((batch, upto)) = next_batch(inner) {
+        for t in batch {
+            if !admit(inner, &t) {
+                continue;
+            }
+            // Held through the call: `close` waits for it.
+            let gate = inner.gate.blocking_lock();
+            if !*gate || lock(&inner.state).closed {
+                lock(&inner.state).active = false;
                 return;
             }
-            let mut batch = Vec::with_capacity(st.order.len());
-            while let Some(key) = st.order.pop_front() {
-                if let Some(n) = st.pending.remove(&key) {
-                    batch.push(n);
-                }
+            if call_listener(inner, t.n) {
+                report_panic(inner);
             }
-            (batch, st.enqueued)
-        };
-        if batch.is_empty() {
-            notified.await;
-            continue;
+            drop(gate);
         }
-        for n in batch {
-            if !admit(&inner, &n) {
+        inner.advance(upto);
+    }
+}
+
+/// The drainer of a [`Delivery::spawn`] delivery: the same, on a task.
+async fn drain_task(inner: Arc<Inner>) {
+    while let Some((batch, upto)) = next_batch(&inner) {
+        for t in batch {
+            if !admit(&inner, &t) {
                 continue;
             }
             let gate = inner.gate.lock().await;
             if !*gate || lock(&inner.state).closed {
+                lock(&inner.state).active = false;
                 return;
             }
-            let n = n.n;
-            let panicked = if inner.isolated {
-                let inner = inner.clone();
-                tokio::task::spawn_blocking(move || call_listener(&inner, n))
-                    .await
-                    .unwrap_or(true)
-            } else {
-                call_listener(&inner, n)
-            };
-            if panicked {
-                tracing::error!(
-                    subscription = %inner.options.label,
-                    "a registry listener panicked; the notification is dropped and the subscription goes on"
-                );
+            if call_listener(&inner, t.n) {
+                report_panic(&inner);
             }
             drop(gate);
         }
-        inner.delivered.send_if_modified(|d| {
-            let changed = upto > *d;
-            *d = (*d).max(upto);
-            changed
-        });
+        inner.advance(upto);
+    }
+}
+
+impl Inner {
+    /// Records that the pushes up to `upto` were delivered and wakes the flushes waiting.
+    fn advance(&self, upto: u64) {
+        if self.delivered.fetch_max(upto, Ordering::AcqRel) < upto {
+            self.progress.notify_waiters();
+        }
     }
 }
 
@@ -430,8 +530,7 @@ fn call_listener(inner: &Inner, n: Notification) -> bool {
 fn admit(inner: &Inner, t: &Tagged) -> bool {
     let mut st = lock(&inner.state);
     let n = &t.n;
-    let key = (n.service.clone(), n.category.clone());
-    if let Some(last) = st.last.get(&key) {
+    if let Some(last) = st.last.get(&n.service, &n.category) {
         let (last_epoch, last) = (last.epoch, &last.n);
         if stale(last, last_epoch, n, t.epoch) {
             tracing::debug!(
@@ -450,7 +549,7 @@ fn admit(inner: &Inner, t: &Tagged) -> bool {
             } else {
                 n.revision
             };
-            if let Some(l) = st.last.get_mut(&key) {
+            if let Some(l) = st.last.get_mut(&n.service, &n.category) {
                 l.n.revision = revision;
                 l.epoch = t.epoch;
             }
@@ -469,6 +568,6 @@ fn admit(inner: &Inner, t: &Tagged) -> bool {
             return false;
         }
     }
-    st.last.insert(key, t.clone());
+    st.last.insert(t.clone());
     true
 }

@@ -34,6 +34,7 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod factory;
+pub mod keeper;
 pub mod manager;
 pub mod matching;
 pub mod memory;

@@ -6,7 +6,7 @@
 //! the process, so a provider and a consumer in one process find each other, and persistent
 //! (`dynamic=false`) entries outlive the registry that wrote them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
@@ -15,11 +15,9 @@ use tokio::sync::broadcast;
 
 use crate::delivery::{Delivery, DeliveryOptions};
 use crate::error::{Error, Result};
-use crate::matching::is_match;
-use crate::registry::{
-    Notification, NotifyListener, Registry, RegistryEvent, RegistryFactory, Source, listener_id,
-};
-use crate::url::{ANY_VALUE, GROUP_KEY, Url};
+use crate::keeper::{ListKeeper, Scope, SubscriptionId};
+use crate::registry::{NotifyListener, Registry, RegistryEvent, RegistryFactory, listener_id};
+use crate::url::{GROUP_KEY, Url};
 
 /// The scheme of the memory backend.
 pub const MEMORY_SCHEME: &str = "memory";
@@ -45,95 +43,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-struct Entry {
+/// An entry and the registry that wrote it last.
+struct Owned {
     url: Url,
     owner: u64,
 }
 
-struct Sub {
-    url: Url,
-    categories: Vec<String>,
-    wildcard: bool,
-    owner: u64,
-    delivery: Delivery,
-    /// Services a wildcard subscription has been told about.
-    known: HashSet<String>,
-}
-
-#[derive(Default)]
-struct Data {
-    revision: u64,
-    /// interface -> category -> entries
-    services: BTreeMap<String, BTreeMap<String, HashMap<Url, Entry>>>,
-    subs: HashMap<u64, Sub>,
-}
-
-#[derive(Default)]
+/// One named store: the entries (one per identity, see [`Url`]'s equality), who owns them,
+/// and the keeper that holds the lists of every subscription on the store. The keeper's root
+/// scope is loaded from the start: the store is the truth.
 struct Store {
-    data: Mutex<Data>,
+    entries: Mutex<HashMap<Url, Owned>>,
+    keeper: ListKeeper,
 }
 
-impl Data {
-    fn list(&self, sub_url: &Url, service: &str, category: &str) -> Vec<Url> {
-        let mut urls: Vec<Url> = self
-            .services
-            .get(service)
-            .and_then(|c| c.get(category))
-            .map(|entries| {
-                entries
-                    .values()
-                    .filter(|e| is_match(sub_url, &e.url))
-                    .map(|e| e.url.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        urls.sort_by_cached_key(Url::to_full_string);
-        if urls.is_empty() {
-            urls.push(sub_url.to_empty_marker_for(service, category));
+impl Store {
+    fn new(name: &str) -> Store {
+        let keeper = ListKeeper::new(format!("memory://{name}"));
+        keeper.replace(&Scope::Root, [], 0);
+        Store {
+            entries: Mutex::new(HashMap::new()),
+            keeper,
         }
-        urls
-    }
-
-    fn notify(&self, sub: &Sub, service: &str, category: &str) {
-        let urls = self.list(&sub.url, service, category);
-        sub.delivery.push(Notification::new(
-            service,
-            category,
-            urls,
-            self.revision,
-            Source::Live,
-        ));
-    }
-
-    /// Tells every subscription that watches (`service`, `category`) its new list.
-    fn changed(&mut self, service: &str, category: &str) {
-        self.revision += 1;
-        let mut subs = std::mem::take(&mut self.subs);
-        for sub in subs.values_mut() {
-            if sub.wildcard && !sub.known.contains(service) {
-                // A service this wildcard subscription has not seen: its first notification
-                // covers every category.
-                sub.known.insert(service.to_owned());
-                for c in &sub.categories {
-                    self.notify(sub, service, c);
-                }
-            } else if (sub.wildcard || sub.url.service_interface() == service)
-                && sub.categories.iter().any(|c| c == category)
-            {
-                self.notify(sub, service, category);
-            }
-        }
-        self.subs = subs;
     }
 }
+
+/// A subscription of one registry: its id in the store's keeper and its delivery.
+type Subscribed = (SubscriptionId, Arc<Delivery>);
 
 /// The in-process registry; see the module documentation.
 pub struct MemoryRegistry {
     url: Url,
     id: u64,
     store: Arc<Store>,
-    /// (subscription URL, listener id) -> subscription id in the store
-    subs: Mutex<HashMap<(Url, usize), u64>>,
+    /// (subscription URL, listener id) -> its subscription in the store's keeper
+    subs: Mutex<HashMap<(Url, usize), Subscribed>>,
     destroyed: AtomicBool,
     events: broadcast::Sender<RegistryEvent>,
 }
@@ -142,7 +86,10 @@ impl MemoryRegistry {
     /// A registry on the store named by `url` (`memory://name`, group from `group`).
     pub fn new(url: Url) -> MemoryRegistry {
         let name = format!("{}/{}", url.address(), url.parameter_or(GROUP_KEY, "dubbo"));
-        let store = lock(&STORES).entry(name).or_default().clone();
+        let store = lock(&STORES)
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(Store::new(&name)))
+            .clone();
         MemoryRegistry {
             url,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -177,48 +124,40 @@ impl Registry for MemoryRegistry {
     async fn register(&self, url: &Url) -> Result<()> {
         self.alive()?;
         crate::check_accepts(&self.url, url)?;
-        let service = url.service_interface().to_owned();
-        let category = url.category().to_owned();
-        let mut data = lock(&self.store.data);
-        let entries = data
-            .services
-            .entry(service.clone())
-            .or_default()
-            .entry(category.clone())
-            .or_default();
-        if let Some(e) = entries.get_mut(url) {
-            e.owner = self.id;
-            // One entry per identity: a re-register with another timestamp replaces it.
-            if e.url.parameter("timestamp") != url.parameter("timestamp") {
-                e.url = url.clone();
-                data.changed(&service, &category);
+        let (service, category) = (url.service_interface(), url.category());
+        let mut entries = lock(&self.store.entries);
+        match entries.get_mut(url) {
+            Some(e) => {
+                e.owner = self.id;
+                // One entry per identity: a re-register with another timestamp replaces it.
+                if e.url.as_full_str() != url.as_full_str() {
+                    let old = std::mem::replace(&mut e.url, url.clone());
+                    self.store
+                        .keeper
+                        .change(service, category, vec![url.clone()], vec![old], 0);
+                }
             }
-            return Ok(());
+            None => {
+                entries.insert(
+                    url.clone(),
+                    Owned {
+                        url: url.clone(),
+                        owner: self.id,
+                    },
+                );
+                self.store.keeper.put(service, category, url.clone(), 0);
+            }
         }
-        entries.insert(
-            url.clone(),
-            Entry {
-                url: url.clone(),
-                owner: self.id,
-            },
-        );
-        data.changed(&service, &category);
         Ok(())
     }
 
     async fn unregister(&self, url: &Url) -> Result<()> {
         self.alive()?;
-        let service = url.service_interface();
-        let category = url.category();
-        let mut data = lock(&self.store.data);
-        let removed = data
-            .services
-            .get_mut(service)
-            .and_then(|c| c.get_mut(category))
-            .and_then(|e| e.remove(url))
-            .is_some();
-        if removed {
-            data.changed(service, category);
+        let mut entries = lock(&self.store.entries);
+        if let Some(e) = entries.remove(url) {
+            self.store
+                .keeper
+                .remove(url.service_interface(), url.category(), &e.url, 0);
         }
         Ok(())
     }
@@ -226,53 +165,23 @@ impl Registry for MemoryRegistry {
     async fn subscribe(&self, url: &Url, listener: Arc<dyn NotifyListener>) -> Result<()> {
         self.alive()?;
         let key = (url.clone(), listener_id(&listener));
-        let sub_id = {
+        let flush = {
             let mut subs = lock(&self.subs);
             if subs.contains_key(&key) {
                 return Ok(());
             }
-            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-            subs.insert(key, id);
-            id
-        };
-        let wildcard = url.service_interface() == ANY_VALUE;
-        let mut sub = Sub {
-            url: url.clone(),
-            categories: url.categories(),
-            wildcard,
-            owner: self.id,
             // Application listeners: isolated from the runtime; a forwarding layer's: inline.
-            delivery: Delivery::for_listener(
+            let delivery = Arc::new(Delivery::for_listener(
                 listener,
                 DeliveryOptions {
                     empty_protection: self.url.parameter_bool("enable-empty-protection", false),
                     label: url.to_redacted_string(),
                 },
-            ),
-            known: HashSet::new(),
-        };
-        let flush = {
-            let mut data = lock(&self.store.data);
-            let services: Vec<String> = if wildcard {
-                data.services
-                    .iter()
-                    .filter(|(_, cats)| cats.values().any(|e| !e.is_empty()))
-                    .map(|(s, _)| s.clone())
-                    .collect()
-            } else {
-                vec![url.service_interface().to_owned()]
-            };
-            for s in &services {
-                for c in &sub.categories {
-                    data.notify(&sub, s, c);
-                }
-                if wildcard {
-                    sub.known.insert(s.clone());
-                }
-            }
-            // Keep a handle to wait on after releasing the store lock.
-            let flush = sub.delivery.flush_handle();
-            data.subs.insert(sub_id, sub);
+            ));
+            // The root is loaded: the first lists are pushed before this returns.
+            let id = self.store.keeper.subscribe(url, delivery.clone());
+            let flush = delivery.flush_handle();
+            subs.insert(key, (id, delivery));
             flush
         };
         flush.await;
@@ -281,72 +190,48 @@ impl Registry for MemoryRegistry {
 
     async fn unsubscribe(&self, url: &Url, listener: &Arc<dyn NotifyListener>) -> Result<()> {
         self.alive()?;
-        let Some(id) = lock(&self.subs).remove(&(url.clone(), listener_id(listener))) else {
+        let Some((id, delivery)) = lock(&self.subs).remove(&(url.clone(), listener_id(listener)))
+        else {
             return Ok(());
         };
-        let sub = lock(&self.store.data).subs.remove(&id);
-        if let Some(sub) = sub {
-            sub.delivery.close().await;
-        }
+        self.store.keeper.unsubscribe(id);
+        delivery.close().await;
         Ok(())
     }
 
     async fn lookup(&self, url: &Url) -> Result<Vec<Url>> {
         self.alive()?;
-        let data = lock(&self.store.data);
-        let wildcard = url.service_interface() == ANY_VALUE;
-        let categories = url.categories();
-        let mut out = Vec::new();
-        for (service, cats) in &data.services {
-            if !wildcard && service != url.service_interface() {
-                continue;
-            }
-            for c in &categories {
-                if let Some(entries) = cats.get(c) {
-                    let mut found: Vec<Url> = entries
-                        .values()
-                        .filter(|e| is_match(url, &e.url))
-                        .map(|e| e.url.clone())
-                        .collect();
-                    found.sort_by_cached_key(Url::to_full_string);
-                    out.extend(found);
-                }
-            }
-        }
-        Ok(out)
+        Ok(self.store.keeper.lookup(url).unwrap_or_default())
     }
 
     async fn destroy(&self) {
         if self.destroyed.swap(true, Ordering::AcqRel) {
             return;
         }
-        lock(&self.subs).clear();
-        let closing: Vec<Sub> = {
-            let mut data = lock(&self.store.data);
-            let mut gone: Vec<(String, String)> = Vec::new();
-            for (service, cats) in data.services.iter_mut() {
-                for (category, entries) in cats.iter_mut() {
-                    let before = entries.len();
-                    entries.retain(|u, e| !(e.owner == self.id && u.is_dynamic()));
-                    if entries.len() != before {
-                        gone.push((service.clone(), category.clone()));
-                    }
+        let subs: Vec<Subscribed> = lock(&self.subs).drain().map(|(_, s)| s).collect();
+        for (id, _) in &subs {
+            self.store.keeper.unsubscribe(*id);
+        }
+        {
+            let mut entries = lock(&self.store.entries);
+            let mut gone: BTreeMap<(String, String), Vec<Url>> = BTreeMap::new();
+            entries.retain(|u, e| {
+                let mine = e.owner == self.id && u.is_dynamic();
+                if mine {
+                    gone.entry((u.service_interface().to_owned(), u.category().to_owned()))
+                        .or_default()
+                        .push(e.url.clone());
                 }
+                !mine
+            });
+            for ((service, category), removed) in gone {
+                self.store
+                    .keeper
+                    .change(&service, &category, Vec::new(), removed, 0);
             }
-            let mine: Vec<u64> = data
-                .subs
-                .iter()
-                .filter(|(_, s)| s.owner == self.id)
-                .map(|(id, _)| *id)
-                .collect();
-            let closing = mine.iter().filter_map(|id| data.subs.remove(id)).collect();
-            for (s, c) in gone {
-                data.changed(&s, &c);
-            }
-            closing
-        };
-        for sub in closing {
-            sub.delivery.close().await;
+        }
+        for (_, delivery) in subs {
+            delivery.close().await;
         }
         let _ = self.events.send(RegistryEvent::Destroyed);
         tracing::debug!(registry = %self.url.to_identity_string_redacted(), "memory registry destroyed");

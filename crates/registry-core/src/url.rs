@@ -92,7 +92,7 @@ pub const ALL_CATEGORIES: [&str; 4] = [
 /// A `Url` is a pointer to one shared, immutable allocation that holds its full string and
 /// the offsets of its parts: cloning one (into a list, a cache, a notification) copies a
 /// pointer, [`Url::to_full_string`] copies one string, and a parsed provider costs its full
-/// string plus 12 bytes per parameter. The builders make a new one.
+/// string plus 4 bytes per parameter (8 beyond 64 KiB). The builders make a new one.
 #[derive(Clone)]
 pub struct Url {
     d: Arc<UrlData>,
@@ -122,8 +122,35 @@ struct UrlData {
     host: Span,
     port: u16,
     path: Span,
-    /// Sorted by key.
-    params: Box<[Param]>,
+    /// Where the first parameter starts (after `?`).
+    query: u32,
+    /// The parameters, sorted by key (and laid out in that order).
+    params: Offsets,
+}
+
+/// Where each parameter's `=` and end are: 16-bit offsets when the full string is shorter
+/// than 64 KiB (4 bytes a parameter), else 32-bit. A parameter starts one byte after the
+/// previous one ends (the `&`), the first at [`UrlData::query`].
+enum Offsets {
+    Short(Box<[[u16; 2]]>),
+    Long(Box<[[u32; 2]]>),
+}
+
+impl Offsets {
+    fn len(&self) -> usize {
+        match self {
+            Offsets::Short(v) => v.len(),
+            Offsets::Long(v) => v.len(),
+        }
+    }
+
+    /// (`=`, end) of parameter `i`.
+    fn get(&self, i: usize) -> (u32, u32) {
+        match self {
+            Offsets::Short(v) => (u32::from(v[i][0]), u32::from(v[i][1])),
+            Offsets::Long(v) => (v[i][0], v[i][1]),
+        }
+    }
 }
 
 /// The parts of a URL as owned values: what the parser and the builders work on.
@@ -155,11 +182,32 @@ impl UrlData {
         &self.buf[p.eq as usize + 1..p.end as usize]
     }
 
+    fn param(&self, i: usize) -> Param {
+        let (eq, end) = self.params.get(i);
+        let start = if i == 0 {
+            self.query
+        } else {
+            self.params.get(i - 1).1 + 1
+        };
+        Param { start, eq, end }
+    }
+
+    fn param_list(&self) -> impl Iterator<Item = Param> + '_ {
+        (0..self.params.len()).map(|i| self.param(i))
+    }
+
     fn get(&self, key: &str) -> Option<&str> {
-        self.params
-            .binary_search_by(|p| self.key(p).cmp(key))
-            .ok()
-            .map(|i| self.value(&self.params[i]))
+        let (mut lo, mut hi) = (0, self.params.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let p = self.param(mid);
+            match self.key(&p).cmp(key) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(self.value(&p)),
+            }
+        }
+        None
     }
 
     /// Lays `p` out as its full string (CONTRACT §1) and records where each part is.
@@ -197,20 +245,32 @@ impl UrlData {
             buf.push('/');
             path = push(&mut buf, &p.path);
         }
-        let mut params = Vec::with_capacity(p.params.len());
+        let mut params: Vec<[u32; 2]> = Vec::with_capacity(p.params.len());
+        let mut query = at(&buf) + 1;
         for (i, (k, v)) in p.params.iter().enumerate() {
             buf.push(if i == 0 { '?' } else { '&' });
-            let start = at(&buf);
+            if i == 0 {
+                query = at(&buf);
+            }
             buf.push_str(k);
             let eq = at(&buf);
             buf.push('=');
             buf.push_str(v);
-            params.push(Param {
-                start,
-                eq,
-                end: at(&buf),
-            });
+            params.push([eq, at(&buf)]);
         }
+        let params = if buf.len() <= usize::from(u16::MAX) {
+            Offsets::Short(
+                params
+                    .iter()
+                    .map(|[eq, end]| {
+                        let short = |x: u32| u16::try_from(x).unwrap_or(u16::MAX);
+                        [short(*eq), short(*end)]
+                    })
+                    .collect(),
+            )
+        } else {
+            Offsets::Long(params.into_boxed_slice())
+        };
         UrlData {
             buf: buf.into_boxed_str(),
             protocol,
@@ -219,7 +279,8 @@ impl UrlData {
             host,
             port: p.port,
             path,
-            params: params.into_boxed_slice(),
+            query,
+            params,
         }
     }
 
@@ -232,9 +293,8 @@ impl UrlData {
             port: self.port,
             path: self.str(self.path).to_owned(),
             params: self
-                .params
-                .iter()
-                .map(|p| (self.key(p).to_owned(), self.value(p).to_owned()))
+                .param_list()
+                .map(|p| (self.key(&p).to_owned(), self.value(&p).to_owned()))
                 .collect(),
         }
     }
@@ -262,17 +322,17 @@ impl<'a> Parameters<'a> {
     }
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.d.params.is_empty()
+        self.d.params.len() == 0
     }
     /// `(key, value)` pairs in key order.
     pub fn iter(self) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
         let d = self.d;
-        d.params.iter().map(move |p| (d.key(p), d.value(p)))
+        d.param_list().map(move |p| (d.key(&p), d.value(&p)))
     }
     /// The keys in order.
     pub fn keys(self) -> impl Iterator<Item = &'a str> + 'a {
         let d = self.d;
-        d.params.iter().map(move |p| d.key(p))
+        d.param_list().map(move |p| d.key(&p))
     }
     /// A copy as a map.
     pub fn to_map(&self) -> BTreeMap<String, String> {
@@ -1033,6 +1093,26 @@ impl<'de> serde::Deserialize<'de> for Url {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_are_found_on_both_sides_of_64_kib() {
+        for len in [10, 65_000, 70_000, 200_000] {
+            let big = "x".repeat(len);
+            let u: Url = format!("dubbo://10.0.0.1:20880/com.foo.Bar?a=1&big={big}&z=2&zz=")
+                .parse()
+                .unwrap();
+            assert_eq!(u.parameter("a"), Some("1"), "len {len}");
+            assert_eq!(u.parameter("big").map(str::len), Some(len));
+            assert_eq!(u.parameter("z"), Some("2"));
+            assert_eq!(u.parameter("zz"), Some(""));
+            assert_eq!(u.parameter("interface"), None);
+            let keys: Vec<&str> = u.parameters().keys().collect();
+            assert_eq!(keys, ["a", "big", "z", "zz"]);
+            let back: Url = u.as_full_str().parse().unwrap();
+            assert_eq!(back.as_full_str(), u.as_full_str());
+            assert_eq!(back.parameters(), u.parameters());
+        }
+    }
 
     #[test]
     fn parses_every_part() {

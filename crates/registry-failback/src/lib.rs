@@ -135,9 +135,10 @@ struct Sub {
     forward: Arc<Forward>,
     /// The same allocation as `forward`, as the backend sees it.
     raw_listener: Arc<dyn NotifyListener>,
-    /// Turns true when the first subscribe call of this subscription has returned, so a
-    /// second subscribe of the same pair returns after the first lists too.
-    ready: tokio::sync::watch::Sender<bool>,
+    /// Closed when the first subscribe call of this subscription has returned, so a second
+    /// subscribe of the same pair returns after the first lists too (a semaphore with no
+    /// permits: closing it wakes every waiter, and it is far smaller than a channel).
+    ready: tokio::sync::Semaphore,
 }
 
 /// The intent for one URL (compared without `timestamp`).
@@ -1212,7 +1213,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                     Ok((sub.clone(), true))
                 }
                 // Already subscribed: return once its first subscribe call has.
-                Some(sub) => Err(sub.ready.subscribe()),
+                Some(sub) => Err(sub.clone()),
                 None => {
                     // The application's listener: on the blocking pool, so it may block.
                     let pushed_at = Arc::new(Mutex::new(None));
@@ -1240,7 +1241,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                         delivery,
                         forward,
                         raw_listener,
-                        ready: tokio::sync::watch::channel(false).0,
+                        ready: tokio::sync::Semaphore::new(0),
                     });
                     slot.live = Some(sub.clone());
                     slot.seq = seq;
@@ -1250,16 +1251,16 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         };
         let (sub, revived) = match sub {
             Ok(started) => started,
-            Err(mut ready) => {
-                let _ = tokio::time::timeout(s.call_timeout, ready.wait_for(|r| *r)).await;
+            Err(first) => {
+                let _ = tokio::time::timeout(s.call_timeout, first.ready.acquire()).await;
                 return Ok(());
             }
         };
         // Whatever this call ends with, a concurrent subscribe of the pair may return then.
-        struct Ready<'a>(&'a tokio::sync::watch::Sender<bool>);
+        struct Ready<'a>(&'a tokio::sync::Semaphore);
         impl Drop for Ready<'_> {
             fn drop(&mut self) {
-                self.0.send_replace(true);
+                self.0.close();
             }
         }
         let _ready = Ready(&sub.ready);

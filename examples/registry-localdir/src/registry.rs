@@ -1,7 +1,7 @@
 //! [`LocalDirRegistry`]: the raw backend (one attempt per operation; `FailbackRegistry` adds
 //! the rest).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use registry_core::delivery::{Delivery, DeliveryOptions};
+use registry_core::keeper::{ListKeeper, Scope, SubscriptionId};
 use registry_core::url::{ANY_VALUE, GROUP_KEY};
 use registry_core::{
-    Error, Notification, NotifyListener, Registry, RegistryEvent, Result, Source, Url,
-    check_accepts, is_match, listener_id,
+    Error, NotifyListener, Registry, RegistryEvent, Result, Url, check_accepts, listener_id,
 };
 use tokio::sync::{Notify, broadcast, watch};
 
@@ -27,59 +27,19 @@ const MAX_UNSETTLED: Duration = Duration::from_secs(1);
 /// (service, category)
 type Key = (String, String);
 
-/// The last list read for one (service, category): every live entry, unfiltered.
-struct Cached {
-    entries: BTreeMap<String, Url>,
-    revision: u64,
-}
-
+/// A subscription: its id in the keeper and its delivery (kept to flush and close it).
 struct Sub {
-    url: Url,
-    categories: Vec<String>,
-    wildcard: bool,
-    delivery: Delivery,
-    /// Services a wildcard subscription has been told about.
-    known: BTreeSet<String>,
-}
-
-impl Sub {
-    fn wants(&self, service: &str, category: &str) -> bool {
-        (self.wildcard || self.url.service_interface() == service)
-            && self.categories.iter().any(|c| c == category)
-    }
-
-    /// Pushes the list of (`service`, `category`) from `cached`, filtered for this
-    /// subscription; an empty result is the `empty://` marker.
-    fn push(&self, service: &str, category: &str, cached: &Cached) {
-        let mut urls: Vec<Url> = cached
-            .entries
-            .values()
-            .filter(|u| is_match(&self.url, u))
-            .cloned()
-            .collect();
-        urls.sort_by_cached_key(Url::to_full_string);
-        if urls.is_empty() {
-            urls.push(self.url.to_empty_marker_for(service, category));
-        }
-        self.delivery.push(Notification::new(
-            service,
-            category,
-            urls,
-            cached.revision,
-            Source::Live,
-        ));
-    }
+    id: SubscriptionId,
+    delivery: Arc<Delivery>,
 }
 
 #[derive(Default)]
 struct State {
-    /// A per-registry counter: every change of any list takes the next value, so revisions
-    /// never go back for a (service, category).
-    revision: u64,
-    lists: HashMap<Key, Cached>,
-    /// Lists whose directory was changing when read: since when, and the last names read.
+    subs: HashMap<(Url, usize), (Url, Sub)>,
+    /// Scopes read into the keeper and still wanted.
+    loaded: Vec<Scope>,
+    /// Directories that were changing when read: since when, and the last names read.
     unsettled: HashMap<Key, (Instant, BTreeSet<String>)>,
-    subs: HashMap<(Url, usize), Sub>,
 }
 
 struct Inner {
@@ -91,6 +51,8 @@ struct Inner {
     destroyed: AtomicBool,
     events: broadcast::Sender<RegistryEvent>,
     state: tokio::sync::Mutex<State>,
+    /// The lists of every subscription, fed from the reads.
+    keeper: ListKeeper,
     /// Dynamic entries this instance wrote, removed by `destroy`.
     owned: Mutex<HashSet<PathBuf>>,
     wake: Arc<Notify>,
@@ -211,6 +173,7 @@ impl LocalDirRegistry {
             destroyed: AtomicBool::new(false),
             events: broadcast::channel(16).0,
             state: tokio::sync::Mutex::new(State::default()),
+            keeper: ListKeeper::new(url.to_identity_string_redacted()),
             owned: Mutex::new(HashSet::new()),
             wake: Arc::new(Notify::new()),
             stop: watch::channel(false).0,
@@ -296,35 +259,28 @@ impl Inner {
         }
     }
 
-    /// The (service, category) lists the subscriptions need; wildcard subscriptions need every
-    /// service in the group directory.
-    async fn wanted(&self, subs: &[(&Url, &[String], bool)]) -> Result<BTreeSet<Key>> {
-        let mut keys = BTreeSet::new();
-        let services = if subs.iter().any(|(_, _, w)| *w) {
-            let store = self.store.clone();
-            blocking(&self.url, move || store.services()).await?
-        } else {
-            Vec::new()
-        };
-        for (url, categories, wildcard) in subs {
-            let names: Vec<&str> = if *wildcard {
-                services.iter().map(String::as_str).collect()
-            } else {
-                vec![url.service_interface()]
-            };
-            for s in names {
-                for c in *categories {
-                    keys.insert((s.to_owned(), c.clone()));
-                }
-            }
-        }
-        Ok(keys)
-    }
-
-    async fn read(&self, keys: &BTreeSet<Key>) -> Result<Vec<(Key, Snapshot)>> {
+    /// Reads the directories of `scope`: one category, or every category of every service.
+    async fn read(&self, scope: &Scope) -> Result<Vec<(Key, Snapshot)>> {
         let store = self.store.clone();
-        let keys: Vec<Key> = keys.iter().cloned().collect();
+        let scope = scope.clone();
         blocking(&self.url, move || {
+            let keys: Vec<Key> = match &scope {
+                Scope::Category { service, category } => vec![(service.clone(), category.clone())],
+                Scope::Service { service } => store
+                    .categories(service)?
+                    .into_iter()
+                    .map(|c| (service.clone(), c))
+                    .collect(),
+                Scope::Root => {
+                    let mut keys = Vec::new();
+                    for s in store.services()? {
+                        for c in store.categories(&s)? {
+                            keys.push((s.clone(), c));
+                        }
+                    }
+                    keys
+                }
+            };
             keys.into_iter()
                 .map(|k| {
                     let snap = store.read_category(&store.category_dir(&k.0, &k.1))?;
@@ -335,129 +291,107 @@ impl Inner {
         .await
     }
 
-    /// Reads until every directory was quiet during its read, for at most [`MAX_UNSETTLED`].
-    async fn read_settled(&self, keys: &BTreeSet<Key>) -> Result<Vec<(Key, Snapshot)>> {
+    /// Reads `scope` until every directory was quiet during its read (for at most
+    /// [`MAX_UNSETTLED`]) and hands it to the keeper.
+    async fn load(&self, st: &mut State, scope: &Scope) -> Result<()> {
         let start = Instant::now();
         loop {
-            let reads = self.read(keys).await?;
+            let reads = self.read(scope).await?;
             if reads.iter().all(|(_, s)| s.stable) || start.elapsed() >= MAX_UNSETTLED {
-                return Ok(reads);
+                self.feed(st, scope, reads);
+                return Ok(());
             }
             tokio::time::sleep(SETTLE).await;
         }
     }
 
-    /// One poll: reads every wanted list, records and notifies the changed ones. Returns
-    /// whether some directory was changing (poll again soon).
+    fn feed(&self, st: &mut State, scope: &Scope, reads: Vec<(Key, Snapshot)>) {
+        for (key, _) in &reads {
+            st.unsettled.remove(key);
+        }
+        let entries = reads.into_iter().flat_map(|((s, c), snap)| {
+            snap.entries
+                .into_values()
+                .map(move |u| (s.clone(), c.clone(), u))
+        });
+        self.keeper.replace(scope, entries, 0);
+        if !st.loaded.contains(scope) {
+            st.loaded.push(scope.clone());
+        }
+    }
+
+    /// One poll: reads every scope the subscriptions need and hands the reads to the keeper
+    /// (which notifies what changed). A directory that was changing during its read is read
+    /// again shortly (`true` is returned), unless it has been changing for [`MAX_UNSETTLED`]
+    /// and the read repeats the previous one.
     async fn scan(&self) -> Result<bool> {
         let mut st = self.state.lock().await;
-        if st.subs.is_empty() {
-            st.lists.clear();
-            st.unsettled.clear();
-            return Ok(false);
+        let mut wanted: Vec<Scope> = Vec::new();
+        for (url, _) in st.subs.values() {
+            for scope in scopes_of(url) {
+                if !wanted.contains(&scope) {
+                    wanted.push(scope);
+                }
+            }
         }
-        let subs: Vec<(Url, Vec<String>, bool)> = st
-            .subs
-            .values()
-            .map(|s| (s.url.clone(), s.categories.clone(), s.wildcard))
+        let gone: Vec<Scope> = st
+            .loaded
+            .iter()
+            .filter(|s| !wanted.contains(s))
+            .cloned()
             .collect();
-        let refs: Vec<(&Url, &[String], bool)> =
-            subs.iter().map(|(u, c, w)| (u, c.as_slice(), *w)).collect();
-        let keys = self.wanted(&refs).await?;
-        let reads = self.read(&keys).await?;
-        let hot = apply(&mut st, reads, false);
-        st.lists.retain(|k, _| keys.contains(k));
-        st.unsettled.retain(|k, _| keys.contains(k));
+        for scope in gone {
+            self.keeper.forget(&scope);
+            st.loaded.retain(|s| *s != scope);
+        }
+        let mut hot = false;
+        for scope in wanted {
+            let reads = self.read(&scope).await?;
+            if settled(&mut st, &reads) {
+                self.feed(&mut st, &scope, reads);
+            } else {
+                hot = true;
+            }
+        }
         Ok(hot)
     }
 }
 
-/// Records the reads that changed a list (taking a new revision) and notifies every
-/// subscription that wants them. An unsettled read is skipped (and `true` returned) unless
-/// `force`, or unless the directory has been changing for [`MAX_UNSETTLED`] and the read
-/// repeats the previous one.
-fn apply(st: &mut State, reads: Vec<(Key, Snapshot)>, force: bool) -> bool {
-    let mut hot = false;
-    let mut changed: Vec<Key> = Vec::new();
-    for (key, snap) in reads {
-        let names: BTreeSet<String> = snap.entries.keys().cloned().collect();
-        if !snap.stable && !force {
-            let now = Instant::now();
-            let settled_enough = match st.unsettled.get_mut(&key) {
-                Some((since, last)) => {
-                    let repeat = *last == names;
-                    *last = names.clone();
-                    repeat && since.elapsed() >= MAX_UNSETTLED
-                }
-                None => {
-                    st.unsettled.insert(key.clone(), (now, names.clone()));
-                    false
-                }
-            };
-            if !settled_enough {
-                hot = true;
-                continue;
-            }
-        }
-        st.unsettled.remove(&key);
-        let same = st
-            .lists
-            .get(&key)
-            .is_some_and(|c| c.entries.keys().eq(names.iter()));
-        if !same {
-            st.revision += 1;
-            st.lists.insert(
-                key.clone(),
-                Cached {
-                    entries: snap.entries,
-                    revision: st.revision,
-                },
-            );
-            changed.push(key);
-        }
+/// The scopes a subscription needs: each of its categories, or everything for `interface=*`.
+fn scopes_of(url: &Url) -> Vec<Scope> {
+    if url.service_interface() == ANY_VALUE {
+        vec![Scope::Root]
+    } else {
+        url.categories()
+            .into_iter()
+            .map(|c| Scope::category(url.service_interface(), c))
+            .collect()
     }
-    let State { subs, lists, .. } = st;
-    for sub in subs.values_mut() {
-        for (service, category) in &changed {
-            if sub.wants(service, category)
-                && (!sub.wildcard || sub.known.contains(service))
-                && let Some(c) = lists.get(&(service.clone(), category.clone()))
-            {
-                sub.push(service, category, c);
-            }
-        }
-        if sub.wildcard {
-            introduce_services(sub, lists);
-        }
-    }
-    hot
 }
 
-/// Tells a wildcard subscription about services it has not seen that now have entries in
-/// one of its categories: one notification per category, in the subscription's order.
-fn introduce_services(sub: &mut Sub, lists: &HashMap<Key, Cached>) {
-    let mut services: BTreeSet<&String> = BTreeSet::new();
-    for ((service, category), cached) in lists {
-        if !sub.known.contains(service)
-            && sub.categories.contains(category)
-            && !cached.entries.is_empty()
-        {
-            services.insert(service);
+/// Whether a poll's reads may be used: every directory was quiet during its read, or one
+/// has been changing for [`MAX_UNSETTLED`] and its read repeats the previous one.
+fn settled(st: &mut State, reads: &[(Key, Snapshot)]) -> bool {
+    let mut ok = true;
+    for (key, snap) in reads {
+        if snap.stable {
+            continue;
         }
+        let names: BTreeSet<String> = snap.entries.keys().cloned().collect();
+        let settled_enough = match st.unsettled.get_mut(key) {
+            Some((since, last)) => {
+                let repeat = *last == names;
+                *last = names;
+                repeat && since.elapsed() >= MAX_UNSETTLED
+            }
+            None => {
+                st.unsettled.insert(key.clone(), (Instant::now(), names));
+                false
+            }
+        };
+        ok &= settled_enough;
     }
-    for service in services {
-        let all: Option<Vec<&Cached>> = sub
-            .categories
-            .iter()
-            .map(|c| lists.get(&(service.clone(), c.clone())))
-            .collect();
-        // Wait until every category of the service was read.
-        let Some(all) = all else { continue };
-        sub.known.insert(service.clone());
-        for (c, cached) in sub.categories.iter().zip(all) {
-            sub.push(service, c, cached);
-        }
-    }
+    ok
 }
 
 #[async_trait]
@@ -526,37 +460,26 @@ impl Registry for LocalDirRegistry {
         if st.subs.contains_key(&key) {
             return Ok(());
         }
-        let mut sub = Sub {
-            url: url.clone(),
-            categories: url.categories(),
-            wildcard: url.service_interface() == ANY_VALUE,
-            delivery: Delivery::for_listener(
-                listener,
-                DeliveryOptions {
-                    empty_protection: false,
-                    label: url.to_redacted_string(),
-                },
-            ),
-            known: BTreeSet::new(),
-        };
-        let keys = inner
-            .wanted(&[(&sub.url, sub.categories.as_slice(), sub.wildcard)])
-            .await?;
-        let reads = inner.read_settled(&keys).await?;
-        // Lists that changed are notified to the existing subscriptions first.
-        apply(&mut st, reads, true);
-        if sub.wildcard {
-            introduce_services(&mut sub, &st.lists);
-        } else {
-            let service = url.service_interface().to_owned();
-            for c in &sub.categories {
-                if let Some(cached) = st.lists.get(&(service.clone(), c.clone())) {
-                    sub.push(&service, c, cached);
-                }
+        let delivery = Arc::new(Delivery::for_listener(
+            listener,
+            DeliveryOptions {
+                empty_protection: false,
+                label: url.to_redacted_string(),
+            },
+        ));
+        let id = inner.keeper.subscribe(url, delivery.clone());
+        // Read what the keeper does not hold yet; the first lists go out with the last read.
+        for scope in scopes_of(url) {
+            if !st.loaded.contains(&scope)
+                && let Err(e) = inner.load(&mut st, &scope).await
+            {
+                inner.keeper.unsubscribe(id);
+                delivery.close().await;
+                return Err(e);
             }
         }
-        let flush = sub.delivery.flush_handle();
-        st.subs.insert(key, sub);
+        let flush = delivery.flush_handle();
+        st.subs.insert(key, (url.clone(), Sub { id, delivery }));
         drop(st);
         flush.await;
         Ok(())
@@ -571,7 +494,8 @@ impl Registry for LocalDirRegistry {
             .await
             .subs
             .remove(&(url.clone(), listener_id(listener)));
-        if let Some(sub) = sub {
+        if let Some((_, sub)) = sub {
+            inner.keeper.unsubscribe(sub.id);
             sub.delivery.close().await;
         }
         Ok(())
@@ -580,33 +504,18 @@ impl Registry for LocalDirRegistry {
     async fn lookup(&self, url: &Url) -> Result<Vec<Url>> {
         let inner = &self.inner;
         inner.alive()?;
-        let categories = url.categories();
-        let keys = inner
-            .wanted(&[(
-                url,
-                categories.as_slice(),
-                url.service_interface() == ANY_VALUE,
-            )])
-            .await?;
-        let reads: HashMap<Key, Snapshot> = inner.read_settled(&keys).await?.into_iter().collect();
-        // In the order of the services, then of the subscription's categories.
-        let services: BTreeSet<&String> = keys.iter().map(|(s, _)| s).collect();
-        let mut out = Vec::new();
-        for s in services {
-            for c in &categories {
-                if let Some(snap) = reads.get(&(s.clone(), c.clone())) {
-                    let mut found: Vec<Url> = snap
-                        .entries
-                        .values()
-                        .filter(|u| is_match(url, u))
-                        .cloned()
-                        .collect();
-                    found.sort_by_cached_key(Url::to_full_string);
-                    out.extend(found);
-                }
-            }
+        // Fresh from the directory, matched by a keeper of its own.
+        let keeper = ListKeeper::new("lookup");
+        for scope in scopes_of(url) {
+            let reads = inner.read(&scope).await?;
+            let entries = reads.into_iter().flat_map(|((s, c), snap)| {
+                snap.entries
+                    .into_values()
+                    .map(move |u| (s.clone(), c.clone(), u))
+            });
+            keeper.replace(&scope, entries, 0);
         }
-        Ok(out)
+        Ok(keeper.lookup(url).unwrap_or_default())
     }
 
     async fn destroy(&self) {
@@ -629,10 +538,13 @@ impl Registry for LocalDirRegistry {
         }
         let subs: Vec<Sub> = {
             let mut st = inner.state.lock().await;
-            st.lists.clear();
-            st.subs.drain().map(|(_, s)| s).collect()
+            for scope in std::mem::take(&mut st.loaded) {
+                inner.keeper.forget(&scope);
+            }
+            st.subs.drain().map(|(_, (_, s))| s).collect()
         };
         for sub in subs {
+            inner.keeper.unsubscribe(sub.id);
             sub.delivery.close().await;
         }
         tracing::debug!(registry = %inner.url.to_identity_string_redacted(), "localdir registry destroyed");

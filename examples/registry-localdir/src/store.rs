@@ -225,6 +225,29 @@ impl Store {
         Ok(out)
     }
 
+    /// The categories (directory names) of one service.
+    pub fn categories(&self, service: &str) -> registry_core::Result<Vec<String>> {
+        let dir = self.service_dir(service);
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(io_err(format!(
+                    "localdir registry: cannot list {}",
+                    dir.display()
+                ))(e));
+            }
+        };
+        let mut out: Vec<String> = rd
+            .flatten()
+            .filter(|i| i.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|i| i.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Reads one category directory: every live entry, after removing the entries of dead
     /// owners (and temporary files left by crashes).
     pub fn read_category(&self, dir: &Path) -> registry_core::Result<Snapshot> {

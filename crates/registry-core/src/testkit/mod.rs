@@ -20,10 +20,12 @@
 
 mod conformance;
 mod faulty;
+mod keeper_model;
 mod recorder;
 
 pub use conformance::*;
 pub use faulty::{Fault, FaultyRegistry, Op};
+pub use keeper_model::{KeeperOp, run_keeper_ops};
 pub use recorder::{Recorder, wait_until};
 
 use std::sync::atomic::{AtomicU64, Ordering};
