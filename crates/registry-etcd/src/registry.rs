@@ -16,8 +16,8 @@ use crate::errors;
 use crate::options::Options;
 use crate::paths;
 use crate::session;
-use crate::shared::{Clients, Cmd, Inner, connect, grant, lock};
-use crate::watches::{Scope, Sub, WatchState};
+use crate::shared::{Clients, Cmd, Inner, Sub, connect, grant, lock};
+use crate::watches::{Scope, WatchState};
 
 /// Connects to one member, grants the lease and checks that the root can be read (leases
 /// need no permission: missing or insufficient credentials fail here rather than on the first
@@ -52,6 +52,47 @@ async fn open(
         return Err(e);
     }
     Ok((clients, id))
+}
+
+/// Uses the watch of `prefix` when there is one (counts one more user); false when there is
+/// none.
+fn claim(inner: &Inner, prefix: &str) -> bool {
+    match lock(&inner.watches)
+        .values_mut()
+        .find(|w| w.prefix == prefix)
+    {
+        Some(w) => {
+            w.users += 1;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Gives back one use of each watch of `prefixes`; a watch nobody uses any more is cancelled
+/// and the keeper forgets its scope.
+fn release(inner: &Inner, prefixes: &[String]) {
+    let mut cancels = Vec::new();
+    {
+        let mut watches = lock(&inner.watches);
+        for p in prefixes {
+            let Some((&id, w)) = watches.iter_mut().find(|(_, w)| w.prefix == *p) else {
+                continue;
+            };
+            w.users = w.users.saturating_sub(1);
+            if w.users == 0
+                && let Some(w) = watches.remove(&id)
+            {
+                // Under the lock: a subscription that reads and watches the prefix again
+                // right after must not have its read forgotten.
+                inner.keeper.forget(&w.scope.to_keeper());
+                cancels.push((id, w.armed));
+            }
+        }
+    }
+    for (id, armed) in cancels {
+        let _ = inner.cmds.send(Cmd::Cancel(id, armed));
+    }
 }
 
 /// The `etcd://` (and `etcd3://`) registry: entries are keys whose value is the URL, dynamic
@@ -216,39 +257,22 @@ impl Registry for EtcdRegistry {
         Ok(())
     }
 
+    /// One server watch per prefix, shared by every subscription that needs it: a prefix
+    /// nobody watches yet is read (fed to the keeper) and then watched from the read's
+    /// revision + 1; one already watched is just used. The keeper gives the subscription its
+    /// first lists once every prefix it needs was read.
     async fn subscribe(&self, url: &Url, listener: Arc<dyn NotifyListener>) -> Result<()> {
         let inner = &self.inner;
         let clients = inner.connected()?;
         let key = (url.clone(), listener_id(&listener));
-        let wildcard = url.service_interface() == ANY_VALUE;
-        let sub = {
-            let mut subs = lock(&inner.subs);
-            // `destroy` sets `destroyed` under this lock before draining the subscriptions:
-            // one inserted after that would never be closed.
-            inner.alive()?;
-            if subs.contains_key(&key) {
-                return Ok(());
-            }
-            let sub = Arc::new(Sub {
-                url: url.clone(),
-                categories: url.categories(),
-                delivery: Delivery::for_listener(
-                    listener,
-                    DeliveryOptions {
-                        empty_protection: inner.opts.empty_protection,
-                        label: url.to_redacted_string(),
-                    },
-                ),
-            });
-            subs.insert(key.clone(), sub.clone());
-            sub
-        };
-        // One range read per prefix, then a watch from the read's revision + 1.
-        let scopes: Vec<(String, Scope)> = if wildcard {
+        if lock(&inner.subs).contains_key(&key) {
+            return inner.alive();
+        }
+        let scopes: Vec<(String, Scope)> = if url.service_interface() == ANY_VALUE {
             vec![(paths::root_prefix(&inner.opts.root), Scope::Root)]
         } else {
             let service = url.service_interface();
-            sub.categories
+            url.categories()
                 .iter()
                 .map(|c| {
                     (
@@ -261,74 +285,92 @@ impl Registry for EtcdRegistry {
                 })
                 .collect()
         };
-        let mut states = Vec::with_capacity(scopes.len());
+        let mut claimed: Vec<String> = Vec::with_capacity(scopes.len());
         for (prefix, scope) in scopes {
-            match inner.read(&clients, &prefix, &scope).await {
-                Ok((entries, revision)) => states.push(WatchState {
-                    sub: sub.clone(),
-                    prefix,
-                    scope,
-                    entries,
-                    known: Default::default(),
-                    revision,
-                    armed: 0,
-                    resyncing: false,
-                    refused: false,
-                }),
+            if claim(inner, &prefix) {
+                claimed.push(prefix);
+                continue;
+            }
+            let (entries, revision) = match inner.read(&clients, &prefix, &scope).await {
+                Ok(r) => r,
                 Err(e) => {
-                    let removed = {
-                        let mut subs = lock(&inner.subs);
-                        match subs.get(&key) {
-                            Some(s) if Arc::ptr_eq(s, &sub) => subs.remove(&key),
-                            _ => None,
-                        }
-                    };
-                    if let Some(s) = removed {
-                        s.delivery.close().await;
-                    }
+                    release(inner, &claimed);
                     return Err(inner.fail(e));
                 }
-            }
-        }
-        let flush = {
-            let mut watches = lock(&inner.watches);
-            // An unsubscribe or destroy that ran meanwhile wins.
-            let current = lock(&inner.subs)
-                .get(&key)
-                .is_some_and(|s| Arc::ptr_eq(s, &sub));
-            if current && !inner.destroyed.load(Ordering::Acquire) {
-                for mut w in states {
-                    w.notify_initial();
-                    let id = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
-                    watches.insert(id, w);
+            };
+            {
+                let mut watches = lock(&inner.watches);
+                match watches.values_mut().find(|w| w.prefix == prefix) {
+                    // Another subscription read and watched it meanwhile: its watch serves both.
+                    Some(w) => w.users += 1,
+                    None => {
+                        inner.keeper.replace(
+                            &scope.to_keeper(),
+                            entries,
+                            u64::try_from(revision).unwrap_or(0),
+                        );
+                        let id = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
+                        watches.insert(
+                            id,
+                            WatchState {
+                                prefix: prefix.clone(),
+                                scope,
+                                revision,
+                                armed: 0,
+                                resyncing: false,
+                                refused: false,
+                                users: 1,
+                            },
+                        );
+                    }
                 }
             }
-            sub.delivery.flush_handle()
+            claimed.push(prefix);
+        }
+        let delivery = Arc::new(Delivery::for_listener(
+            listener,
+            DeliveryOptions {
+                empty_protection: inner.opts.empty_protection,
+                label: url.to_redacted_string(),
+            },
+        ));
+        let added = {
+            let mut subs = lock(&inner.subs);
+            // `destroy` sets `destroyed` under this lock before draining the subscriptions:
+            // one inserted after that would never be closed.
+            if inner.destroyed.load(Ordering::Acquire) || subs.contains_key(&key) {
+                false
+            } else {
+                let id = inner.keeper.subscribe(url, delivery.clone());
+                subs.insert(
+                    key,
+                    Sub {
+                        id,
+                        delivery: delivery.clone(),
+                        prefixes: std::mem::take(&mut claimed),
+                    },
+                );
+                true
+            }
         };
+        if !added {
+            release(inner, &claimed);
+            delivery.close().await;
+            return inner.alive();
+        }
         let _ = inner.cmds.send(Cmd::Arm);
-        flush.await;
+        delivery.flush_handle().await;
         inner.alive()
     }
 
     async fn unsubscribe(&self, url: &Url, listener: &Arc<dyn NotifyListener>) -> Result<()> {
-        self.inner.alive()?;
-        let Some(sub) = lock(&self.inner.subs).remove(&(url.clone(), listener_id(listener))) else {
+        let inner = &self.inner;
+        inner.alive()?;
+        let Some(sub) = lock(&inner.subs).remove(&(url.clone(), listener_id(listener))) else {
             return Ok(());
         };
-        let cancels: Vec<(i64, u64)> = {
-            let mut watches = lock(&self.inner.watches);
-            let ids: Vec<i64> = watches
-                .iter()
-                .filter(|(_, w)| Arc::ptr_eq(&w.sub, &sub))
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| watches.remove(&id).map(|w| (id, w.armed)))
-                .collect()
-        };
-        for (id, armed) in cancels {
-            let _ = self.inner.cmds.send(Cmd::Cancel(id, armed));
-        }
+        inner.keeper.unsubscribe(sub.id);
+        release(inner, &sub.prefixes);
         sub.delivery.close().await;
         Ok(())
     }
@@ -347,10 +389,8 @@ impl Registry for EtcdRegistry {
                 .map_err(|e| inner.fail(e))?;
             let mut by_cat: Vec<(usize, String, Url)> = entries
                 .into_iter()
-                .filter_map(|(k, u)| {
-                    let rest = k.strip_prefix(&prefix)?;
-                    let (_, c, _) = paths::split_under_root(rest)?;
-                    let pos = categories.iter().position(|x| x == c)?;
+                .filter_map(|(_, c, u)| {
+                    let pos = categories.iter().position(|x| *x == c)?;
                     Some((pos, u.to_full_string(), u))
                 })
                 .filter(|(_, _, u)| is_match(url, u))
@@ -369,8 +409,11 @@ impl Registry for EtcdRegistry {
                     .read(&clients, &prefix, &scope)
                     .await
                     .map_err(|e| inner.fail(e))?;
-                let mut found: Vec<Url> =
-                    entries.into_values().filter(|u| is_match(url, u)).collect();
+                let mut found: Vec<Url> = entries
+                    .into_iter()
+                    .map(|(_, _, u)| u)
+                    .filter(|u| is_match(url, u))
+                    .collect();
                 found.sort_by_cached_key(Url::to_full_string);
                 out.extend(found);
             }
@@ -380,7 +423,7 @@ impl Registry for EtcdRegistry {
 
     async fn destroy(&self) {
         let inner = &self.inner;
-        let subs: Vec<Arc<Sub>> = {
+        let subs: Vec<Sub> = {
             let mut subs = lock(&inner.subs);
             if inner.destroyed.swap(true, Ordering::AcqRel) {
                 return;
@@ -390,6 +433,7 @@ impl Registry for EtcdRegistry {
         inner.available.store(false, Ordering::Release);
         lock(&inner.watches).clear();
         for s in &subs {
+            inner.keeper.unsubscribe(s.id);
             s.delivery.close().await;
         }
         // Stop the session task and wait for it, so no grant it has in flight stores a lease

@@ -45,7 +45,7 @@
 //!   run on their own tasks, at most [`READ_CONCURRENCY`] at once, and report back to the
 //!   session task, which applies them and re-creates watches.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -54,14 +54,14 @@ use etcd_client::{
     EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse,
     WatchStream, Watcher,
 };
-use registry_core::{Error, RegistryEvent, Url};
+use registry_core::{Error, RegistryEvent};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::errors::{self, Kind};
 use crate::paths;
 use crate::shared::{Clients, Cmd, Inner, connect, grant, lock};
-use crate::watches::{Changed, WatchState, parse_key};
+use crate::watches::{Batch, Entries, WatchState, parse_key};
 
 /// The first watch id (anchor watches and subscriptions draw from the same counter).
 pub(crate) const FIRST_WATCH_ID: i64 = 1;
@@ -953,7 +953,7 @@ enum Purpose {
 struct ReadDone {
     id: i64,
     purpose: Purpose,
-    result: Result<(BTreeMap<String, Url>, i64), (Error, Kind)>,
+    result: Result<(Entries, i64), (Error, Kind)>,
 }
 
 /// Reads run on their own tasks, at most [`READ_CONCURRENCY`] at once, and report to the
@@ -1198,29 +1198,25 @@ fn on_watch_response(
     let Some(w) = watches.get_mut(&id) else {
         return Ok(Seen::Nothing);
     };
-    let mut changed = Changed::new();
+    let mut batch = Batch::default();
     let mut latest = w.revision;
     for ev in r.events() {
         let Some(kv) = ev.kv() else { continue };
         let rev = kv.mod_revision();
         if rev <= w.revision {
-            continue; // already in the state (read at a later revision)
+            continue; // already in the keeper (read at a later revision)
         }
         latest = latest.max(rev);
         let Ok(key) = kv.key_str() else { continue };
-        let url = match ev.event_type() {
-            EventType::Put => match parse_key(&inner.label, &w.prefix, &w.scope, key) {
-                Some((_, _, u)) => Some(u),
-                None => continue,
-            },
-            EventType::Delete => None,
-        };
-        changed.extend(w.apply(key, url));
+        // A delete event carries the key only: the key encodes the URL.
+        if let Some((service, category, url)) = parse_key(&inner.label, &w.prefix, &w.scope, key) {
+            batch.add(service, category, url, ev.event_type() == EventType::Put);
+        }
     }
     w.revision = latest;
-    if !changed.is_empty() {
-        w.notify_changed(&changed);
-    }
+    // Under the watches lock: a read of the same prefix is applied before or after, never
+    // in the middle.
+    batch.feed(&inner.keeper, latest);
     Ok(Seen::Nothing)
 }
 
@@ -1336,7 +1332,9 @@ async fn on_read(
                             "this list is larger than the registry URL parameter `{}` allows; its subscription no longer receives changes",
                             crate::options::MAX_MESSAGE_SIZE_KEY
                         );
-                        watches.remove(&done.id);
+                        if let Some(w) = watches.remove(&done.id) {
+                            inner.keeper.forget(&w.scope.to_keeper());
+                        }
                         reads.retries.remove(&done.id);
                     }
                     Purpose::Resync => {
@@ -1357,18 +1355,12 @@ async fn on_read(
             }
         };
         if revision > w.revision {
-            let changed = w.replace(entries);
+            inner.keeper.replace(
+                &w.scope.to_keeper(),
+                entries,
+                u64::try_from(revision).unwrap_or(0),
+            );
             w.revision = revision;
-            if !changed.is_empty() {
-                if done.purpose == Purpose::Reread {
-                    tracing::warn!(
-                        registry = %inner.label,
-                        prefix = w.prefix,
-                        "the periodic re-read found changes no watch event reported; notifying them"
-                    );
-                }
-                w.notify_changed(&changed);
-            }
         }
         let again = (done.purpose == Purpose::Resync && w.resyncing) || w.refused;
         if again {
@@ -1398,6 +1390,7 @@ async fn on_read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use registry_core::Url;
 
     #[test]
     fn a_refusal_is_warned_once_per_distinct_reason() {

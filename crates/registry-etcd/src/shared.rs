@@ -8,12 +8,14 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, KvClient, LeaseClient, WatchClient};
+use registry_core::delivery::Delivery;
+use registry_core::keeper::{ListKeeper, SubscriptionId};
 use registry_core::{Error, RegistryEvent, Result, Url};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::errors::{self, Kind};
 use crate::options::Options;
-use crate::watches::{Scope, Sub, WatchState, parse_entries};
+use crate::watches::{Entries, Scope, WatchState, parse_entries};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -38,6 +40,14 @@ pub(crate) enum Cmd {
     CheckLease,
     /// A request said the auth token is invalid: authenticate again.
     Reauthenticate,
+}
+
+/// One subscription: its id in the keeper, its delivery (kept to flush and close it) and the
+/// prefixes it watches.
+pub(crate) struct Sub {
+    pub id: SubscriptionId,
+    pub delivery: std::sync::Arc<Delivery>,
+    pub prefixes: Vec<String>,
 }
 
 /// The clients of one connection (to one member), with the raised decoding limit.
@@ -68,9 +78,12 @@ pub(crate) struct Inner {
     pub available: AtomicBool,
     pub destroyed: AtomicBool,
     pub events: broadcast::Sender<RegistryEvent>,
-    pub subs: Mutex<HashMap<(Url, usize), std::sync::Arc<Sub>>>,
-    /// watch id -> watch.
+    /// (URL, listener) -> subscription.
+    pub subs: Mutex<HashMap<(Url, usize), Sub>>,
+    /// watch id -> the one watch of a prefix (shared by the subscriptions that need it).
     pub watches: Mutex<HashMap<i64, WatchState>>,
+    /// The lists of every subscription, fed by the watches and reads.
+    pub keeper: ListKeeper,
     pub next_watch_id: AtomicI64,
     pub cmds: mpsc::UnboundedSender<Cmd>,
     pub shutdown: watch::Sender<bool>,
@@ -80,8 +93,10 @@ pub(crate) struct Inner {
 
 impl Inner {
     pub fn new(url: Url, opts: Options, cmds: mpsc::UnboundedSender<Cmd>, first: i64) -> Inner {
+        let label = url.to_identity_string_redacted();
         Inner {
-            label: url.to_identity_string_redacted(),
+            keeper: ListKeeper::new(label.clone()),
+            label,
             url,
             clients: RwLock::new(None),
             member: AtomicUsize::new(0),
@@ -186,13 +201,14 @@ impl Inner {
         let _ = self.events.send(e);
     }
 
-    /// One range read of `prefix`: the parsed entries and the read's revision.
+    /// One range read of `prefix`: the parsed entries (service, category, URL) and the
+    /// read's revision.
     pub async fn read(
         &self,
         clients: &Clients,
         prefix: &str,
         scope: &Scope,
-    ) -> std::result::Result<(std::collections::BTreeMap<String, Url>, i64), (Error, Kind)> {
+    ) -> std::result::Result<(Entries, i64), (Error, Kind)> {
         let mut kv = clients.kv.clone();
         let resp = errors::timed(
             &self.label,

@@ -344,3 +344,79 @@ async fn reconnections_authenticate_only_when_the_token_is_bad() {
     assert_eq!(after - before, 0.0, "no authentication for a good token");
     r.destroy().await;
 }
+
+/// Watchers etcd has open (its own gauge).
+fn watchers(addr: &str) -> f64 {
+    metric(addr, "etcd_debugging_mvcc_watcher_total", "")
+}
+
+/// Range requests etcd has served.
+fn ranges(addr: &str) -> f64 {
+    metric(addr, "grpc_server_handled_total", "grpc_method=\"Range\"")
+}
+
+/// Twelve subscriptions of one service (ten with the same query, two that add `routers`)
+/// need two prefixes: etcd holds two watchers for them (plus the registry's lease anchor),
+/// not one per subscription and category, and the periodic re-read reads each prefix once.
+/// Every subscription still gets every change; the last unsubscribe cancels the watchers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_share_one_watch_and_one_periodic_read_per_prefix() {
+    let Some(etcd) = OwnEtcd::start("shared_watches", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let s = unique_service("shared");
+    let r = registry(&format!(
+        "etcd://{addr}?session=60000&etcd.reread.period=1000&file=false"
+    ))
+    .await;
+    // The session task opens the stream with the lease anchor watch right after `new`.
+    wait_until(
+        "etcd's gauge counts the lease anchor watch",
+        DEADLINE,
+        || async { watchers(&addr) == 1.0 },
+    )
+    .await;
+    let base = watchers(&addr);
+    let mut recs = Vec::new();
+    for i in 0..12 {
+        let rec = Recorder::new();
+        let query = if i < 10 {
+            consumer(&s, "category=providers")
+        } else {
+            consumer(&s, "category=providers,routers")
+        };
+        r.subscribe(&query, rec.listener())
+            .await
+            .expect("subscribe");
+        recs.push((query, rec));
+    }
+    let p = provider(&s, 1, "");
+    r.register(&p).await.expect("register");
+    for (_, rec) in &recs {
+        rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p), DEADLINE)
+            .await;
+    }
+    let held = watchers(&addr) - base;
+    let before = ranges(&addr);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let reads = ranges(&addr) - before;
+    eprintln!(
+        "12 subscriptions on 2 prefixes: {held} watchers; periodic re-read (every 1 s) made {reads} range reads in 3.2 s"
+    );
+    assert_eq!(held, 2.0, "one watcher per prefix");
+    assert!(
+        (2.0..=8.0).contains(&reads),
+        "each prefix read once per period: {reads} reads in 3.2 s"
+    );
+    for (query, rec) in &recs {
+        r.unsubscribe(query, &rec.listener())
+            .await
+            .expect("unsubscribe");
+    }
+    wait_until("the watchers cancelled", DEADLINE, || async {
+        watchers(&addr) == base
+    })
+    .await;
+    r.destroy().await;
+}
