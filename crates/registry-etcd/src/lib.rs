@@ -38,8 +38,9 @@
 //!   so a late unregister of an old instance never deletes a new instance's entry.
 //! - A subscription is one range read of `category path + "/"` (with the trailing slash, so
 //!   `providersX` never leaks into `providers`), then a watch from the read's revision + 1.
-//!   All watches of a registry share one watch stream; the lists are kept up to date from the
-//!   events, which carry the changed key. After a broken stream every watch resumes from its
+//!   One watch per prefix, shared by every subscription that needs it, all on one watch
+//!   stream; the events, which carry the changed key, feed the registry's
+//!   [`ListKeeper`](registry_core::keeper::ListKeeper), which keeps every list. After a broken stream every watch resumes from its
 //!   last revision + 1; a compacted watch is read again. A periodic re-read guards against
 //!   events the server loses.
 //! - `interface=*` watches the whole root, so services created later are seen.
