@@ -420,3 +420,64 @@ async fn subscriptions_share_one_watch_and_one_periodic_read_per_prefix() {
     .await;
     r.destroy().await;
 }
+
+/// A lease lost while the connection works (revoked from outside) is replaced on the same
+/// connection: `SessionLost` then `NewSession`, every entry back on the new lease, and the
+/// watch stream with its watches stays (etcd counts no new watch stream; the subscription
+/// keeps seeing changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_replaced_on_the_same_watch_stream() {
+    let Some(etcd) = OwnEtcd::start("lease_replaced_in_place", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let s = unique_service("inplace");
+    let r = registry(&format!("etcd://{addr}?session=60000&file=false")).await;
+    let log = EventLog::attach(&r);
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe");
+    let p1 = provider(&s, 1, "");
+    r.register(&p1).await.expect("register");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
+        .await;
+    let mut rawc = raw(&addr).await;
+    let key = entry_key("dubbo", &s, &p1);
+    let old = lease_of(&mut rawc, &key).await.expect("entry");
+    let streams = watch_streams(&addr);
+    assert!(streams >= 1.0, "etcd's metrics count watch streams");
+
+    let revoked = Instant::now();
+    rawc.lease_revoke(old).await.expect("revoke from outside");
+    log.wait_for(RegistryEvent::NewSession, revoked, DEADLINE)
+        .await;
+    wait_until("the entry on a new lease", DEADLINE, || {
+        let (addr, key) = (addr.clone(), key.clone());
+        async move {
+            matches!(lease_of(&mut raw(&addr).await, &key).await, Some(l) if l != 0 && l != old)
+        }
+    })
+    .await;
+    let back = revoked.elapsed();
+    let p2 = provider(&s, 2, "");
+    r.register(&p2).await.expect("register");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &[p1.clone(), p2.clone()], DEADLINE)
+        .await;
+    eprintln!(
+        "lease revoked from outside: entry on a new lease after {back:?}; watch streams opened meanwhile: {}; events {:?}",
+        watch_streams(&addr) - streams,
+        log.events()
+    );
+    assert_eq!(
+        watch_streams(&addr),
+        streams,
+        "the watch stream stays when only the lease is replaced"
+    );
+    assert!(
+        !log.events().contains(&RegistryEvent::Disconnected),
+        "{:?}",
+        log.events()
+    );
+    r.destroy().await;
+}
