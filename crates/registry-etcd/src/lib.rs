@@ -25,13 +25,22 @@
 //!   [`RegistryEvent::NewSession`] are reported, so the reliability layer puts every entry
 //!   again. Persistent entries (`dynamic=false`) carry no lease.
 //! - The loss is noticed within milliseconds: each registry puts a sentinel key,
-//!   `<root>/.registry-leases/<lease id in hex>`, on its lease and watches it; etcd deletes it
-//!   with the lease. The keep-alive is the fallback. The sentinel is never an entry (no
-//!   subscription or lookup sees it, `interface=*` ones included).
+//!   `<etcd.lease-prefix><root>/<lease id in hex>` (`/.registry-leases/dubbo/…` by default,
+//!   outside the Dubbo tree, so no Dubbo subscriber or Dubbo Admin sees it), on its lease and
+//!   watches it; etcd deletes it with the lease. The keep-alive is the fallback. A sentinel
+//!   deleted by hand makes the registry revoke its lease before moving to a new one.
+//! - Clusters: one client per member, one member in use at a time (lease keep-alive and watch
+//!   stream on the same member); when a step fails or a member does not answer, the registry
+//!   moves to the next member at once. Each step of re-establishing has a deadline of a sixth
+//!   of the granted TTL, so a hung member is left inside the lease. Requests carry etcd's
+//!   require-leader flag: a member cut off from the majority ends its streams.
+//! - `unregister` deletes an entry only while it is on this registry's lease (a transaction),
+//!   so a late unregister of an old instance never deletes a new instance's entry.
 //! - A subscription is one range read of `category path + "/"` (with the trailing slash, so
 //!   `providersX` never leaks into `providers`), then a watch from the read's revision + 1.
-//!   All watches of a registry share one watch stream; the lists are kept up to date from the
-//!   events, which carry the changed key. After a broken stream every watch resumes from its
+//!   One watch per prefix, shared by every subscription that needs it, all on one watch
+//!   stream; the events, which carry the changed key, feed the registry's
+//!   [`ListKeeper`](registry_core::keeper::ListKeeper), which keeps every list. After a broken stream every watch resumes from its
 //!   last revision + 1; a compacted watch is read again. A periodic re-read guards against
 //!   events the server loses.
 //! - `interface=*` watches the whole root, so services created later are seen.
@@ -41,8 +50,9 @@
 //! endpoints; `timeout` (ms, default 5000) is the connect and request timeout; `session` (ms,
 //! default 60000) gives the lease TTL; `username:password@` authenticates; `group` (default
 //! `dubbo`) is the root; `check=false` returns at once and connects in the background;
-//! `etcd.reread.period` (ms, default 180000, 0 disables) and `etcd.max-message-size` (bytes,
-//! default 64 MiB, so a 10,000-provider range reply works) tune the backend.
+//! `etcd.reread.period` (ms, default 180000, 0 disables), `etcd.max-message-size` (bytes,
+//! default 64 MiB, so a 10,000-provider range reply works) and `etcd.lease-prefix` (default
+//! `/.registry-leases`, outside the root) tune the backend.
 //!
 //! [`RegistryEvent::SessionLost`]: registry_core::RegistryEvent::SessionLost
 //! [`RegistryEvent::NewSession`]: registry_core::RegistryEvent::NewSession
@@ -57,6 +67,7 @@ mod options;
 mod paths;
 mod registry;
 mod session;
+mod shared;
 mod watches;
 
 use std::sync::Arc;
@@ -69,7 +80,8 @@ use registry_core::{Registry, RegistryFactory, Result, Url};
 #[doc(hidden)]
 pub use options::Options;
 pub use options::{
-    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REREAD_PERIOD_MS, MAX_MESSAGE_SIZE_KEY, REREAD_PERIOD_KEY,
+    DEFAULT_LEASE_PREFIX, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REREAD_PERIOD_MS, LEASE_PREFIX_KEY,
+    MAX_MESSAGE_SIZE_KEY, REREAD_PERIOD_KEY,
 };
 pub use registry::EtcdRegistry;
 

@@ -11,6 +11,13 @@ pub const REREAD_PERIOD_KEY: &str = "etcd.reread.period";
 /// `etcd.max-message-size`: the largest reply (bytes) the client decodes.
 pub const MAX_MESSAGE_SIZE_KEY: &str = "etcd.max-message-size";
 
+/// `etcd.lease-prefix`: the key prefix of the lease sentinels (one key per live registry,
+/// `<prefix><root>/<lease id in hex>`); it must be outside the registry root, so Dubbo
+/// subscribers and Dubbo Admin never see it.
+pub const LEASE_PREFIX_KEY: &str = "etcd.lease-prefix";
+/// The default of [`LEASE_PREFIX_KEY`].
+pub const DEFAULT_LEASE_PREFIX: &str = "/.registry-leases";
+
 /// The default of [`REREAD_PERIOD_KEY`]: three minutes.
 pub const DEFAULT_REREAD_PERIOD_MS: u64 = 180_000;
 /// The default of [`MAX_MESSAGE_SIZE_KEY`]: 64 MiB.
@@ -38,6 +45,8 @@ pub struct Options {
     pub max_message_size: usize,
     /// `/` + group.
     pub root: String,
+    /// The lease sentinels' prefix (`/...`, no trailing `/`), outside `root`.
+    pub lease_prefix: String,
     /// `username`, `password`.
     pub user: Option<(String, String)>,
     /// `check`.
@@ -56,6 +65,7 @@ impl std::fmt::Debug for Options {
             .field("reread", &self.reread)
             .field("max_message_size", &self.max_message_size)
             .field("root", &self.root)
+            .field("lease_prefix", &self.lease_prefix)
             .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
             .field("check", &self.check)
             .field("empty_protection", &self.empty_protection)
@@ -141,6 +151,24 @@ impl Options {
             ));
         }
 
+        let lease_prefix = url.parameter_or(LEASE_PREFIX_KEY, DEFAULT_LEASE_PREFIX);
+        let trimmed = lease_prefix.trim_end_matches('/');
+        if !trimmed.starts_with('/') || trimmed.len() < 2 {
+            return Err(invalid(
+                LEASE_PREFIX_KEY,
+                lease_prefix,
+                "must be a key prefix such as /.registry-leases (starting with `/`, not `/` alone)",
+            ));
+        }
+        if trimmed == root || trimmed.starts_with(&format!("{root}/")) {
+            return Err(invalid(
+                LEASE_PREFIX_KEY,
+                lease_prefix,
+                "must be outside the registry root (Dubbo would see the sentinels as a service)",
+            ));
+        }
+        let lease_prefix = trimmed.to_owned();
+
         let user = match (url.username(), url.password()) {
             (Some(u), p) => Some((u.to_owned(), p.unwrap_or("").to_owned())),
             (None, Some(_)) => {
@@ -161,6 +189,7 @@ impl Options {
             reread,
             max_message_size,
             root,
+            lease_prefix,
             user,
             check: url.check(),
             empty_protection: url.parameter_bool("enable-empty-protection", false),
@@ -186,6 +215,7 @@ mod tests {
         assert_eq!(o.reread, Some(Duration::from_secs(180)));
         assert_eq!(o.max_message_size, 64 * 1024 * 1024);
         assert_eq!(o.root, "/dubbo");
+        assert_eq!(o.lease_prefix, "/.registry-leases");
         assert!(o.user.is_none());
         assert!(o.check);
     }
@@ -252,6 +282,13 @@ mod tests {
             ("etcd://h?session=100", "session"),
             ("etcd://h?etcd.max-message-size=-1", "etcd.max-message-size"),
             ("etcd://h?etcd.reread.period=x", "etcd.reread.period"),
+            (
+                "etcd://h?etcd.lease-prefix=/dubbo/leases",
+                "etcd.lease-prefix",
+            ),
+            ("etcd://h?group=x&etcd.lease-prefix=/x", "etcd.lease-prefix"),
+            ("etcd://h?etcd.lease-prefix=leases", "etcd.lease-prefix"),
+            ("etcd://h?etcd.lease-prefix=/", "etcd.lease-prefix"),
         ] {
             match opts(url) {
                 Err(Error::InvalidParameter { key: k, .. }) => assert_eq!(k, key, "{url}"),

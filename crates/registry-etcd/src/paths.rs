@@ -10,9 +10,10 @@
 //! Reads and watches use `category path + "/"`, with the trailing slash, so a sibling such as
 //! `providersX` never leaks into `providers`.
 //!
-//! Besides the entries, each registry keeps one lease sentinel, `root + "/.registry-leases/" +
-//! lease id (hex)`, on its lease (see the session module). It has two segments under the root,
-//! so it is never an entry: no category prefix covers it and the root scope skips it.
+//! Besides the entries, each registry keeps one lease sentinel, `lease prefix + root + "/" +
+//! lease id (hex)` (`/.registry-leases/dubbo/694d…` by default), on its lease (see the session
+//! module). It is outside the root, so Dubbo subscribers and Dubbo Admin never see it. (Older
+//! versions put it at `root + "/.registry-leases/…"`: the root scope still skips that folder.)
 
 use registry_core::{Url, encode};
 
@@ -36,14 +37,14 @@ pub(crate) fn root_prefix(root: &str) -> String {
     format!("{root}/")
 }
 
-/// The folder under the root that holds the lease sentinels (one per live registry).
+/// The folder under the root where older versions kept the lease sentinels: never an entry.
 pub(crate) const LEASES_DIR: &str = ".registry-leases";
 
-/// The sentinel key of `lease`: `root + "/.registry-leases/" + lease id in hex`. It is put
-/// on the lease itself, so etcd deletes it (and the watch on it reports that) the moment the
+/// The sentinel key of `lease`: `lease_prefix + root + "/" + lease id in hex`. It is put on
+/// the lease itself, so etcd deletes it (and the watch on it reports that) the moment the
 /// lease is revoked or expires.
-pub(crate) fn sentinel_key(root: &str, lease: i64) -> String {
-    format!("{root}/{LEASES_DIR}/{lease:x}")
+pub(crate) fn sentinel_key(lease_prefix: &str, root: &str, lease: i64) -> String {
+    format!("{lease_prefix}{root}/{lease:x}")
 }
 
 /// The key of an entry: `category path + "/" + encode(url.to_full_string())`.
@@ -103,11 +104,9 @@ mod tests {
     }
 
     #[test]
-    fn sentinel_is_under_the_root_and_outside_every_category() {
-        let key = sentinel_key("/dubbo", 0x694d_9a1b_22c3_0f11);
-        assert_eq!(key, "/dubbo/.registry-leases/694d9a1b22c30f11");
-        assert!(key.starts_with(&root_prefix("/dubbo")));
-        assert!(!key.starts_with(&category_prefix("/dubbo", ".registry-leases", "providers")));
-        assert_eq!(split_under_root(&key["/dubbo/".len()..]), None);
+    fn sentinel_is_outside_the_root() {
+        let key = sentinel_key("/.registry-leases", "/dubbo", 0x694d_9a1b_22c3_0f11);
+        assert_eq!(key, "/.registry-leases/dubbo/694d9a1b22c30f11");
+        assert!(!key.starts_with(&root_prefix("/dubbo")));
     }
 }

@@ -1,244 +1,98 @@
 //! [`EtcdRegistry`]: the raw `etcd://` backend (CONTRACT §7 etcd).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use etcd_client::{
-    Client, ConnectOptions, GetOptions, KvClient, LeaseClient, PutOptions, WatchClient,
-};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 use registry_core::delivery::{Delivery, DeliveryOptions};
 use registry_core::url::ANY_VALUE;
 use registry_core::{
     Error, NotifyListener, Registry, RegistryEvent, Result, Url, is_match, listener_id,
 };
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 
-use crate::errors::{self, Kind};
+use crate::errors;
 use crate::options::Options;
 use crate::paths;
-use crate::session::{self, Cmd};
-use crate::watches::{Scope, Sub, WatchState, parse_entries};
+use crate::session;
+use crate::shared::{Clients, Cmd, Inner, Sub, connect, grant, lock};
+use crate::watches::{Scope, WatchState};
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The clients of one connection, with the raised decoding limit.
-#[derive(Clone)]
-pub(crate) struct Clients {
-    pub client: Client,
-    pub kv: KvClient,
-    pub watch: WatchClient,
-    pub lease: LeaseClient,
-}
-
-/// The state shared by the registry handle and its session task.
-pub(crate) struct Inner {
-    pub url: Url,
-    /// The registry URL for messages (password hidden).
-    pub label: String,
-    pub opts: Options,
-    pub clients: RwLock<Option<Clients>>,
-    /// The current lease; 0 while there is none.
-    pub lease: AtomicI64,
-    pub available: AtomicBool,
-    pub destroyed: AtomicBool,
-    pub events: broadcast::Sender<RegistryEvent>,
-    pub subs: Mutex<HashMap<(Url, usize), Arc<Sub>>>,
-    /// watch id -> watch.
-    pub watches: Mutex<HashMap<i64, WatchState>>,
-    pub next_watch_id: AtomicI64,
-    pub cmds: mpsc::UnboundedSender<Cmd>,
-    pub shutdown: watch::Sender<bool>,
-    /// The session task, joined by `destroy`.
-    pub session: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Inner {
-    pub fn clients(&self) -> Option<Clients> {
-        self.clients
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn alive(&self) -> Result<()> {
-        if self.destroyed.load(Ordering::Acquire) {
-            Err(Error::Destroyed {
-                registry: self.label.clone(),
-            })
-        } else {
-            Ok(())
-        }
-    }
-
-    fn connected(&self) -> Result<Clients> {
-        self.alive()?;
-        self.clients().ok_or_else(|| Error::Unavailable {
-            registry: self.label.clone(),
-            reason: "not connected to etcd yet (connecting in the background)".to_owned(),
-        })
-    }
-
-    /// Converts an operation's error; asks the session to check the lease or the token
-    /// when the error says they are gone.
-    pub fn fail(&self, (e, kind): (Error, Kind)) -> Error {
-        // "user name is empty" with credentials: the request went out without a token (it is
-        // being renewed); like etcd's Go client, authenticate again and retry.
-        if kind == Kind::Denied
-            && self.opts.user.is_some()
-            && e.to_string().contains("user name is empty")
-        {
-            let _ = self.cmds.send(Cmd::Reauthenticate);
-            return Error::Backend {
-                registry: self.label.clone(),
-                message: e.to_string(),
-                retryable: true,
-                source: Some(Box::new(e)),
-            };
-        }
-        match kind {
-            Kind::LeaseNotFound => {
-                let _ = self.cmds.send(Cmd::CheckLease);
-            }
-            Kind::TokenInvalid => {
-                let _ = self.cmds.send(Cmd::Reauthenticate);
-            }
-            _ => {}
-        }
-        e
-    }
-
-    pub fn emit(&self, e: RegistryEvent) {
-        if self.destroyed.load(Ordering::Acquire) {
-            return;
-        }
-        tracing::info!(registry = %self.label, event = ?e, "etcd registry event");
-        let _ = self.events.send(e);
-    }
-
-    /// One range read of `prefix`: the parsed entries and the read's revision.
-    pub async fn read(
-        &self,
-        clients: &Clients,
-        prefix: &str,
-        scope: &Scope,
-    ) -> std::result::Result<(std::collections::BTreeMap<String, Url>, i64), (Error, Kind)> {
-        let mut kv = clients.kv.clone();
-        let resp = errors::timed(
-            &self.label,
-            || format!("reading {prefix}"),
-            self.opts.timeout,
-            kv.get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        )
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let entries = parse_entries(
-            &self.label,
-            prefix,
-            scope,
-            resp.kvs().iter().map(|kv| kv.key()),
-        );
-        Ok((entries, revision))
-    }
-}
-
-/// Connects to etcd: builds the client (authenticating when the URL has credentials).
-pub(crate) async fn connect(inner: &Inner) -> std::result::Result<Clients, (Error, Kind)> {
-    let o = &inner.opts;
-    let base = ConnectOptions::new()
-        .with_timeout(o.timeout)
-        .with_connect_timeout(o.timeout)
-        .with_keep_alive(std::time::Duration::from_secs(10), o.timeout)
-        .with_keep_alive_while_idle(false);
-    let what = || format!("connecting to {}", o.endpoints.join(","));
-    let client = match &o.user {
-        Some((user, password)) => {
-            let with_user = base.clone().with_user(user.clone(), password.clone());
-            match errors::timed(
-                &inner.label,
-                what,
-                o.timeout,
-                Client::connect(&o.endpoints, Some(with_user)),
-            )
-            .await
-            {
-                Err((e, _)) if e.to_string().contains("authentication is not enabled") => {
-                    tracing::warn!(
-                        registry = %inner.label,
-                        "etcd has authentication off: connecting without the user name and password of the URL"
-                    );
-                    errors::timed(
-                        &inner.label,
-                        what,
-                        o.timeout,
-                        Client::connect(&o.endpoints, Some(base)),
-                    )
-                    .await?
-                }
-                other => other?,
-            }
-        }
-        None => {
-            errors::timed(
-                &inner.label,
-                what,
-                o.timeout,
-                Client::connect(&o.endpoints, Some(base)),
-            )
-            .await?
-        }
-    };
-    let kv = client
-        .kv_client()
-        .max_decoding_message_size(o.max_message_size);
-    let watch = client
-        .watch_client()
-        .max_decoding_message_size(o.max_message_size);
-    let lease = client.lease_client();
-    Ok(Clients {
-        client,
-        kv,
-        watch,
-        lease,
-    })
-}
-
-/// Grants a lease of the configured TTL.
-pub(crate) async fn grant(
+/// Connects to one member, grants the lease and checks that the root can be read (leases
+/// need no permission: missing or insufficient credentials fail here rather than on the first
+/// operation). Revokes the lease when the read fails.
+async fn open(
     inner: &Inner,
-    clients: &Clients,
-) -> std::result::Result<i64, (Error, Kind)> {
-    let mut lease = clients.lease.clone();
-    let resp = errors::timed(
+    endpoint: &str,
+    within: std::time::Duration,
+) -> std::result::Result<(Clients, i64), (Error, errors::Kind)> {
+    let clients = connect(inner, endpoint, within).await?;
+    let id = grant(inner, &clients, within).await?;
+    let mut kv = clients.kv.clone();
+    let root = paths::root_prefix(&inner.opts.root);
+    let probe = errors::timed(
         &inner.label,
-        || {
-            format!(
-                "granting a lease of {} s at {}",
-                inner.opts.ttl_secs,
-                inner.opts.endpoints.join(",")
-            )
-        },
+        || format!("reading {root}"),
         inner.opts.timeout,
-        lease.grant(inner.opts.ttl_secs, None),
-    )
-    .await?;
-    if !resp.error().is_empty() {
-        return Err((
-            Error::backend(
-                &inner.url,
-                format!("granting a lease: {}", resp.error()),
-                true,
+        kv.get(
+            root.as_str(),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_limit(1),
             ),
-            Kind::Transient,
-        ));
+        ),
+    )
+    .await;
+    if let Err(e) = probe {
+        let mut lease = clients.lease.clone();
+        let _ = tokio::time::timeout(within, lease.revoke(id)).await;
+        return Err(e);
     }
-    Ok(resp.id())
+    Ok((clients, id))
+}
+
+/// Uses the watch of `prefix` when there is one (counts one more user); false when there is
+/// none.
+fn claim(inner: &Inner, prefix: &str) -> bool {
+    match lock(&inner.watches)
+        .values_mut()
+        .find(|w| w.prefix == prefix)
+    {
+        Some(w) => {
+            w.users += 1;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Gives back one use of each watch of `prefixes`; a watch nobody uses any more is cancelled
+/// and the keeper forgets its scope.
+fn release(inner: &Inner, prefixes: &[String]) {
+    let mut cancels = Vec::new();
+    {
+        let mut watches = lock(&inner.watches);
+        for p in prefixes {
+            let Some((&id, w)) = watches.iter_mut().find(|(_, w)| w.prefix == *p) else {
+                continue;
+            };
+            w.users = w.users.saturating_sub(1);
+            if w.users == 0
+                && let Some(w) = watches.remove(&id)
+            {
+                // Under the lock: a subscription that reads and watches the prefix again
+                // right after must not have its read forgotten.
+                inner.keeper.forget(&w.scope.to_keeper());
+                cancels.push((id, w.armed));
+            }
+        }
+    }
+    for (id, armed) in cancels {
+        let _ = inner.cmds.send(Cmd::Cancel(id, armed));
+    }
 }
 
 /// The `etcd://` (and `etcd3://`) registry: entries are keys whose value is the URL, dynamic
@@ -256,53 +110,39 @@ impl EtcdRegistry {
     pub async fn new(url: Url) -> Result<EtcdRegistry> {
         let opts = Options::from_url(&url)?;
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            label: url.to_identity_string_redacted(),
-            url,
-            clients: RwLock::new(None),
-            lease: AtomicI64::new(0),
-            available: AtomicBool::new(false),
-            destroyed: AtomicBool::new(false),
-            events: broadcast::channel(64).0,
-            subs: Mutex::new(HashMap::new()),
-            watches: Mutex::new(HashMap::new()),
-            next_watch_id: AtomicI64::new(session::FIRST_WATCH_ID),
-            cmds,
-            shutdown: watch::channel(false).0,
-            session: Mutex::new(None),
-            opts,
-        });
+        let inner = Arc::new(Inner::new(url, opts, cmds, session::FIRST_WATCH_ID));
         if inner.opts.check {
-            let clients = connect(&inner).await.map_err(|(e, _)| e)?;
-            let id = grant(&inner, &clients).await.map_err(|(e, _)| e)?;
-            // Leases need no permission: check that the root can be read too, so missing or
-            // insufficient credentials fail here rather than on the first operation.
-            let mut kv = clients.kv.clone();
-            let root = paths::root_prefix(&inner.opts.root);
-            let probe = errors::timed(
-                &inner.label,
-                || format!("reading {root}"),
-                inner.opts.timeout,
-                kv.get(
-                    root.as_str(),
-                    Some(
-                        GetOptions::new()
-                            .with_prefix()
-                            .with_keys_only()
-                            .with_limit(1),
-                    ),
-                ),
-            )
-            .await;
-            if let Err((e, _)) = probe {
-                let mut lease = clients.lease.clone();
-                let _ = tokio::time::timeout(inner.opts.timeout, lease.revoke(id)).await;
+            // Each member in turn, until one answers: a member that is down or hung must not
+            // fail the registry when others serve.
+            let n = inner.opts.endpoints.len();
+            let within = if n == 1 {
+                inner.opts.timeout
+            } else {
+                inner.step_timeout()
+            };
+            let mut last = None;
+            for (i, endpoint) in inner.opts.endpoints.iter().enumerate() {
+                match open(&inner, endpoint, within).await {
+                    Ok((clients, id)) => {
+                        inner.set_clients(Some(clients));
+                        inner.member.store(i, Ordering::Release);
+                        inner.lease.store(id, Ordering::Release);
+                        inner.available.store(true, Ordering::Release);
+                        tracing::info!(registry = %inner.label, lease = id, endpoint, "connected to etcd");
+                        last = None;
+                        break;
+                    }
+                    // Refused credentials or permissions: the same on every member.
+                    Err((e, errors::Kind::Denied)) => return Err(e),
+                    Err((e, _)) => {
+                        tracing::debug!(registry = %inner.label, endpoint, error = %e, "member unavailable; trying the next one");
+                        last = Some(e);
+                    }
+                }
+            }
+            if let Some(e) = last {
                 return Err(e);
             }
-            *inner.clients.write().unwrap_or_else(|p| p.into_inner()) = Some(clients);
-            inner.lease.store(id, Ordering::Release);
-            inner.available.store(true, Ordering::Release);
-            tracing::info!(registry = %inner.label, lease = id, "connected to etcd");
         }
         let task = tokio::spawn(session::run(inner.clone(), cmd_rx));
         *lock(&inner.session) = Some(task);
@@ -371,54 +211,68 @@ impl Registry for EtcdRegistry {
         self.put(url).await
     }
 
+    /// Deletes the entry only when it is ours: a dynamic entry only while it is on this
+    /// registry's current lease, a persistent one only while it has no lease (one transaction:
+    /// compare the key's lease, then delete). An entry that another registry put since (the
+    /// same URL after a restart on the same host:port) stays: a late unregister of the old
+    /// instance must not delete the new instance's entry. Deleting nothing is not an error.
     async fn unregister(&self, url: &Url) -> Result<()> {
-        let clients = self.inner.connected()?;
-        let key = paths::entry_key(&self.inner.opts.root, url);
+        let inner = &self.inner;
+        let clients = inner.connected()?;
+        let key = paths::entry_key(&inner.opts.root, url);
+        let owner = if url.is_dynamic() {
+            let lease = inner.lease.load(Ordering::Acquire);
+            if lease == 0 {
+                return Err(Error::Unavailable {
+                    registry: inner.label.clone(),
+                    reason: format!(
+                        "no lease to delete {key} from yet (a new one is being granted)"
+                    ),
+                });
+            }
+            lease
+        } else {
+            0
+        };
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, owner)])
+            .and_then([TxnOp::delete(key.as_str(), None::<DeleteOptions>)]);
         let mut kv = clients.kv.clone();
-        errors::timed(
-            &self.inner.label,
+        let resp = errors::timed(
+            &inner.label,
             || format!("deleting {key}"),
-            self.inner.opts.timeout,
-            kv.delete(key.clone(), None),
+            inner.opts.timeout,
+            kv.txn(txn),
         )
         .await
-        .map_err(|e| self.inner.fail(e))?;
+        .map_err(|e| inner.fail(e))?;
+        if !resp.succeeded() {
+            tracing::debug!(
+                registry = %inner.label,
+                key,
+                lease = owner,
+                "not deleted: the entry is not on this registry's lease (gone, or put by another registry since)"
+            );
+        }
         Ok(())
     }
 
+    /// One server watch per prefix, shared by every subscription that needs it: a prefix
+    /// nobody watches yet is read (fed to the keeper) and then watched from the read's
+    /// revision + 1; one already watched is just used. The keeper gives the subscription its
+    /// first lists once every prefix it needs was read.
     async fn subscribe(&self, url: &Url, listener: Arc<dyn NotifyListener>) -> Result<()> {
         let inner = &self.inner;
         let clients = inner.connected()?;
         let key = (url.clone(), listener_id(&listener));
-        let wildcard = url.service_interface() == ANY_VALUE;
-        let sub = {
-            let mut subs = lock(&inner.subs);
-            // `destroy` sets `destroyed` under this lock before draining the subscriptions:
-            // one inserted after that would never be closed.
-            inner.alive()?;
-            if subs.contains_key(&key) {
-                return Ok(());
-            }
-            let sub = Arc::new(Sub {
-                url: url.clone(),
-                categories: url.categories(),
-                delivery: Delivery::for_listener(
-                    listener,
-                    DeliveryOptions {
-                        empty_protection: inner.opts.empty_protection,
-                        label: url.to_redacted_string(),
-                    },
-                ),
-            });
-            subs.insert(key.clone(), sub.clone());
-            sub
-        };
-        // One range read per prefix, then a watch from the read's revision + 1.
-        let scopes: Vec<(String, Scope)> = if wildcard {
+        if lock(&inner.subs).contains_key(&key) {
+            return inner.alive();
+        }
+        let scopes: Vec<(String, Scope)> = if url.service_interface() == ANY_VALUE {
             vec![(paths::root_prefix(&inner.opts.root), Scope::Root)]
         } else {
             let service = url.service_interface();
-            sub.categories
+            url.categories()
                 .iter()
                 .map(|c| {
                     (
@@ -431,73 +285,92 @@ impl Registry for EtcdRegistry {
                 })
                 .collect()
         };
-        let mut states = Vec::with_capacity(scopes.len());
+        let mut claimed: Vec<String> = Vec::with_capacity(scopes.len());
         for (prefix, scope) in scopes {
-            match inner.read(&clients, &prefix, &scope).await {
-                Ok((entries, revision)) => states.push(WatchState {
-                    sub: sub.clone(),
-                    prefix,
-                    scope,
-                    entries,
-                    known: Default::default(),
-                    revision,
-                    armed: 0,
-                    resyncing: false,
-                }),
+            if claim(inner, &prefix) {
+                claimed.push(prefix);
+                continue;
+            }
+            let (entries, revision) = match inner.read(&clients, &prefix, &scope).await {
+                Ok(r) => r,
                 Err(e) => {
-                    let removed = {
-                        let mut subs = lock(&inner.subs);
-                        match subs.get(&key) {
-                            Some(s) if Arc::ptr_eq(s, &sub) => subs.remove(&key),
-                            _ => None,
-                        }
-                    };
-                    if let Some(s) = removed {
-                        s.delivery.close().await;
-                    }
+                    release(inner, &claimed);
                     return Err(inner.fail(e));
                 }
-            }
-        }
-        let flush = {
-            let mut watches = lock(&inner.watches);
-            // An unsubscribe or destroy that ran meanwhile wins.
-            let current = lock(&inner.subs)
-                .get(&key)
-                .is_some_and(|s| Arc::ptr_eq(s, &sub));
-            if current && !inner.destroyed.load(Ordering::Acquire) {
-                for mut w in states {
-                    w.notify_initial();
-                    let id = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
-                    watches.insert(id, w);
+            };
+            {
+                let mut watches = lock(&inner.watches);
+                match watches.values_mut().find(|w| w.prefix == prefix) {
+                    // Another subscription read and watched it meanwhile: its watch serves both.
+                    Some(w) => w.users += 1,
+                    None => {
+                        inner.keeper.replace(
+                            &scope.to_keeper(),
+                            entries,
+                            u64::try_from(revision).unwrap_or(0),
+                        );
+                        let id = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
+                        watches.insert(
+                            id,
+                            WatchState {
+                                prefix: prefix.clone(),
+                                scope,
+                                revision,
+                                armed: 0,
+                                resyncing: false,
+                                refused: false,
+                                users: 1,
+                            },
+                        );
+                    }
                 }
             }
-            sub.delivery.flush_handle()
+            claimed.push(prefix);
+        }
+        let delivery = Arc::new(Delivery::for_listener(
+            listener,
+            DeliveryOptions {
+                empty_protection: inner.opts.empty_protection,
+                label: url.to_redacted_string(),
+            },
+        ));
+        let added = {
+            let mut subs = lock(&inner.subs);
+            // `destroy` sets `destroyed` under this lock before draining the subscriptions:
+            // one inserted after that would never be closed.
+            if inner.destroyed.load(Ordering::Acquire) || subs.contains_key(&key) {
+                false
+            } else {
+                let id = inner.keeper.subscribe(url, delivery.clone());
+                subs.insert(
+                    key,
+                    Sub {
+                        id,
+                        delivery: delivery.clone(),
+                        prefixes: std::mem::take(&mut claimed),
+                    },
+                );
+                true
+            }
         };
+        if !added {
+            release(inner, &claimed);
+            delivery.close().await;
+            return inner.alive();
+        }
         let _ = inner.cmds.send(Cmd::Arm);
-        flush.await;
+        delivery.flush_handle().await;
         inner.alive()
     }
 
     async fn unsubscribe(&self, url: &Url, listener: &Arc<dyn NotifyListener>) -> Result<()> {
-        self.inner.alive()?;
-        let Some(sub) = lock(&self.inner.subs).remove(&(url.clone(), listener_id(listener))) else {
+        let inner = &self.inner;
+        inner.alive()?;
+        let Some(sub) = lock(&inner.subs).remove(&(url.clone(), listener_id(listener))) else {
             return Ok(());
         };
-        let cancels: Vec<(i64, u64)> = {
-            let mut watches = lock(&self.inner.watches);
-            let ids: Vec<i64> = watches
-                .iter()
-                .filter(|(_, w)| Arc::ptr_eq(&w.sub, &sub))
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| watches.remove(&id).map(|w| (id, w.armed)))
-                .collect()
-        };
-        for (id, armed) in cancels {
-            let _ = self.inner.cmds.send(Cmd::Cancel(id, armed));
-        }
+        inner.keeper.unsubscribe(sub.id);
+        release(inner, &sub.prefixes);
         sub.delivery.close().await;
         Ok(())
     }
@@ -516,10 +389,8 @@ impl Registry for EtcdRegistry {
                 .map_err(|e| inner.fail(e))?;
             let mut by_cat: Vec<(usize, String, Url)> = entries
                 .into_iter()
-                .filter_map(|(k, u)| {
-                    let rest = k.strip_prefix(&prefix)?;
-                    let (_, c, _) = paths::split_under_root(rest)?;
-                    let pos = categories.iter().position(|x| x == c)?;
+                .filter_map(|(_, c, u)| {
+                    let pos = categories.iter().position(|x| *x == c)?;
                     Some((pos, u.to_full_string(), u))
                 })
                 .filter(|(_, _, u)| is_match(url, u))
@@ -538,8 +409,11 @@ impl Registry for EtcdRegistry {
                     .read(&clients, &prefix, &scope)
                     .await
                     .map_err(|e| inner.fail(e))?;
-                let mut found: Vec<Url> =
-                    entries.into_values().filter(|u| is_match(url, u)).collect();
+                let mut found: Vec<Url> = entries
+                    .into_iter()
+                    .map(|(_, _, u)| u)
+                    .filter(|u| is_match(url, u))
+                    .collect();
                 found.sort_by_cached_key(Url::to_full_string);
                 out.extend(found);
             }
@@ -549,7 +423,7 @@ impl Registry for EtcdRegistry {
 
     async fn destroy(&self) {
         let inner = &self.inner;
-        let subs: Vec<Arc<Sub>> = {
+        let subs: Vec<Sub> = {
             let mut subs = lock(&inner.subs);
             if inner.destroyed.swap(true, Ordering::AcqRel) {
                 return;
@@ -559,6 +433,7 @@ impl Registry for EtcdRegistry {
         inner.available.store(false, Ordering::Release);
         lock(&inner.watches).clear();
         for s in &subs {
+            inner.keeper.unsubscribe(s.id);
             s.delivery.close().await;
         }
         // Stop the session task and wait for it, so no grant it has in flight stores a lease
@@ -594,7 +469,7 @@ impl Registry for EtcdRegistry {
                 ),
             }
         }
-        *inner.clients.write().unwrap_or_else(|p| p.into_inner()) = None;
+        inner.set_clients(None);
         tracing::debug!(registry = %inner.label, "etcd registry destroyed");
     }
 

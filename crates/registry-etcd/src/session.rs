@@ -1,25 +1,42 @@
 //! The session task of a registry: it owns the connection, the lease and the one watch stream.
 //!
+//! - **One member at a time.** Each member (endpoint) gets its own client; the registry talks
+//!   to one of them, the lease keep-alive and the watch stream included, so a keep-alive that
+//!   goes unanswered says the member under the watch stream is gone too. When a step fails
+//!   or a member does not answer, the session moves to the next member at once (backing off
+//!   only after every member failed in a row): a hung member never gets a second request.
+//! - **Every step fits inside the lease.** Each step of (re-)establishing (connect,
+//!   authenticate, grant, renew, sentinel put, watch open) has a deadline of a sixth of the
+//!   *granted* TTL (at most `timeout`), and the keep-alive answer a third of it, so the loss
+//!   of a member is noticed and another one reached well before the lease expires.
+//! - **Require leader.** Every request carries etcd's require-leader flag: a member cut off
+//!   from the majority refuses requests and ends the watch and keep-alive streams ("no
+//!   leader") instead of keeping them open and silent; HTTP/2 keep-alive pings notice a
+//!   frozen member.
 //! - The lease is renewed every TTL/3 by sending a keep-alive on the lease's keep-alive stream;
 //!   an answer with TTL 0 (or "not found" when the stream is opened again) means the lease is
-//!   gone: `SessionLost`, a new lease, then `NewSession`.
+//!   gone: `SessionLost`, a new lease, then `NewSession`. While the connection is healthy the
+//!   new lease is put in place on the same connection: the watch stream and its watches stay.
 //! - etcd never tells a lease holder that its lease was revoked or expired server-side, so
-//!   every time the streams are opened a sentinel key (`root/.registry-leases/<lease hex>`,
-//!   value the registry's identity) is put on the lease, and the watch stream is opened with
-//!   the anchor watch on that key, from the put's revision + 1. etcd deletes the sentinel with
-//!   the lease, so a DELETE event on the anchor watch means the lease is gone: the same path
-//!   as a TTL-0 keep-alive answer, within milliseconds instead of up to TTL/3. The keep-alive
-//!   stays the fallback (a partition that breaks the watch stream too). `destroy` stops this
-//!   task before revoking the lease, so the DELETE that revoke causes is never seen here.
+//!   every time the streams are opened a sentinel key (`<lease prefix><root>/<lease hex>`,
+//!   outside the Dubbo tree, value the registry's identity) is put on the lease, and an anchor
+//!   watch is created on that key, from the put's revision + 1. etcd deletes the sentinel
+//!   with the lease, so a DELETE event on the anchor watch means the lease is gone (within
+//!   milliseconds instead of up to TTL/3), or that someone deleted the sentinel by hand: the
+//!   old lease is then revoked before a new one is granted, so no put in flight on it ends
+//!   up on a lease nobody renews. `destroy` stops this task before revoking the lease, so the
+//!   DELETE that revoke causes is never seen here.
 //! - Every watch of the registry is created on one watch stream with a watch id of our own, so
-//!   responses are routed by id. The stream is opened with the anchor watch on the lease
-//!   sentinel (on the root key itself, which no entry uses, when etcd refuses the sentinel's
-//!   put: keep-alive detection only).
-//! - A broken stream (server down, network) is `Disconnected`; the task then reconnects with
-//!   backoff, renews the same lease and re-creates every watch from its last revision + 1, and
-//!   reports `Reconnected` (or `NewSession` when the lease did not survive).
+//!   responses are routed by id. A watch etcd refuses (no permission on its prefix) is left
+//!   out of this stream (the periodic re-read retries it) and disturbs no other watch; only a
+//!   refusal that says the auth token is bad leads to authenticating again, paced by a
+//!   jittered, growing backoff.
+//! - A broken stream (server down, network) is `Disconnected`; the task then reconnects,
+//!   renews the same lease and re-creates every watch from its last revision + 1, and reports
+//!   `Reconnected` (or `NewSession` when the lease did not survive).
 //! - A watch cancelled for compaction is read again (the full list is notified) and created
-//!   again from the read's revision + 1.
+//!   again from the read's revision + 1. A read that fails is tried again later (jittered,
+//!   growing delay); the stream and the other watches are not disturbed.
 //! - Every `etcd.reread.period` every watched prefix is read again, in case the server lost an
 //!   event; a prefix that fails is logged and the others go on.
 //! - The keep-alive runs on its own task and the watch stream is read by its own task, so
@@ -28,44 +45,113 @@
 //!   run on their own tasks, at most [`READ_CONCURRENCY`] at once, and report back to the
 //!   session task, which applies them and re-creates watches.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{
-    EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse, WatchStream, Watcher,
+    EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse,
+    WatchStream, Watcher,
 };
-use registry_core::{Error, RegistryEvent, Url};
+use registry_core::{Error, RegistryEvent};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::errors::{self, Kind};
 use crate::paths;
-use crate::registry::{Inner, connect, grant, lock};
-use crate::watches::{Changed, WatchState, parse_key};
+use crate::shared::{Clients, Cmd, Inner, connect, grant, lock};
+use crate::watches::{Batch, Entries, WatchState, parse_key};
 
-/// The watch id of the anchor watch that opens the stream (on the lease sentinel).
-const ANCHOR_WATCH_ID: i64 = 1;
-/// The first watch id of subscriptions.
-pub(crate) const FIRST_WATCH_ID: i64 = 2;
+/// The first watch id (anchor watches and subscriptions draw from the same counter).
+pub(crate) const FIRST_WATCH_ID: i64 = 1;
 
+/// Reconnection backoff, once every member failed in a row.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// A connection that lasted this long resets the backoff.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A connection that lasted this long resets the reconnection backoff.
 const STABLE: Duration = Duration::from_secs(5);
+/// Authentication backoff: Authenticate is costly for etcd (bcrypt), and a fleet that lost
+/// its tokens at once (a restarted etcd) must not stampede it.
+const AUTH_MIN: Duration = Duration::from_secs(1);
+const AUTH_MAX: Duration = Duration::from_secs(30);
+/// Without an authentication for this long, the authentication backoff starts over.
+const AUTH_STABLE: Duration = Duration::from_secs(60);
+/// Delays of a failed resync read's retries.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Requests from the registry handle to its session task.
-#[derive(Debug)]
-pub(crate) enum Cmd {
-    /// Create every watch not yet created on the current stream.
-    Arm,
-    /// Cancel a watch that was created on stream generation `.1`.
-    Cancel(i64, u64),
-    /// A request said the lease is gone: check it now.
-    CheckLease,
-    /// A request said the auth token is invalid: authenticate again.
-    Reauthenticate,
+/// Between half and all of `d`, at random: a fleet that failed at once spreads its retries.
+fn jitter(d: Duration) -> Duration {
+    let n = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::random_range(n / 2..=n))
+}
+
+/// A jittered exponential backoff.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(self.max);
+        jitter(d)
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Paces authentications: the first after a quiet period at once, then a growing, jittered
+/// gap between two.
+struct AuthPace {
+    backoff: Backoff,
+    /// When the next authentication may start.
+    next_at: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl AuthPace {
+    fn new() -> AuthPace {
+        AuthPace {
+            backoff: Backoff::new(AUTH_MIN, AUTH_MAX),
+            next_at: None,
+            last: None,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.next_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Schedules one authentication: returns how long to wait before it.
+    fn schedule(&mut self) -> Duration {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) > AUTH_STABLE)
+        {
+            self.backoff.reset();
+        }
+        let wait = self
+            .next_at
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+        self.last = Some(now + wait);
+        self.next_at = Some(now + wait + self.backoff.next());
+        wait
+    }
 }
 
 /// Why the connected loop ended.
@@ -74,6 +160,7 @@ enum Exit {
     /// Connection trouble; the text says what.
     Down(String),
     LeaseLost,
+    /// The auth token is bad: authenticate again and open new streams.
     Reauthenticate,
     /// A watch response was over the decoding limit (the stream is dead, and which watch it
     /// was for is unknown): open a new stream and read every watched prefix again, creating
@@ -83,13 +170,15 @@ enum Exit {
 }
 
 struct Streams {
+    clients: Clients,
     keeper: LeaseKeeper,
     keep_alive: LeaseKeepAliveStream,
     watcher: Watcher,
     watch: WatchStream,
-    /// The lease sentinel the anchor watch is on (`None`: on the root key, etcd refused the
-    /// sentinel).
+    /// The lease sentinel the anchor watch is on (`None`: etcd refused the sentinel).
     sentinel: Option<String>,
+    /// The anchor watch's id.
+    anchor: i64,
 }
 
 /// Where the session stands, for the events it reports.
@@ -103,6 +192,9 @@ struct Flags {
     denied: Option<String>,
     /// The last refusal of the sentinel's put logged at warn level.
     sentinel_denied: Option<String>,
+    /// A lease to revoke before granting a new one (its sentinel was deleted by hand and the
+    /// revoke could not be done then).
+    revoke: Option<i64>,
 }
 
 /// Whether `reason` differs from the last one recorded in `last` (and records it).
@@ -114,6 +206,72 @@ fn first_time(last: &mut Option<String>, reason: &str) -> bool {
     true
 }
 
+/// The members and their clients, one at a time in use.
+struct Members {
+    cache: Vec<Option<Clients>>,
+    current: usize,
+}
+
+impl Members {
+    fn new(inner: &Inner) -> Members {
+        let n = inner.opts.endpoints.len();
+        let current = inner
+            .member
+            .load(Ordering::Acquire)
+            .min(n.saturating_sub(1));
+        let mut cache = vec![None; n];
+        cache[current] = inner.clients();
+        Members { cache, current }
+    }
+
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Leaves the current member for the next one (after `reason`).
+    fn rotate(&mut self, inner: &Inner, reason: &str) {
+        let n = self.len();
+        if n < 2 {
+            return;
+        }
+        let from = self.current;
+        self.current = (from + 1) % n;
+        inner.member.store(self.current, Ordering::Release);
+        inner.set_clients(self.cache[self.current].clone());
+        tracing::info!(
+            registry = %inner.label,
+            from = inner.opts.endpoints[from],
+            to = inner.opts.endpoints[self.current],
+            reason,
+            "moving to another etcd member"
+        );
+    }
+
+    /// The clients of the current member (connecting them when needed), and whether they
+    /// were just connected (and authenticated).
+    async fn clients(&mut self, inner: &Inner) -> Result<(Clients, bool), Step> {
+        if let Some(c) = &self.cache[self.current] {
+            inner.set_clients(Some(c.clone()));
+            return Ok((c.clone(), false));
+        }
+        let endpoint = &inner.opts.endpoints[self.current];
+        let c = connect(inner, endpoint, inner.step_timeout())
+            .await
+            .map_err(step_err)?;
+        self.cache[self.current] = Some(c.clone());
+        inner.set_clients(Some(c.clone()));
+        Ok((c, true))
+    }
+}
+
+/// What made an attempt fail, for the pause before the next.
+enum Failure {
+    /// Connection trouble on the current member: the next member, at once.
+    Down(String),
+    /// The auth token is bad: authenticate again, paced.
+    Token { down: Option<String> },
+}
+
 pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut flags = Flags {
@@ -123,14 +281,17 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
         renewed: Instant::now(),
         denied: None,
         sentinel_denied: None,
+        revoke: None,
     };
+    let mut members = Members::new(&inner);
     let mut generation: u64 = 0;
-    let mut backoff = BACKOFF_MIN;
-    // `new` (check=true) has just authenticated: the first streams need no new token. Every
-    // later establish authenticates again: a token that expired meanwhile (simple tokens after
-    // `--auth-token-ttl` of inactivity, JWTs after their TTL) would make etcd refuse every
-    // watch of the new stream.
-    let mut fresh_token = inner.available.load(Ordering::Acquire);
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    let mut auth = AuthPace::new();
+    // Authenticate again only when an error said the token is bad: not at every reconnection
+    // (Authenticate is costly for etcd, and a fleet reconnecting at once would stampede it).
+    let mut need_auth = false;
+    // Failures in a row; each moves to the next member, at once until every member failed.
+    let mut failures: usize = 0;
     let mut reads = Reads::new();
     let mut resync_all = false;
     loop {
@@ -140,8 +301,14 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
         // Requests made while disconnected are stale: arming is redone below.
         while cmds.try_recv().is_ok() {}
 
-        let reauthenticate = !std::mem::take(&mut fresh_token);
-        match establish(&inner, &mut flags, reauthenticate).await {
+        let failure = match establish(
+            &inner,
+            &mut members,
+            &mut flags,
+            std::mem::take(&mut need_auth),
+        )
+        .await
+        {
             Ok(streams) => {
                 generation += 1;
                 let mut live = Live::start(&inner, streams);
@@ -149,89 +316,99 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                     let mut watches = lock(&inner.watches);
                     for (id, w) in watches.iter_mut().filter(|(_, w)| !w.resyncing) {
                         w.resyncing = true;
-                        reads.spawn(&inner, *id, w, Purpose::Resync);
+                        reads.spawn(&inner, *id, w, Purpose::Resync, Duration::ZERO);
                     }
                 }
-                if let Err(reason) = arm_all(&inner, &mut live.watcher, generation).await {
-                    down(&inner, &mut flags, &reason);
-                    if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
-                        return;
+                if let Err(reason) = arm_all(&inner, &mut live, generation).await {
+                    Failure::Down(reason)
+                } else {
+                    inner.available.store(true, Ordering::Release);
+                    if !flags.ever_up {
+                        flags.ever_up = true;
+                        inner.emit(RegistryEvent::Connected);
+                    } else if flags.lost {
+                        inner.emit(RegistryEvent::NewSession);
+                    } else if flags.down {
+                        inner.emit(RegistryEvent::Reconnected);
                     }
-                    check_expiry(&inner, &mut flags);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
-                inner.available.store(true, Ordering::Release);
-                if !flags.ever_up {
-                    flags.ever_up = true;
-                    inner.emit(RegistryEvent::Connected);
-                } else if flags.lost {
-                    inner.emit(RegistryEvent::NewSession);
-                } else if flags.down {
-                    inner.emit(RegistryEvent::Reconnected);
-                }
-                flags.lost = false;
-                flags.down = false;
-                flags.denied = None;
-                let since = Instant::now();
-                let exit = connected(
-                    &inner,
-                    &mut live,
-                    &mut reads,
-                    &mut cmds,
-                    &mut shutdown,
-                    generation,
-                    &mut flags,
-                )
-                .await;
-                drop(live);
-                if since.elapsed() >= STABLE {
-                    backoff = BACKOFF_MIN;
-                }
-                match exit {
-                    Exit::Shutdown => return,
-                    Exit::Down(reason) => {
-                        down(&inner, &mut flags, &reason);
-                        if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
-                            return;
+                    flags.lost = false;
+                    flags.down = false;
+                    flags.denied = None;
+                    failures = 0;
+                    let since = Instant::now();
+                    let exit = connected(
+                        &inner,
+                        &mut live,
+                        &mut reads,
+                        &mut cmds,
+                        &mut shutdown,
+                        generation,
+                        &mut flags,
+                        &mut auth,
+                    )
+                    .await;
+                    drop(live);
+                    if since.elapsed() >= STABLE {
+                        backoff.reset();
+                    }
+                    match exit {
+                        Exit::Shutdown => return,
+                        Exit::Down(reason) => Failure::Down(reason),
+                        Exit::LeaseLost => {
+                            lease_lost(&inner, &mut flags);
+                            continue;
                         }
-                        check_expiry(&inner, &mut flags);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                    Exit::LeaseLost => lease_lost(&inner, &mut flags),
-                    Exit::ResyncAll(reason) => {
-                        tracing::warn!(
-                            registry = %inner.label,
-                            reason,
-                            "a watch response was over the decoding limit; reading every watched prefix again instead of resuming"
-                        );
-                        resync_all = true;
-                    }
-                    Exit::Reauthenticate => {
-                        // The next establish authenticates again and re-creates every watch
-                        // on a fresh stream. Paced, in case etcd keeps refusing.
-                        if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
-                            return;
+                        Exit::ResyncAll(reason) => {
+                            tracing::warn!(
+                                registry = %inner.label,
+                                reason,
+                                "a watch response was over the decoding limit; reading every watched prefix again instead of resuming"
+                            );
+                            resync_all = true;
+                            continue;
                         }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        Exit::Reauthenticate => Failure::Token { down: None },
                     }
                 }
             }
-            Err(Step::LeaseLost) => lease_lost(&inner, &mut flags),
+            Err(Step::LeaseLost) => {
+                lease_lost(&inner, &mut flags);
+                continue;
+            }
+            Err(Step::Down(reason, Kind::TokenInvalid)) => Failure::Token { down: Some(reason) },
             Err(Step::Down(reason, kind)) => {
                 if kind == Kind::Denied && first_time(&mut flags.denied, &reason) {
                     // Retried for ever (check=false, or after etcd's users changed): say so
                     // once per distinct refusal, not at every attempt.
                     tracing::warn!(registry = %inner.label, reason, "etcd refuses the credentials; retrying in the background");
                 }
-                down(&inner, &mut flags, &reason);
-                if sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, backoff)).await {
-                    return;
-                }
-                check_expiry(&inner, &mut flags);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                Failure::Down(reason)
             }
+        };
+        let wait = match failure {
+            Failure::Down(reason) => {
+                down(&inner, &mut flags, &reason);
+                members.rotate(&inner, &reason);
+                failures += 1;
+                // The next member at once; once every member failed in a row, back off.
+                if failures.is_multiple_of(members.len()) {
+                    backoff.next()
+                } else {
+                    Duration::ZERO
+                }
+            }
+            Failure::Token { down: reason } => {
+                if let Some(reason) = reason {
+                    down(&inner, &mut flags, &reason);
+                }
+                need_auth = true;
+                auth.schedule()
+            }
+        };
+        if !wait.is_zero() && sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, wait)).await {
+            return;
         }
+        check_expiry(&inner, &mut flags);
     }
 }
 
@@ -243,15 +420,14 @@ async fn sleep_or_shutdown(shutdown: &mut tokio::sync::watch::Receiver<bool>, d:
     }
 }
 
-/// The pause before the next attempt: the backoff, cut short so a lease that expires
-/// meanwhile is reported on time.
-fn pause(inner: &Inner, flags: &Flags, backoff: Duration) -> Duration {
+/// The pause before the next attempt: `wait`, cut short so a lease that expires meanwhile is
+/// reported on time.
+fn pause(inner: &Inner, flags: &Flags, wait: Duration) -> Duration {
     if !flags.ever_up || flags.lost {
-        return backoff;
+        return wait;
     }
-    let ttl = Duration::from_secs(u64::try_from(inner.opts.ttl_secs).unwrap_or(1));
-    let left = ttl.saturating_sub(flags.renewed.elapsed()) + Duration::from_millis(5);
-    backoff.min(left)
+    let left = inner.ttl().saturating_sub(flags.renewed.elapsed()) + Duration::from_millis(5);
+    wait.min(left)
 }
 
 /// Resolves when the registry shuts down.
@@ -270,21 +446,21 @@ fn down(inner: &Inner, flags: &mut Flags, reason: &str) {
     }
 }
 
-/// While etcd cannot be reached: once the lease's TTL has passed since its last renewal, the
-/// server has (or, when it comes back, may have) dropped it and its entries. Report the loss
-/// now; the lease is still tried on reconnection (etcd restarts keep leases alive), and either
-/// way `NewSession` follows so every entry is put again.
+/// While etcd cannot be reached: once the lease's granted TTL has passed since its last
+/// renewal, the server has (or, when it comes back, may have) dropped it and its entries.
+/// Report the loss now; the lease is still tried on reconnection (etcd restarts keep leases
+/// alive), and either way `NewSession` follows so every entry is put again.
 fn check_expiry(inner: &Inner, flags: &mut Flags) {
-    let ttl = Duration::from_secs(u64::try_from(inner.opts.ttl_secs).unwrap_or(1));
     if flags.ever_up
         && !flags.lost
         && inner.lease.load(Ordering::Acquire) != 0
-        && flags.renewed.elapsed() > ttl
+        && flags.renewed.elapsed() > inner.ttl()
         && !inner.destroyed.load(Ordering::Acquire)
     {
         tracing::warn!(
             registry = %inner.label,
             unrenewed_for = ?flags.renewed.elapsed(),
+            ttl = ?inner.ttl(),
             "the etcd lease could not be renewed within its TTL; its entries are presumed gone"
         );
         flags.lost = true;
@@ -297,7 +473,9 @@ fn lease_lost(inner: &Inner, flags: &mut Flags) {
     if inner.destroyed.load(Ordering::Acquire) {
         return;
     }
-    tracing::warn!(registry = %inner.label, lease = old, "the etcd lease is gone (expired or revoked); granting a new one");
+    if old != 0 {
+        tracing::warn!(registry = %inner.label, lease = old, "the etcd lease is gone (expired or revoked); granting a new one");
+    }
     if flags.ever_up && !flags.lost {
         flags.lost = true;
         inner.emit(RegistryEvent::SessionLost);
@@ -317,53 +495,110 @@ fn step_err((e, kind): (Error, Kind)) -> Step {
     }
 }
 
-/// Connects (when needed), makes sure there is a lease, and opens the keep-alive and watch
-/// streams.
+/// Authenticates `clients` again (within `within`).
+async fn reauthenticate(
+    inner: &Inner,
+    clients: &Clients,
+    within: Duration,
+) -> Result<(), (Error, Kind)> {
+    let Some((user, password)) = inner.opts.user.clone() else {
+        return Ok(());
+    };
+    let mut client = clients.client.clone();
+    // etcd refuses to authenticate a request that carries a stale token.
+    client.remove_client_auth();
+    match errors::timed(
+        &inner.label,
+        || format!("authenticating again at {}", clients.endpoint),
+        within,
+        client.set_client_auth(user, password),
+    )
+    .await
+    {
+        Ok(()) => {
+            tracing::debug!(registry = %inner.label, "authenticated to etcd again");
+            Ok(())
+        }
+        // `connect` found authentication off and connected without the credentials.
+        Err((e, _)) if e.to_string().contains("authentication is not enabled") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Revokes `lease` (already gone counts as done).
+async fn revoke(
+    inner: &Inner,
+    clients: &Clients,
+    lease: i64,
+    within: Duration,
+) -> Result<(), (Error, Kind)> {
+    let mut l = clients.lease.clone();
+    match errors::timed(
+        &inner.label,
+        || format!("revoking lease {lease:x}"),
+        within,
+        l.revoke(lease),
+    )
+    .await
+    {
+        Ok(_) | Err((_, Kind::LeaseNotFound)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The key and options of the anchor watch `id`: on the sentinel from the put's revision + 1
+/// (a DELETE after the put, the lease revoked before the watch is created, is still
+/// reported), or on the sentinel prefix itself (no key of it is ever deleted by a lease of
+/// ours: keep-alive detection only) when etcd refused the sentinel.
+fn anchor_watch(
+    inner: &Inner,
+    sentinel: &Option<(String, i64)>,
+    id: i64,
+) -> (String, WatchOptions) {
+    match sentinel {
+        Some((key, revision)) => (
+            key.clone(),
+            WatchOptions::new()
+                .with_watch_id(id)
+                .with_start_revision(revision + 1),
+        ),
+        None => (
+            inner.opts.lease_prefix.clone(),
+            WatchOptions::new().with_watch_id(id),
+        ),
+    }
+}
+
+/// Connects (when needed) to the current member, makes sure there is a lease, and opens the
+/// keep-alive and watch streams; every step within [`Inner::step_timeout`].
 async fn establish(
     inner: &Inner,
+    members: &mut Members,
     flags: &mut Flags,
-    reauthenticate: bool,
+    need_auth: bool,
 ) -> Result<Streams, Step> {
-    let (clients, fresh) = match inner.clients() {
-        Some(c) => (c, false),
-        None => {
-            let c = connect(inner).await.map_err(step_err)?;
-            *inner.clients.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-            (c, true)
-        }
-    };
-    if reauthenticate
-        && !fresh
-        && let Some((user, password)) = inner.opts.user.clone()
-    {
-        let mut client = clients.client.clone();
-        // etcd refuses to authenticate a request that carries a stale token.
-        client.remove_client_auth();
-        match errors::timed(
-            &inner.label,
-            || "authenticating again".to_owned(),
-            inner.opts.timeout,
-            client.set_client_auth(user, password),
-        )
-        .await
-        {
-            Ok(()) => tracing::debug!(registry = %inner.label, "authenticated to etcd again"),
-            // `connect` found authentication off and connected without the credentials.
-            Err((e, _)) if e.to_string().contains("authentication is not enabled") => {}
-            Err(e) => return Err(step_err(e)),
-        }
+    let step = inner.step_timeout();
+    let (clients, fresh) = members.clients(inner).await?;
+    if need_auth && !fresh {
+        reauthenticate(inner, &clients, step)
+            .await
+            .map_err(step_err)?;
+    }
+    if let Some(old) = flags.revoke {
+        revoke(inner, &clients, old, step).await.map_err(step_err)?;
+        flags.revoke = None;
     }
     let mut lease = inner.lease.load(Ordering::Acquire);
     if lease == 0 {
         if inner.destroyed.load(Ordering::Acquire) {
             return Err(Step::Down("destroyed".to_owned(), Kind::Other));
         }
-        lease = grant(inner, &clients)
+        lease = grant(inner, &clients, step)
             .await
             .map_err(|e| Step::Down(e.0.to_string(), e.1))?;
         inner.lease.store(lease, Ordering::Release);
         flags.renewed = Instant::now();
-        tracing::info!(registry = %inner.label, lease, ttl = inner.opts.ttl_secs, "granted a lease");
+        tracing::info!(registry = %inner.label, lease, ttl = ?inner.ttl(), "granted a lease");
         if flags.ever_up && !flags.lost {
             flags.lost = true;
             inner.emit(RegistryEvent::SessionLost);
@@ -372,43 +607,33 @@ async fn establish(
     let mut lc = clients.lease.clone();
     let (keeper, keep_alive) = errors::timed(
         &inner.label,
-        || format!("renewing lease {lease:x}"),
-        inner.opts.timeout,
+        || format!("renewing lease {lease:x} at {}", clients.endpoint),
+        step,
         lc.keep_alive(lease),
     )
     .await
     .map_err(step_err)?;
     flags.renewed = Instant::now();
-    let sentinel = put_sentinel(inner, &clients, lease, flags).await?;
-    let (anchor, options) = match &sentinel {
-        // From the put's revision + 1: a DELETE after the put (the lease revoked before the
-        // watch is created) is still reported.
-        Some((key, revision)) => (
-            key.clone(),
-            WatchOptions::new()
-                .with_watch_id(ANCHOR_WATCH_ID)
-                .with_start_revision(revision + 1),
-        ),
-        None => (
-            inner.opts.root.clone(),
-            WatchOptions::new().with_watch_id(ANCHOR_WATCH_ID),
-        ),
-    };
+    let sentinel = put_sentinel(inner, &clients, lease, flags, step).await?;
+    let anchor = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
+    let (key, options) = anchor_watch(inner, &sentinel, anchor);
     let mut wc = clients.watch.clone();
     let (watcher, watch) = errors::timed(
         &inner.label,
-        || "opening the watch stream".to_owned(),
-        inner.opts.timeout,
-        wc.watch(anchor, Some(options)),
+        || format!("opening the watch stream at {}", clients.endpoint),
+        step,
+        wc.watch(key, Some(options)),
     )
     .await
     .map_err(step_err)?;
     Ok(Streams {
+        clients,
         keeper,
         keep_alive,
         watcher,
         watch,
         sentinel: sentinel.map(|(key, _)| key),
+        anchor,
     })
 }
 
@@ -418,16 +643,17 @@ async fn establish(
 /// and the lease is then watched by its keep-alive only.
 async fn put_sentinel(
     inner: &Inner,
-    clients: &crate::registry::Clients,
+    clients: &Clients,
     lease: i64,
     flags: &mut Flags,
+    within: Duration,
 ) -> Result<Option<(String, i64)>, Step> {
-    let key = paths::sentinel_key(&inner.opts.root, lease);
+    let key = paths::sentinel_key(&inner.opts.lease_prefix, &inner.opts.root, lease);
     let mut kv = clients.kv.clone();
     let put = errors::timed(
         &inner.label,
-        || format!("putting the lease sentinel {key}"),
-        inner.opts.timeout,
+        || format!("putting the lease sentinel {key} at {}", clients.endpoint),
+        within,
         kv.put(
             key.clone(),
             inner.label.clone(),
@@ -447,7 +673,8 @@ async fn put_sentinel(
                 tracing::warn!(
                     registry = %inner.label,
                     reason,
-                    "etcd refuses the lease sentinel; a revoked or expired lease is noticed at the next keep-alive only"
+                    "etcd refuses the lease sentinel (grant write permission on the `{}` prefix); a revoked or expired lease is noticed at the next keep-alive only",
+                    crate::options::LEASE_PREFIX_KEY
                 );
             }
             Ok(None)
@@ -458,7 +685,7 @@ async fn put_sentinel(
 
 /// Creates every watch not yet created on stream `generation`, each from its revision + 1
 /// (a watch whose prefix is being read again is created when that read is done).
-async fn arm_all(inner: &Inner, watcher: &mut Watcher, generation: u64) -> Result<(), String> {
+async fn arm_all(inner: &Inner, live: &mut Live, generation: u64) -> Result<(), String> {
     let requests: Vec<(i64, String, i64)> = {
         let mut watches = lock(&inner.watches);
         watches
@@ -466,35 +693,16 @@ async fn arm_all(inner: &Inner, watcher: &mut Watcher, generation: u64) -> Resul
             .filter(|(_, w)| w.armed != generation && !w.resyncing)
             .map(|(id, w)| {
                 w.armed = generation;
+                w.refused = false;
                 (*id, w.prefix.clone(), w.revision + 1)
             })
             .collect()
     };
     for (id, prefix, from) in requests {
         tracing::debug!(registry = %inner.label, id, prefix, from, "watching");
-        create_watch(watcher, id, prefix, from).await?;
+        live.create_watch(id, prefix, from).await?;
     }
     Ok(())
-}
-
-async fn create_watch(
-    watcher: &mut Watcher,
-    id: i64,
-    prefix: String,
-    from: i64,
-) -> Result<(), String> {
-    watcher
-        .watch(
-            prefix,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(from)
-                    .with_watch_id(id),
-            ),
-        )
-        .await
-        .map_err(|e| format!("creating watch {id}: {e}"))
 }
 
 /// Aborts a task when dropped.
@@ -518,13 +726,20 @@ type WatchMessage = Result<Option<WatchResponse>, etcd_client::Error>;
 /// run on their own, so neither long reads nor sends on the watch stream can delay a renewal,
 /// and the watch stream is always read while requests are sent on it.
 struct Live {
+    clients: Clients,
     watcher: Watcher,
     watch_rx: mpsc::UnboundedReceiver<WatchMessage>,
     keep_alive_rx: mpsc::UnboundedReceiver<KeepAlive>,
     check_lease: Arc<Notify>,
     /// The lease sentinel the anchor watch is on.
     sentinel: Option<String>,
-    _tasks: [AbortOnDrop; 2],
+    /// The anchor watch's id.
+    anchor: i64,
+    /// The ids of the create requests sent and not yet answered, in order: etcd answers them
+    /// in order, and a refusal may carry watch id -1 (etcd 3.5+).
+    pending: VecDeque<i64>,
+    _reader: AbortOnDrop,
+    keeper: AbortOnDrop,
 }
 
 impl Live {
@@ -540,37 +755,133 @@ impl Live {
                 }
             }
         });
-        let (keep_alive_tx, keep_alive_rx) = mpsc::unbounded_channel();
         let check_lease = Arc::new(Notify::new());
-        let keeper = tokio::spawn(keep_alive(
-            inner.clone(),
-            s.keeper,
-            s.keep_alive,
-            check_lease.clone(),
-            keep_alive_tx,
-        ));
+        let (keeper, keep_alive_rx) =
+            spawn_keep_alive(inner, s.keeper, s.keep_alive, check_lease.clone());
         Live {
+            clients: s.clients,
             watcher: s.watcher,
             watch_rx,
             keep_alive_rx,
             check_lease,
             sentinel: s.sentinel,
-            _tasks: [
-                AbortOnDrop(reader.abort_handle()),
-                AbortOnDrop(keeper.abort_handle()),
-            ],
+            anchor: s.anchor,
+            pending: VecDeque::new(),
+            _reader: AbortOnDrop(reader.abort_handle()),
+            keeper,
         }
+    }
+
+    async fn create_watch(&mut self, id: i64, prefix: String, from: i64) -> Result<(), String> {
+        self.pending.push_back(id);
+        self.watcher
+            .watch(
+                prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(from)
+                        .with_watch_id(id),
+                ),
+            )
+            .await
+            .map_err(|e| format!("creating watch {id}: {e}"))
+    }
+
+    /// The lease is gone (or its sentinel was deleted by hand, `revoke`), the connection is
+    /// healthy: puts a new lease in place on the same connection, keeping the watch stream
+    /// and its watches. The old lease is revoked first when asked, so no put in flight on it
+    /// ends up on a lease nobody renews.
+    async fn replace_lease(
+        &mut self,
+        inner: &Arc<Inner>,
+        flags: &mut Flags,
+        revoke_old: bool,
+    ) -> Result<(), Exit> {
+        let old = inner.lease.load(Ordering::Acquire);
+        lease_lost(inner, flags);
+        if inner.destroyed.load(Ordering::Acquire) {
+            return Err(Exit::Shutdown);
+        }
+        let step = inner.step_timeout();
+        let clients = self.clients.clone();
+        let down = |(e, kind): (Error, Kind)| match kind {
+            Kind::TokenInvalid => Exit::Reauthenticate,
+            _ => Exit::Down(e.to_string()),
+        };
+        if revoke_old && old != 0 {
+            if let Err(e) = revoke(inner, &clients, old, step).await {
+                flags.revoke = Some(old);
+                return Err(down(e));
+            }
+            tracing::info!(registry = %inner.label, lease = old, "revoked the lease whose sentinel was deleted");
+        }
+        let lease = grant(inner, &clients, step).await.map_err(down)?;
+        inner.lease.store(lease, Ordering::Release);
+        flags.renewed = Instant::now();
+        let mut lc = clients.lease.clone();
+        let (keeper, stream) = errors::timed(
+            &inner.label,
+            || format!("renewing lease {lease:x} at {}", clients.endpoint),
+            step,
+            lc.keep_alive(lease),
+        )
+        .await
+        .map_err(|e| match e.1 {
+            Kind::LeaseNotFound => Exit::LeaseLost,
+            _ => down(e),
+        })?;
+        let (task, rx) = spawn_keep_alive(inner, keeper, stream, self.check_lease.clone());
+        self.keeper = task;
+        self.keep_alive_rx = rx;
+        let sentinel = put_sentinel(inner, &clients, lease, flags, step)
+            .await
+            .map_err(|s| match s {
+                Step::LeaseLost => Exit::LeaseLost,
+                Step::Down(reason, Kind::TokenInvalid) => {
+                    tracing::debug!(registry = %inner.label, reason, "the auth token is bad");
+                    Exit::Reauthenticate
+                }
+                Step::Down(reason, _) => Exit::Down(reason),
+            })?;
+        let anchor = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
+        let (key, options) = anchor_watch(inner, &sentinel, anchor);
+        self.pending.push_back(anchor);
+        self.watcher
+            .watch(key, Some(options))
+            .await
+            .map_err(|e| Exit::Down(format!("creating the anchor watch: {e}")))?;
+        let old_anchor = std::mem::replace(&mut self.anchor, anchor);
+        self.sentinel = sentinel.map(|(k, _)| k);
+        self.watcher
+            .cancel_by_id(old_anchor)
+            .await
+            .map_err(|e| Exit::Down(format!("cancelling the old anchor watch: {e}")))?;
+        tracing::info!(registry = %inner.label, lease, ttl = ?inner.ttl(), "granted a new lease on the same connection; the watches stay");
+        flags.lost = false;
+        inner.emit(RegistryEvent::NewSession);
+        Ok(())
     }
 }
 
-/// How long a keep-alive may stay unanswered before the connection is presumed dead: the
-/// request timeout, but never more than one renewal period (TTL/3). The last renewal was at
-/// most one period before the unanswered keep-alive was sent, so the loss is noticed at most
-/// 2/3 of the TTL after it, leaving a third of the TTL to reconnect and renew the same lease.
-/// (`timeout.max(period)` could exceed the TTL: with the default 5 s timeout and a 2 s TTL the
-/// lease expired before the connection was even presumed dead.)
-fn answer_timeout(opts: &crate::options::Options) -> Duration {
-    opts.timeout.min(opts.keep_alive_period)
+fn spawn_keep_alive(
+    inner: &Arc<Inner>,
+    keeper: LeaseKeeper,
+    stream: LeaseKeepAliveStream,
+    check: Arc<Notify>,
+) -> (AbortOnDrop, mpsc::UnboundedReceiver<KeepAlive>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(keep_alive(inner.clone(), keeper, stream, check, tx));
+    (AbortOnDrop(task.abort_handle()), rx)
+}
+
+/// How long a keep-alive may stay unanswered before the member is presumed gone: one step
+/// (a sixth of the granted TTL, at most the request timeout), never more than one renewal
+/// period (TTL/3). The last renewal was at most one period before the unanswered keep-alive
+/// was sent, so the loss is noticed at most half the TTL after it, leaving half the TTL to
+/// move to another member and renew the same lease.
+fn answer_timeout(inner: &Inner) -> Duration {
+    inner.step_timeout().min(inner.keep_alive_period())
 }
 
 /// Renews the lease every TTL/3 (and when asked), until the stream fails or the lease is gone.
@@ -581,8 +892,8 @@ async fn keep_alive(
     check: Arc<Notify>,
     tx: mpsc::UnboundedSender<KeepAlive>,
 ) {
-    let period = inner.opts.keep_alive_period;
-    let answer_within = answer_timeout(&inner.opts);
+    let period = inner.keep_alive_period();
+    let answer_within = answer_timeout(&inner);
     let mut tick = tokio::time::interval_at(Instant::now() + period, period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut unanswered: Option<Instant> = None;
@@ -642,7 +953,7 @@ enum Purpose {
 struct ReadDone {
     id: i64,
     purpose: Purpose,
-    result: Result<(BTreeMap<String, Url>, i64), (Error, Kind)>,
+    result: Result<(Entries, i64), (Error, Kind)>,
 }
 
 /// Reads run on their own tasks, at most [`READ_CONCURRENCY`] at once, and report to the
@@ -653,6 +964,8 @@ pub(crate) struct Reads {
     limit: Arc<Semaphore>,
     /// Periodic re-reads not yet reported.
     rereads: usize,
+    /// Failed resync reads of a watch in a row (for the delay before the next).
+    retries: HashMap<i64, u32>,
 }
 
 /// How many prefixes are read at once by resyncs and the periodic re-read.
@@ -666,16 +979,28 @@ impl Reads {
             rx,
             limit: Arc::new(Semaphore::new(READ_CONCURRENCY)),
             rereads: 0,
+            retries: HashMap::new(),
         }
     }
 
-    fn spawn(&mut self, inner: &Arc<Inner>, id: i64, w: &WatchState, purpose: Purpose) {
+    /// Reads the prefix of watch `id` after `delay`.
+    fn spawn(
+        &mut self,
+        inner: &Arc<Inner>,
+        id: i64,
+        w: &WatchState,
+        purpose: Purpose,
+        delay: Duration,
+    ) {
         if purpose == Purpose::Reread {
             self.rereads += 1;
         }
         let (inner, tx, limit) = (inner.clone(), self.tx.clone(), self.limit.clone());
         let (prefix, scope) = (w.prefix.clone(), w.scope.clone());
         tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let Ok(_permit) = limit.acquire_owned().await else {
                 return;
             };
@@ -698,6 +1023,7 @@ impl Reads {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connected(
     inner: &Arc<Inner>,
     live: &mut Live,
@@ -706,6 +1032,7 @@ async fn connected(
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     generation: u64,
     flags: &mut Flags,
+    auth: &mut AuthPace,
 ) -> Exit {
     let reread_period = inner
         .opts
@@ -715,51 +1042,67 @@ async fn connected(
     reread_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
-        tokio::select! {
-            _ = stopped(shutdown) => return Exit::Shutdown,
+        let step = tokio::select! {
+            _ = stopped(shutdown) => Err(Exit::Shutdown),
             m = live.keep_alive_rx.recv() => match m {
-                Some(KeepAlive::Renewed) => flags.renewed = Instant::now(),
-                Some(KeepAlive::Ended(exit)) => return exit,
-                None => return Exit::Down("the keep-alive task ended".to_owned()),
+                Some(KeepAlive::Renewed) => {
+                    flags.renewed = Instant::now();
+                    Ok(())
+                }
+                // The lease is gone, the connection works: a new lease on it.
+                Some(KeepAlive::Ended(Exit::LeaseLost)) => live.replace_lease(inner, flags, false).await,
+                Some(KeepAlive::Ended(exit)) => Err(exit),
+                None => Err(Exit::Down("the keep-alive task ended".to_owned())),
             },
             m = live.watch_rx.recv() => match m {
-                Some(Ok(Some(r))) => {
-                    if let Err(exit) = on_watch_response(inner, reads, live.sentinel.as_deref(), r) {
-                        return exit;
-                    }
-                }
-                Some(Ok(None)) | None => return Exit::Down("the watch stream ended".to_owned()),
-                Some(Err(e)) => return match errors::kind(&e) {
+                Some(Ok(Some(r))) => match on_watch_response(inner, reads, live, r) {
+                    Ok(Seen::Nothing) => Ok(()),
+                    Ok(Seen::SentinelDeleted) => live.replace_lease(inner, flags, true).await,
+                    Ok(Seen::Refused(id, reason)) => on_refused(inner, live, generation, id, reason).await,
+                    Err(exit) => Err(exit),
+                },
+                Some(Ok(None)) | None => Err(Exit::Down("the watch stream ended".to_owned())),
+                Some(Err(e)) => Err(match errors::kind(&e) {
                     Kind::TokenInvalid => Exit::Reauthenticate,
                     Kind::TooLarge => Exit::ResyncAll(format!("watch stream: {e}")),
                     _ => Exit::Down(format!("watch stream: {e}")),
-                },
+                }),
             },
-            done = reads.rx.recv() => {
-                if let Some(done) = done
-                    && let Err(exit) = on_read(inner, reads, &mut live.watcher, generation, done).await
-                {
-                    return exit;
-                }
-            }
+            done = reads.rx.recv() => match done {
+                Some(done) => on_read(inner, reads, live, generation, done).await,
+                None => Ok(()),
+            },
             cmd = cmds.recv() => match cmd {
-                Some(Cmd::Arm) => {
-                    if let Err(reason) = arm_all(inner, &mut live.watcher, generation).await {
-                        return Exit::Down(reason);
-                    }
-                }
+                Some(Cmd::Arm) => arm_all(inner, live, generation).await.map_err(Exit::Down),
                 Some(Cmd::Cancel(id, armed)) => {
                     if armed == generation && let Err(e) = live.watcher.cancel_by_id(id).await {
-                        return Exit::Down(format!("cancelling watch {id}: {e}"));
+                        Err(Exit::Down(format!("cancelling watch {id}: {e}")))
+                    } else {
+                        Ok(())
                     }
                 }
-                Some(Cmd::CheckLease) => live.check_lease.notify_one(),
+                Some(Cmd::CheckLease) => {
+                    live.check_lease.notify_one();
+                    Ok(())
+                }
                 Some(Cmd::Reauthenticate) => {
-                    if inner.opts.user.is_some() {
-                        return Exit::Reauthenticate;
+                    // A unary request met a stale token: a new token for the requests; the
+                    // watch stream and its watches stay. Paced: many requests report at once.
+                    if inner.opts.user.is_some() && auth.due() {
+                        auth.schedule();
+                        match reauthenticate(inner, &live.clients, inner.step_timeout()).await {
+                            Ok(()) => Ok(()),
+                            Err((e, Kind::Denied)) => {
+                                tracing::warn!(registry = %inner.label, error = %e, "etcd refuses the credentials");
+                                Ok(())
+                            }
+                            Err((e, _)) => Err(Exit::Down(e.to_string())),
+                        }
+                    } else {
+                        Ok(())
                     }
                 }
-                None => return Exit::Shutdown,
+                None => Err(Exit::Shutdown),
             },
             _ = reread_tick.tick(), if inner.opts.reread.is_some() => {
                 if reads.rereads > 0 {
@@ -767,60 +1110,69 @@ async fn connected(
                 } else {
                     let watches = lock(&inner.watches);
                     for (id, w) in watches.iter().filter(|(_, w)| !w.resyncing) {
-                        reads.spawn(inner, *id, w, Purpose::Reread);
+                        reads.spawn(inner, *id, w, Purpose::Reread, Duration::ZERO);
                     }
                 }
+                Ok(())
             }
+        };
+        if let Err(exit) = step {
+            return exit;
         }
     }
 }
 
-/// Routes one watch response by its watch id. A DELETE of the lease `sentinel` (on the anchor
-/// watch) means the lease is gone.
+/// What a watch response asks of the session.
+enum Seen {
+    Nothing,
+    /// The lease sentinel was deleted (the lease is gone, or someone deleted it by hand).
+    SentinelDeleted,
+    /// etcd refused to create a watch (`None`: one it cannot be told which), for the reason.
+    Refused(Option<i64>, String),
+}
+
+/// Whether a refusal says the auth token is bad (rather than a missing permission).
+fn token_refusal(reason: &str) -> bool {
+    reason.contains("invalid auth token")
+        || reason.contains("auth token is expired")
+        || reason.contains("revision of auth store is old")
+        || reason.contains("user name is empty")
+}
+
+/// Routes one watch response by its watch id.
 fn on_watch_response(
     inner: &Arc<Inner>,
     reads: &mut Reads,
-    sentinel: Option<&str>,
+    live: &mut Live,
     r: WatchResponse,
-) -> Result<(), Exit> {
+) -> Result<Seen, Exit> {
     let id = r.watch_id();
-    if r.created() && r.canceled() {
-        // etcd refused to create a watch: 3.5+ answers watch id -1 with "invalid auth token"
-        // or "revision of auth store is old", 3.4 the requested id with "permission denied".
-        // With credentials, authenticate again and re-create every watch on a fresh stream.
-        if inner.opts.user.is_some() {
-            tracing::warn!(
-                registry = %inner.label,
-                id,
-                reason = r.cancel_reason(),
-                "etcd refused a watch; authenticating again and re-creating every watch"
-            );
-            return Err(Exit::Reauthenticate);
+    if r.created() {
+        // Create requests are answered in order.
+        let asked = live.pending.pop_front();
+        if r.canceled() {
+            // etcd refused to create a watch: 3.5+ answers watch id -1, 3.4 the id asked.
+            let which = if id == -1 { asked } else { Some(id) };
+            return Ok(Seen::Refused(which, r.cancel_reason().to_owned()));
         }
-        tracing::error!(
-            registry = %inner.label,
-            id,
-            reason = r.cancel_reason(),
-            "etcd refused a watch; the list is kept fresh by the periodic re-read only"
-        );
-        return Ok(());
     }
-    if id == ANCHOR_WATCH_ID {
+    if id == live.anchor {
         if r.canceled() {
             return Err(Exit::Down(format!(
                 "the anchor watch was cancelled: {}",
                 r.cancel_reason()
             )));
         }
+        let sentinel = live.sentinel.as_deref();
         let deleted = r.events().iter().any(|ev| {
             ev.event_type() == EventType::Delete
                 && ev.kv().and_then(|kv| kv.key_str().ok()) == sentinel
         });
         if let (true, Some(key)) = (deleted, sentinel) {
-            tracing::debug!(registry = %inner.label, key, "the lease sentinel was deleted");
-            return Err(Exit::LeaseLost);
+            tracing::info!(registry = %inner.label, key, "the lease sentinel was deleted");
+            return Ok(Seen::SentinelDeleted);
         }
-        return Ok(());
+        return Ok(Seen::Nothing);
     }
     if r.compact_revision() > 0 || (r.canceled() && !r.created()) {
         let mut watches = lock(&inner.watches);
@@ -835,49 +1187,113 @@ fn on_watch_response(
                 "watch cancelled by the server; reading the prefix again"
             );
             w.resyncing = true;
-            reads.spawn(inner, id, w, Purpose::Resync);
+            reads.spawn(inner, id, w, Purpose::Resync, Duration::ZERO);
         }
-        return Ok(());
+        return Ok(Seen::Nothing);
     }
     if r.created() || r.events().is_empty() {
-        return Ok(());
+        return Ok(Seen::Nothing);
     }
     let mut watches = lock(&inner.watches);
     let Some(w) = watches.get_mut(&id) else {
-        return Ok(());
+        return Ok(Seen::Nothing);
     };
-    let mut changed = Changed::new();
+    let mut batch = Batch::default();
     let mut latest = w.revision;
     for ev in r.events() {
         let Some(kv) = ev.kv() else { continue };
         let rev = kv.mod_revision();
         if rev <= w.revision {
-            continue; // already in the state (read at a later revision)
+            continue; // already in the keeper (read at a later revision)
         }
         latest = latest.max(rev);
         let Ok(key) = kv.key_str() else { continue };
-        let url = match ev.event_type() {
-            EventType::Put => match parse_key(&inner.label, &w.prefix, &w.scope, key) {
-                Some((_, _, u)) => Some(u),
-                None => continue,
-            },
-            EventType::Delete => None,
-        };
-        changed.extend(w.apply(key, url));
+        // A delete event carries the key only: the key encodes the URL.
+        if let Some((service, category, url)) = parse_key(&inner.label, &w.prefix, &w.scope, key) {
+            batch.add(service, category, url, ev.event_type() == EventType::Put);
+        }
     }
     w.revision = latest;
-    if !changed.is_empty() {
-        w.notify_changed(&changed);
+    // Under the watches lock: a read of the same prefix is applied before or after, never
+    // in the middle.
+    batch.feed(&inner.keeper, latest);
+    Ok(Seen::Nothing)
+}
+
+/// etcd refused to create watch `id`. A bad token: authenticate again (paced) and open a new
+/// stream. Anything else (a missing permission on the prefix): that watch is left out of
+/// this stream, the others are not disturbed, and the periodic re-read retries it. etcd 3.4
+/// says "permission denied" for a bad token too: with credentials, one small read of the
+/// prefix tells the two apart.
+async fn on_refused(
+    inner: &Arc<Inner>,
+    live: &mut Live,
+    generation: u64,
+    id: Option<i64>,
+    reason: String,
+) -> Result<(), Exit> {
+    if token_refusal(&reason) && inner.opts.user.is_some() {
+        tracing::info!(registry = %inner.label, ?id, reason, "etcd refused a watch: the auth token is bad; authenticating again");
+        return Err(Exit::Reauthenticate);
     }
+    let Some(id) = id else {
+        tracing::error!(registry = %inner.label, reason, "etcd refused a watch (which one is unknown)");
+        return Ok(());
+    };
+    if id == live.anchor {
+        tracing::warn!(
+            registry = %inner.label,
+            reason,
+            "etcd refused the watch on the lease sentinel; a revoked or expired lease is noticed at the next keep-alive only"
+        );
+        return Ok(());
+    }
+    let Some(prefix) = lock(&inner.watches).get(&id).map(|w| w.prefix.clone()) else {
+        return Ok(()); // unsubscribed meanwhile
+    };
+    if inner.opts.user.is_some() {
+        let mut kv = live.clients.kv.clone();
+        let probe = errors::timed(
+            &inner.label,
+            || format!("reading {prefix}"),
+            inner.step_timeout(),
+            kv.get(
+                prefix.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_limit(1),
+                ),
+            ),
+        )
+        .await;
+        if let Err((e, Kind::TokenInvalid)) = probe {
+            tracing::info!(registry = %inner.label, id, error = %e, "etcd refused a watch: the auth token is bad; authenticating again");
+            return Err(Exit::Reauthenticate);
+        }
+    }
+    if let Some(w) = lock(&inner.watches).get_mut(&id) {
+        w.refused = true;
+        w.armed = generation;
+    }
+    tracing::error!(
+        registry = %inner.label,
+        id,
+        prefix,
+        reason,
+        "etcd refused the watch of this prefix; its subscription is kept fresh by the periodic re-read only, which also tries the watch again"
+    );
     Ok(())
 }
 
-/// Applies a read done off the session task: notifies what changed; after a resync, creates
-/// the watch again (under a new id) from the read's revision + 1.
+/// Applies a read done off the session task: notifies what changed; after a resync (or a
+/// re-read of a refused watch), creates the watch again (under a new id) from the read's
+/// revision + 1. A failed resync read is tried again later; the stream stays.
 async fn on_read(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     reads: &mut Reads,
-    watcher: &mut Watcher,
+    live: &mut Live,
     generation: u64,
     done: ReadDone,
 ) -> Result<(), Exit> {
@@ -887,21 +1303,24 @@ async fn on_read(
     let create = {
         let mut watches = lock(&inner.watches);
         let Some(w) = watches.get_mut(&done.id) else {
+            reads.retries.remove(&done.id);
             return Ok(()); // unsubscribed meanwhile
         };
         let (entries, revision) = match done.result {
             Ok(r) => r,
             Err((e, kind)) => {
                 let token = kind == Kind::TokenInvalid && inner.opts.user.is_some();
-                return match done.purpose {
-                    Purpose::Reread if token => {
-                        tracing::info!(registry = %inner.label, error = %e, "the auth token is no longer valid; authenticating again");
-                        Err(Exit::Reauthenticate)
-                    }
+                if token {
+                    let _ = inner.cmds.send(Cmd::Reauthenticate);
+                }
+                if kind == Kind::Transient {
+                    // Perhaps the member: the keep-alive finds out.
+                    live.check_lease.notify_one();
+                }
+                match done.purpose {
                     Purpose::Reread => {
                         // The other prefixes go on.
                         tracing::warn!(registry = %inner.label, prefix = w.prefix, error = %e, "periodic re-read of a prefix failed");
-                        Ok(())
                     }
                     Purpose::Resync if kind == Kind::TooLarge => {
                         // Resuming would replay what was too large, and reading is too large
@@ -913,41 +1332,44 @@ async fn on_read(
                             "this list is larger than the registry URL parameter `{}` allows; its subscription no longer receives changes",
                             crate::options::MAX_MESSAGE_SIZE_KEY
                         );
-                        watches.remove(&done.id);
-                        Ok(())
+                        if let Some(w) = watches.remove(&done.id) {
+                            inner.keeper.forget(&w.scope.to_keeper());
+                        }
+                        reads.retries.remove(&done.id);
                     }
                     Purpose::Resync => {
-                        // Created again (and, still compacted, read again) on the next stream.
-                        w.resyncing = false;
-                        w.armed = 0;
-                        Err(if token {
-                            Exit::Reauthenticate
-                        } else {
-                            Exit::Down(e.to_string())
-                        })
+                        // Only this watch waits: tried again later, the stream and the other
+                        // watches are not disturbed.
+                        let n = reads.retries.entry(done.id).or_insert(0);
+                        *n = n.saturating_add(1);
+                        let delay = jitter(
+                            RETRY_MIN
+                                .saturating_mul(1 << (*n - 1).min(16))
+                                .min(RETRY_MAX),
+                        );
+                        tracing::warn!(registry = %inner.label, prefix = w.prefix, error = %e, retry_in = ?delay, "reading a cancelled watch's prefix failed; trying again later");
+                        reads.spawn(inner, done.id, w, Purpose::Resync, delay);
                     }
-                };
+                }
+                return Ok(());
             }
         };
         if revision > w.revision {
-            let changed = w.replace(entries);
+            inner.keeper.replace(
+                &w.scope.to_keeper(),
+                entries,
+                u64::try_from(revision).unwrap_or(0),
+            );
             w.revision = revision;
-            if !changed.is_empty() {
-                if done.purpose == Purpose::Reread {
-                    tracing::warn!(
-                        registry = %inner.label,
-                        prefix = w.prefix,
-                        "the periodic re-read found changes no watch event reported; notifying them"
-                    );
-                }
-                w.notify_changed(&changed);
-            }
         }
-        if done.purpose == Purpose::Resync && w.resyncing {
+        let again = (done.purpose == Purpose::Resync && w.resyncing) || w.refused;
+        if again {
+            reads.retries.remove(&done.id);
             let Some(mut w) = watches.remove(&done.id) else {
                 return Ok(());
             };
             w.resyncing = false;
+            w.refused = false;
             w.armed = generation;
             let new_id = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
             let create = (new_id, w.prefix.clone(), w.revision + 1);
@@ -958,7 +1380,7 @@ async fn on_read(
         }
     };
     if let Some((id, prefix, from)) = create {
-        create_watch(watcher, id, prefix, from)
+        live.create_watch(id, prefix, from)
             .await
             .map_err(Exit::Down)?;
     }
@@ -968,6 +1390,7 @@ async fn on_read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use registry_core::Url;
 
     #[test]
     fn a_refusal_is_warned_once_per_distinct_reason() {
@@ -978,23 +1401,81 @@ mod tests {
         assert!(first_time(&mut last, "authentication failed"));
     }
 
+    fn inner(url: &str, granted_ttl_secs: u64) -> Inner {
+        let url: Url = url.parse().expect("url");
+        let opts = crate::options::Options::from_url(&url).expect("options");
+        let inner = Inner::new(url, opts, mpsc::unbounded_channel().0, FIRST_WATCH_ID);
+        inner
+            .ttl_ms
+            .store(granted_ttl_secs * 1000, Ordering::Release);
+        inner
+    }
+
     #[test]
-    fn an_unanswered_keep_alive_is_noticed_with_a_third_of_the_ttl_left() {
-        for (url, want) in [
-            ("etcd://h?session=4000", 666),
-            ("etcd://h?session=60000", 5000),
-            ("etcd://h?session=60000&timeout=1000", 1000),
-            ("etcd://h?session=2000&timeout=60000", 333),
+    fn steps_and_keep_alive_answers_fit_inside_the_granted_ttl() {
+        for (url, granted, step_ms, answer_ms) in [
+            ("etcd://h?session=6000", 3, 500, 500),
+            ("etcd://h?session=4000", 2, 333, 333),
+            // etcd may grant more than asked (its minimum TTL): the granted TTL counts.
+            ("etcd://h?session=4000", 8, 1333, 1333),
+            ("etcd://h?session=60000", 30, 5000, 5000),
+            ("etcd://h?session=60000&timeout=1000", 30, 1000, 1000),
+            ("etcd://h?session=2000&timeout=60000", 1, 250, 250),
         ] {
-            let o = crate::options::Options::from_url(&url.parse().expect("url")).expect("options");
-            let answer = answer_timeout(&o);
-            assert_eq!(answer, Duration::from_millis(want), "{url}");
-            let ttl = Duration::from_secs(u64::try_from(o.ttl_secs).expect("ttl"));
-            // Last renewal, one period, then the unanswered keep-alive's deadline.
+            let inner = inner(url, granted);
+            let ttl = Duration::from_secs(granted);
+            assert_eq!(inner.ttl(), ttl, "{url}");
+            assert_eq!(inner.step_timeout().as_millis(), step_ms, "{url}");
+            let answer = answer_timeout(&inner);
+            assert_eq!(answer.as_millis(), answer_ms, "{url}");
+            // Last renewal, one period, then the unanswered keep-alive's deadline: at least
+            // a third of the TTL is left to move to another member (a few steps).
             assert!(
-                o.keep_alive_period + answer <= ttl * 2 / 3 + Duration::from_millis(2),
+                inner.keep_alive_period() + answer <= ttl * 2 / 3 + Duration::from_millis(2),
                 "{url}"
             );
         }
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_its_cap() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut caps = Vec::new();
+        for _ in 0..8 {
+            let d = b.next();
+            caps.push(d);
+        }
+        for (i, d) in caps.iter().enumerate() {
+            let cap = Duration::from_secs(1 << i.min(5)).min(Duration::from_secs(30));
+            assert!(
+                *d >= cap / 2 && *d <= cap,
+                "{i}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        b.reset();
+        assert!(b.next() <= Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn authentications_are_paced() {
+        let mut a = AuthPace::new();
+        assert!(a.due());
+        assert_eq!(a.schedule(), Duration::ZERO, "the first at once");
+        assert!(!a.due());
+        let second = a.schedule();
+        assert!(second >= Duration::from_millis(500) && second <= Duration::from_secs(1));
+        let third = a.schedule();
+        assert!(
+            third >= second + Duration::from_secs(1),
+            "{third:?} after {second:?}"
+        );
+    }
+
+    #[test]
+    fn only_a_bad_token_leads_to_authenticating_again() {
+        assert!(token_refusal("etcdserver: invalid auth token"));
+        assert!(token_refusal("etcdserver: revision of auth store is old"));
+        assert!(!token_refusal("etcdserver: permission denied"));
     }
 }

@@ -1,42 +1,15 @@
-//! Subscriptions and the state of their watches: each watch covers one prefix (a category
-//! path + `/`, or the root + `/` for `interface=*`), holds the entries read from it, and is
-//! kept up to date from the watch events, parsing only the entry that changed.
+//! The server watches of a registry: one per watched prefix (a category path + `/`, or the
+//! root + `/` for `interface=*`), shared by every subscription that needs it. A watch only
+//! turns keys into entries and feeds them to the registry's
+//! [`ListKeeper`](registry_core::keeper::ListKeeper), which holds the lists, matches them to the
+//! subscriptions and delivers them.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
-use registry_core::delivery::Delivery;
-use registry_core::{Notification, Source, Url, is_match};
+use registry_core::Url;
+use registry_core::keeper;
 
 use crate::paths::split_under_root;
-
-/// One subscription: (URL, listener) and its delivery task.
-pub(crate) struct Sub {
-    pub url: Url,
-    pub categories: Vec<String>,
-    pub delivery: Delivery,
-}
-
-impl Sub {
-    /// The full list of (`service`, `category`) from `entries` (sorted), filtered by
-    /// [`is_match`], or the `empty://` marker.
-    fn list<'a>(
-        &self,
-        service: &str,
-        category: &str,
-        entries: impl Iterator<Item = &'a Url>,
-    ) -> Vec<Url> {
-        let mut urls: Vec<Url> = entries
-            .filter(|u| is_match(&self.url, u))
-            .cloned()
-            .collect();
-        urls.sort_by_cached_key(Url::to_full_string);
-        if urls.is_empty() {
-            urls.push(self.url.to_empty_marker_for(service, category));
-        }
-        urls
-    }
-}
 
 /// What a watch covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,46 +20,56 @@ pub(crate) enum Scope {
     Root,
 }
 
-/// One watch of a subscription.
+impl Scope {
+    /// The keeper's name for the same scope.
+    pub fn to_keeper(&self) -> keeper::Scope {
+        match self {
+            Scope::Category { service, category } => {
+                keeper::Scope::category(service.clone(), category.clone())
+            }
+            Scope::Root => keeper::Scope::Root,
+        }
+    }
+}
+
+/// The one server watch of a prefix.
 pub(crate) struct WatchState {
-    pub sub: Arc<Sub>,
     /// The key prefix, ending with `/`.
     pub prefix: String,
     pub scope: Scope,
-    /// key -> URL, for every key that parsed.
-    pub entries: BTreeMap<String, Url>,
-    /// Services a wildcard subscription has been told about.
-    pub known: BTreeSet<String>,
-    /// The state reflects every change up to this revision; the watch resumes after it and
-    /// ignores events at or below it.
+    /// The keeper holds every change of this prefix up to this revision; the watch resumes
+    /// after it and ignores events at or below it.
     pub revision: i64,
     /// The watch stream generation it is armed on (0: not armed).
     pub armed: u64,
     /// Cancelled by the server; its prefix is being read again, after which it is created
     /// again.
     pub resyncing: bool,
+    /// etcd refused to create it (no permission on its prefix): not created again on this
+    /// stream; the periodic re-read retries it (and creates it once the prefix can be read).
+    pub refused: bool,
+    /// How many subscriptions need it; at 0 it is cancelled.
+    pub users: usize,
 }
 
-/// A (service, category) whose list changed.
-pub(crate) type Changed = BTreeSet<(String, String)>;
+/// Entries as the keeper takes them: (service, category, URL).
+pub(crate) type Entries = Vec<(String, String, Url)>;
 
-/// Parses the entries of a range read under `prefix`; keys that are not entries of the scope
-/// are skipped (a URL that does not parse with a warning).
+/// The entries of a range read under `prefix` as (service, category, URL); keys that are not
+/// entries of the scope are skipped (a URL that does not parse with a warning).
 pub(crate) fn parse_entries<'a>(
     registry: &str,
     prefix: &str,
     scope: &Scope,
     kvs: impl Iterator<Item = &'a [u8]>,
-) -> BTreeMap<String, Url> {
-    let mut out = BTreeMap::new();
+) -> Entries {
+    let mut out = Vec::new();
     for key in kvs {
         let Ok(key) = std::str::from_utf8(key) else {
             tracing::warn!(registry, "skipped a key that is not UTF-8");
             continue;
         };
-        if let Some((_, _, url)) = parse_key(registry, prefix, scope, key) {
-            out.insert(key.to_owned(), url);
-        }
+        out.extend(parse_key(registry, prefix, scope, key));
     }
     out
 }
@@ -123,153 +106,70 @@ pub(crate) fn parse_key(
     }
 }
 
-impl WatchState {
-    /// The (service, category) of a stored key.
-    fn pair_of(&self, key: &str) -> Option<(String, String)> {
-        match &self.scope {
-            Scope::Category { service, category } => Some((service.clone(), category.clone())),
-            Scope::Root => {
-                let rest = key.strip_prefix(&self.prefix)?;
-                split_under_root(rest).map(|(s, c, _)| (s, c.to_owned()))
-            }
-        }
+/// The changes of one watch response, per (service, category): the last event of each entry
+/// wins (a put then a delete of one key in one response is a delete).
+#[derive(Default)]
+pub(crate) struct Batch {
+    changes: BTreeMap<(String, String), BTreeMap<String, (Url, bool)>>,
+}
+
+impl Batch {
+    /// An entry put (`present`) or deleted.
+    pub fn add(&mut self, service: String, category: String, url: Url, present: bool) {
+        self.changes
+            .entry((service, category))
+            .or_default()
+            .insert(url.to_full_string(), (url, present));
     }
 
-    /// The entries of (`service`, `category`).
-    fn entries_of<'a>(
-        &'a self,
-        service: &str,
-        category: &str,
-    ) -> Box<dyn Iterator<Item = &'a Url> + 'a> {
-        match &self.scope {
-            Scope::Category { .. } => Box::new(self.entries.values()),
-            Scope::Root => {
-                let p = format!(
-                    "{}{}/{}/",
-                    self.prefix,
-                    registry_core::encode(service),
-                    category
-                );
-                Box::new(
-                    self.entries
-                        .range(p.clone()..)
-                        .take_while(move |(k, _)| k.starts_with(&p))
-                        .map(|(_, u)| u),
-                )
-            }
-        }
-    }
-
-    /// Applies one event (`url` is `Some` for a put of an entry, `None` for a delete). Returns
-    /// the (service, category) when the list changed.
-    pub fn apply(&mut self, key: &str, url: Option<Url>) -> Option<(String, String)> {
-        let changed = match url {
-            Some(u) => {
-                if self.entries.get(key) == Some(&u) {
-                    false
+    /// Feeds the changes to `keeper` at `revision`, one list per (service, category).
+    pub fn feed(self, keeper: &keeper::ListKeeper, revision: i64) {
+        let revision = u64::try_from(revision).unwrap_or(0);
+        for ((service, category), entries) in self.changes {
+            let (mut added, mut removed) = (Vec::new(), Vec::new());
+            for (_, (url, present)) in entries {
+                if present {
+                    added.push(url);
                 } else {
-                    self.entries.insert(key.to_owned(), u);
-                    true
+                    removed.push(url);
                 }
             }
-            None => self.entries.remove(key).is_some(),
-        };
-        if changed { self.pair_of(key) } else { None }
-    }
-
-    /// Replaces every entry (after a re-read), returning what changed.
-    pub fn replace(&mut self, entries: BTreeMap<String, Url>) -> Changed {
-        let mut changed = Changed::new();
-        for (k, u) in &self.entries {
-            if entries.get(k) != Some(u) {
-                changed.extend(self.pair_of(k));
-            }
+            keeper.change(&service, &category, added, removed, revision);
         }
-        for (k, u) in &entries {
-            if self.entries.get(k) != Some(u) {
-                changed.extend(self.pair_of(k));
-            }
-        }
-        self.entries = entries;
-        changed
-    }
-
-    /// Every (service, category) that has entries.
-    fn services(&self) -> BTreeSet<String> {
-        self.entries
-            .keys()
-            .filter_map(|k| self.pair_of(k))
-            .map(|(s, _)| s)
-            .collect()
-    }
-
-    /// Pushes the first notifications: every category of the subscription, in its order
-    /// (for `interface=*`, per service present).
-    pub fn notify_initial(&mut self) {
-        match &self.scope {
-            Scope::Category { service, category } => {
-                let (s, c) = (service.clone(), category.clone());
-                self.push(&s, &c);
-            }
-            Scope::Root => {
-                let services = self.services();
-                let categories = self.sub.categories.clone();
-                for s in &services {
-                    for c in &categories {
-                        self.push(s, c);
-                    }
-                }
-                self.known = services;
-            }
-        }
-    }
-
-    /// Pushes the lists that changed. A wildcard subscription hears about a new service's
-    /// every category at once.
-    pub fn notify_changed(&mut self, changed: &Changed) {
-        for (service, category) in changed {
-            match self.scope {
-                Scope::Category { .. } => self.push(service, category),
-                Scope::Root => {
-                    if !self.known.contains(service) {
-                        self.known.insert(service.clone());
-                        let categories = self.sub.categories.clone();
-                        for c in &categories {
-                            self.push(service, c);
-                        }
-                    } else if self.sub.categories.iter().any(|c| c == category) {
-                        self.push(service, category);
-                    }
-                }
-            }
-        }
-    }
-
-    fn push(&self, service: &str, category: &str) {
-        let urls = self
-            .sub
-            .list(service, category, self.entries_of(service, category));
-        self.sub.delivery.push(Notification::new(
-            service,
-            category,
-            urls,
-            u64::try_from(self.revision).unwrap_or(0),
-            Source::Live,
-        ));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paths::{root_prefix, sentinel_key};
+    use crate::paths::{LEASES_DIR, root_prefix};
 
+    /// Older versions kept the lease sentinels under the root: never an entry.
     #[test]
-    fn a_lease_sentinel_is_not_an_entry_of_the_root() {
+    fn an_old_lease_sentinel_is_not_an_entry_of_the_root() {
         let prefix = root_prefix("/dubbo");
-        let key = sentinel_key("/dubbo", 0x1a2b);
+        let key = format!("/dubbo/{LEASES_DIR}/1a2b");
         assert_eq!(parse_key("r", &prefix, &Scope::Root, &key), None);
         let entries = parse_entries("r", &prefix, &Scope::Root, [key.as_bytes()].into_iter());
         assert!(entries.is_empty());
+    }
+
+    #[test]
+    fn the_last_event_of_an_entry_in_a_response_wins() {
+        let u: Url = "dubbo://10.0.0.1:20880/a.B".parse().expect("url");
+        let mut b = Batch::default();
+        b.add("a.B".into(), "providers".into(), u.clone(), true);
+        b.add("a.B".into(), "providers".into(), u.clone(), false);
+        let k = keeper::ListKeeper::new("t");
+        k.replace(
+            &keeper::Scope::category("a.B", "providers"),
+            [("a.B".to_owned(), "providers".to_owned(), u.clone())],
+            1,
+        );
+        b.feed(&k, 2);
+        let c: Url = "consumer://10.0.0.2/a.B?category=providers"
+            .parse()
+            .expect("url");
+        assert_eq!(k.lookup(&c), Some(vec![]));
     }
 }

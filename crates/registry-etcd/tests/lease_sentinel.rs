@@ -1,4 +1,5 @@
-//! The lease sentinel (`<root>/.registry-leases/<lease hex>`, on the registry's lease) on the
+//! The lease sentinel (`/.registry-leases<root>/<lease hex>`, outside the Dubbo tree, on the
+//! registry's lease) on the
 //! shared etcd of `cargo xtask test` (`REGISTRY_TEST_ETCD`): a lease revoked from outside is
 //! noticed from the sentinel's DELETE event within milliseconds, not at the next keep-alive
 //! (10 s with the default session=60000), and the sentinel never reaches a subscription or a
@@ -16,15 +17,16 @@ use registry_core::{RegistryEvent, Url, encode};
 use registry_etcd as _;
 use registry_test_servers::{Kind, shared_address};
 
-const SENTINELS: &str = ".registry-leases";
+/// The default sentinel prefix (`etcd.lease-prefix`).
+const SENTINELS: &str = "/.registry-leases";
 
 const WILDCARD: &str = "consumer://10.0.0.250/*?interface=*&group=*&version=*&classifier=*&category=providers,consumers";
 
-/// The sentinels under `/<group>/.registry-leases/`: (key, value, lease).
+/// The sentinels under `/.registry-leases/<group>/`: (key, value, lease).
 async fn sentinels(raw: &mut Client, group: &str) -> Vec<(String, String, i64)> {
     let resp = raw
         .get(
-            format!("/{group}/{SENTINELS}/"),
+            format!("{SENTINELS}/{group}/"),
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await
@@ -41,7 +43,7 @@ async fn sentinels(raw: &mut Client, group: &str) -> Vec<(String, String, i64)> 
         .collect()
 }
 
-/// Waits until `n` sentinels are under `/<group>/.registry-leases/` (the session task puts
+/// Waits until `n` sentinels are under `/.registry-leases/<group>/` (the session task puts
 /// a registry's sentinel right after `new` returns) and returns them.
 async fn wait_sentinels(addr: &str, group: &str, n: usize) -> Vec<(String, String, i64)> {
     wait_until(
@@ -97,7 +99,16 @@ async fn a_revoked_lease_is_noticed_in_milliseconds_with_a_long_keep_alive_perio
     assert_ne!(old, 0);
     let before = wait_sentinels(&addr, &group, 1).await;
     assert_eq!(before.len(), 1, "one sentinel per registry: {before:?}");
-    assert_eq!(before[0].0, format!("/{group}/{SENTINELS}/{old:x}"));
+    assert_eq!(before[0].0, format!("{SENTINELS}/{group}/{old:x}"));
+    // Outside the Dubbo tree: under the root there are the entries only.
+    let mut under_root = keys_under(&mut raw, &format!("/{group}/")).await;
+    under_root.sort();
+    let mut entries: Vec<String> = ps.iter().map(|p| key(&group, &s, p)).collect();
+    entries.sort();
+    assert_eq!(
+        under_root, entries,
+        "nothing but the entries under the root"
+    );
     assert_eq!(before[0].2, old, "the sentinel is on the registry's lease");
     assert!(
         before[0].1.contains(&addr),
@@ -155,7 +166,7 @@ async fn a_revoked_lease_is_noticed_in_milliseconds_with_a_long_keep_alive_perio
             .iter()
             .map(|(k, _, l)| (k.clone(), *l))
             .collect::<Vec<_>>(),
-        vec![(format!("/{group}/{SENTINELS}/{now:x}"), now)]
+        vec![(format!("{SENTINELS}/{group}/{now:x}"), now)]
     );
     assert!(r.is_available());
 
@@ -252,6 +263,117 @@ async fn the_sentinel_never_reaches_subscriptions_or_lookups() {
     assert!(!lease_alive(&mut raw, leases[0]).await, "no lease left");
     assert_eq!(
         keys_under(&mut raw, &format!("/{group}/")).await,
+        Vec::<String>::new()
+    );
+}
+
+/// Fault 11: an operator deletes a registry's sentinel by hand while its lease lives. The
+/// registry revokes that lease before it puts its entries on a new one (a put in flight on the
+/// old lease must not end up on a lease nobody renews): the old lease is gone, every entry is
+/// on the new, renewed lease, and the new lease has its sentinel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_deleted_by_hand_moves_every_entry_to_a_renewed_lease() {
+    common::init_tracing();
+    let Some(addr) = shared_address(Kind::Etcd, "sentinel_deleted_by_hand") else {
+        return;
+    };
+    let s = unique_service("deleted");
+    let group = format!("kit-deleted-{}", s.rsplit('.').next().unwrap_or("x"));
+    // session=6000: TTL 3 s, so a lease nobody renews would be gone within the test.
+    let r = registry(&format!(
+        "etcd://{addr}?session=6000&file=false&group={group}"
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let ps: Vec<Url> = (1..=5).map(|i| provider(&s, i, "")).collect();
+    for p in &ps {
+        r.register(p).await.expect("register");
+    }
+    let mut raw = raw(&addr).await;
+    let old = lease_of(&mut raw, &key(&group, &s, &ps[0]))
+        .await
+        .expect("entry");
+    let before = wait_sentinels(&addr, &group, 1).await;
+    assert_eq!(before[0].2, old);
+
+    let deleted = Instant::now();
+    raw.delete(before[0].0.as_str(), None)
+        .await
+        .expect("delete the sentinel by hand");
+    log.wait_for(RegistryEvent::NewSession, deleted, DEADLINE)
+        .await;
+    let keys: Vec<String> = ps.iter().map(|p| key(&group, &s, p)).collect();
+    wait_until("every entry on a new lease", DEADLINE, || {
+        let (keys, addr) = (keys.clone(), addr.clone());
+        async move {
+            let mut raw = common::raw(&addr).await;
+            for k in &keys {
+                match lease_of(&mut raw, k).await {
+                    Some(l) if l != 0 && l != old => {}
+                    _ => return false,
+                }
+            }
+            true
+        }
+    })
+    .await;
+    let moved = deleted.elapsed();
+    assert!(
+        !lease_alive(&mut raw, old).await,
+        "the lease whose sentinel was deleted is revoked, not left to expire"
+    );
+    let now = lease_of(&mut raw, &keys[0]).await.expect("entry");
+    // The new lease is renewed: still there (with its sentinel) after twice its TTL.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(lease_alive(&mut raw, now).await, "the new lease is renewed");
+    for k in &keys {
+        assert_eq!(lease_of(&mut raw, k).await, Some(now), "{k}");
+    }
+    let after = sentinels(&mut raw, &group).await;
+    assert_eq!(
+        after
+            .iter()
+            .map(|(k, _, l)| (k.clone(), *l))
+            .collect::<Vec<_>>(),
+        vec![(format!("{SENTINELS}/{group}/{now:x}"), now)]
+    );
+    eprintln!("sentinel deleted by hand: 5 entries on a new, renewed lease after {moved:?}");
+    r.destroy().await;
+}
+
+/// `etcd.lease-prefix` puts the sentinels elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sentinel_prefix_is_configurable() {
+    common::init_tracing();
+    let Some(addr) = shared_address(Kind::Etcd, "sentinel_prefix") else {
+        return;
+    };
+    let s = unique_service("prefix");
+    let group = format!("kit-prefix-{}", s.rsplit('.').next().unwrap_or("x"));
+    let r = registry(&format!(
+        "etcd://{addr}?session=60000&file=false&group={group}&etcd.lease-prefix=/ops/leases"
+    ))
+    .await;
+    r.register(&provider(&s, 1, "")).await.expect("register");
+    let mut raw = raw(&addr).await;
+    wait_until("the sentinel under /ops/leases", DEADLINE, || {
+        let addr = addr.clone();
+        let group = group.clone();
+        async move {
+            keys_under(
+                &mut common::raw(&addr).await,
+                &format!("/ops/leases/{group}/"),
+            )
+            .await
+            .len()
+                == 1
+        }
+    })
+    .await;
+    assert_eq!(sentinels(&mut raw, &group).await, vec![]);
+    r.destroy().await;
+    assert_eq!(
+        keys_under(&mut raw, &format!("/ops/leases/{group}/")).await,
         Vec::<String>::new()
     );
 }

@@ -1,0 +1,347 @@
+//! The state shared by a registry handle ([`crate::registry`]) and its session task
+//! ([`crate::session`]), and the connection steps both use. Both modules depend on this one,
+//! never on each other's internals (the handle only starts the session task).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, KvClient, LeaseClient, WatchClient};
+use registry_core::delivery::Delivery;
+use registry_core::keeper::{ListKeeper, SubscriptionId};
+use registry_core::{Error, RegistryEvent, Result, Url};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::errors::{self, Kind};
+use crate::options::Options;
+use crate::watches::{Entries, Scope, WatchState, parse_entries};
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// HTTP/2 keep-alive ping interval on every connection. etcd's server refuses pings more
+/// often than `--grpc-keepalive-min-time` (5 s by default) with a GOAWAY, so a little more.
+pub(crate) const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(6);
+
+/// The shortest per-step timeout, whatever the TTL.
+const MIN_STEP: Duration = Duration::from_millis(250);
+
+/// Requests from the registry handle to its session task.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// Create every watch not yet created on the current stream.
+    Arm,
+    /// Cancel a watch that was created on stream generation `.1`.
+    Cancel(i64, u64),
+    /// A request said the lease is gone, or a request went unanswered: check the lease (and
+    /// with it the member) now.
+    CheckLease,
+    /// A request said the auth token is invalid: authenticate again.
+    Reauthenticate,
+}
+
+/// One subscription: its id in the keeper, its delivery (kept to flush and close it) and the
+/// prefixes it watches.
+pub(crate) struct Sub {
+    pub id: SubscriptionId,
+    pub delivery: std::sync::Arc<Delivery>,
+    pub prefixes: Vec<String>,
+}
+
+/// The clients of one connection (to one member), with the raised decoding limit.
+#[derive(Clone)]
+pub(crate) struct Clients {
+    pub client: Client,
+    pub kv: KvClient,
+    pub watch: WatchClient,
+    pub lease: LeaseClient,
+    /// The endpoint (`http://host:port`) these clients talk to.
+    pub endpoint: String,
+}
+
+/// The state shared by the registry handle and its session task.
+pub(crate) struct Inner {
+    pub url: Url,
+    /// The registry URL for messages (password hidden).
+    pub label: String,
+    pub opts: Options,
+    /// The clients of the member the registry uses now (`None` while there is none).
+    pub clients: RwLock<Option<Clients>>,
+    /// The index (in `opts.endpoints`) of the member `clients` talk to.
+    pub member: AtomicUsize,
+    /// The current lease; 0 while there is none.
+    pub lease: AtomicI64,
+    /// The TTL etcd granted the current lease, in ms (the requested one until a grant).
+    pub ttl_ms: AtomicU64,
+    pub available: AtomicBool,
+    pub destroyed: AtomicBool,
+    pub events: broadcast::Sender<RegistryEvent>,
+    /// (URL, listener) -> subscription.
+    pub subs: Mutex<HashMap<(Url, usize), Sub>>,
+    /// watch id -> the one watch of a prefix (shared by the subscriptions that need it).
+    pub watches: Mutex<HashMap<i64, WatchState>>,
+    /// The lists of every subscription, fed by the watches and reads.
+    pub keeper: ListKeeper,
+    pub next_watch_id: AtomicI64,
+    pub cmds: mpsc::UnboundedSender<Cmd>,
+    pub shutdown: watch::Sender<bool>,
+    /// The session task, joined by `destroy`.
+    pub session: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    pub fn new(url: Url, opts: Options, cmds: mpsc::UnboundedSender<Cmd>, first: i64) -> Inner {
+        let label = url.to_identity_string_redacted();
+        Inner {
+            keeper: ListKeeper::new(label.clone()),
+            label,
+            url,
+            clients: RwLock::new(None),
+            member: AtomicUsize::new(0),
+            lease: AtomicI64::new(0),
+            ttl_ms: AtomicU64::new(u64::try_from(opts.ttl_secs).unwrap_or(1) * 1000),
+            available: AtomicBool::new(false),
+            destroyed: AtomicBool::new(false),
+            events: broadcast::channel(64).0,
+            subs: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
+            next_watch_id: AtomicI64::new(first),
+            cmds,
+            shutdown: watch::channel(false).0,
+            session: Mutex::new(None),
+            opts,
+        }
+    }
+
+    pub fn clients(&self) -> Option<Clients> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_clients(&self, c: Option<Clients>) {
+        *self.clients.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    /// The lease's TTL as etcd granted it (it may grant more than requested, never less).
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Acquire).max(1000))
+    }
+
+    /// How often the lease is renewed: a third of the granted TTL.
+    pub fn keep_alive_period(&self) -> Duration {
+        (self.ttl() / 3).max(Duration::from_millis(100))
+    }
+
+    /// The deadline of one step of (re-)establishing the session (connect, authenticate,
+    /// grant, renew, sentinel put, watch open): a sixth of the granted TTL, at most the
+    /// request timeout. A member that does not answer within it is left for the next one, so
+    /// several steps, and a move to another member, fit inside the lease.
+    pub fn step_timeout(&self) -> Duration {
+        (self.ttl() / 6).max(MIN_STEP).min(self.opts.timeout)
+    }
+
+    pub fn alive(&self) -> Result<()> {
+        if self.destroyed.load(Ordering::Acquire) {
+            Err(Error::Destroyed {
+                registry: self.label.clone(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn connected(&self) -> Result<Clients> {
+        self.alive()?;
+        self.clients().ok_or_else(|| Error::Unavailable {
+            registry: self.label.clone(),
+            reason: "not connected to etcd yet (connecting in the background)".to_owned(),
+        })
+    }
+
+    /// Converts an operation's error; asks the session to check the lease (and the member)
+    /// or the token when the error says they are gone.
+    pub fn fail(&self, (e, kind): (Error, Kind)) -> Error {
+        // "user name is empty" with credentials: the request went out without a token (it is
+        // being renewed); like etcd's Go client, authenticate again and retry.
+        if kind == Kind::Denied
+            && self.opts.user.is_some()
+            && e.to_string().contains("user name is empty")
+        {
+            let _ = self.cmds.send(Cmd::Reauthenticate);
+            return Error::Backend {
+                registry: self.label.clone(),
+                message: e.to_string(),
+                retryable: true,
+                source: Some(Box::new(e)),
+            };
+        }
+        match kind {
+            // A time-out or an unavailable member: the session checks the member at once
+            // (a keep-alive that goes unanswered moves it to another member).
+            Kind::LeaseNotFound | Kind::Transient => {
+                let _ = self.cmds.send(Cmd::CheckLease);
+            }
+            Kind::TokenInvalid => {
+                let _ = self.cmds.send(Cmd::Reauthenticate);
+            }
+            _ => {}
+        }
+        e
+    }
+
+    pub fn emit(&self, e: RegistryEvent) {
+        if self.destroyed.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::info!(registry = %self.label, event = ?e, "etcd registry event");
+        let _ = self.events.send(e);
+    }
+
+    /// One range read of `prefix`: the parsed entries (service, category, URL) and the
+    /// read's revision.
+    pub async fn read(
+        &self,
+        clients: &Clients,
+        prefix: &str,
+        scope: &Scope,
+    ) -> std::result::Result<(Entries, i64), (Error, Kind)> {
+        let mut kv = clients.kv.clone();
+        let resp = errors::timed(
+            &self.label,
+            || format!("reading {prefix}"),
+            self.opts.timeout,
+            kv.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
+        )
+        .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let entries = parse_entries(
+            &self.label,
+            prefix,
+            scope,
+            resp.kvs().iter().map(|kv| kv.key()),
+        );
+        Ok((entries, revision))
+    }
+}
+
+/// Connects to the one member at `endpoint`: builds its clients (authenticating when the URL
+/// has credentials) within `within`. Every request carries etcd's require-leader flag, so a
+/// member cut off from the majority refuses requests and ends streams instead of hanging or
+/// going silent; HTTP/2 keep-alive pings notice a frozen member under a watch stream.
+pub(crate) async fn connect(
+    inner: &Inner,
+    endpoint: &str,
+    within: Duration,
+) -> std::result::Result<Clients, (Error, Kind)> {
+    let o = &inner.opts;
+    let base = ConnectOptions::new()
+        .with_timeout(o.timeout)
+        .with_connect_timeout(within)
+        .with_keep_alive(HTTP2_PING_INTERVAL, within.max(Duration::from_secs(1)))
+        .with_keep_alive_while_idle(false)
+        .with_require_leader(true);
+    let what = || format!("connecting to {endpoint}");
+    let endpoints = [endpoint];
+    let client = match &o.user {
+        Some((user, password)) => {
+            let with_user = base.clone().with_user(user.clone(), password.clone());
+            match errors::timed(
+                &inner.label,
+                what,
+                within,
+                Client::connect(endpoints, Some(with_user)),
+            )
+            .await
+            {
+                Err((e, _)) if e.to_string().contains("authentication is not enabled") => {
+                    tracing::warn!(
+                        registry = %inner.label,
+                        "etcd has authentication off: connecting without the user name and password of the URL"
+                    );
+                    errors::timed(
+                        &inner.label,
+                        what,
+                        within,
+                        Client::connect(endpoints, Some(base)),
+                    )
+                    .await?
+                }
+                other => other?,
+            }
+        }
+        None => {
+            errors::timed(
+                &inner.label,
+                what,
+                within,
+                Client::connect(endpoints, Some(base)),
+            )
+            .await?
+        }
+    };
+    let kv = client
+        .kv_client()
+        .max_decoding_message_size(o.max_message_size);
+    let watch = client
+        .watch_client()
+        .max_decoding_message_size(o.max_message_size);
+    let lease = client.lease_client();
+    Ok(Clients {
+        client,
+        kv,
+        watch,
+        lease,
+        endpoint: endpoint.to_owned(),
+    })
+}
+
+/// Grants a lease of the configured TTL within `within`; records the TTL etcd granted.
+pub(crate) async fn grant(
+    inner: &Inner,
+    clients: &Clients,
+    within: Duration,
+) -> std::result::Result<i64, (Error, Kind)> {
+    let mut lease = clients.lease.clone();
+    let resp = errors::timed(
+        &inner.label,
+        || {
+            format!(
+                "granting a lease of {} s at {}",
+                inner.opts.ttl_secs, clients.endpoint
+            )
+        },
+        within,
+        lease.grant(inner.opts.ttl_secs, None),
+    )
+    .await?;
+    if !resp.error().is_empty() {
+        return Err((
+            Error::backend(
+                &inner.url,
+                format!("granting a lease: {}", resp.error()),
+                true,
+            ),
+            Kind::Transient,
+        ));
+    }
+    if resp.ttl() != inner.opts.ttl_secs {
+        tracing::info!(
+            registry = %inner.label,
+            requested = inner.opts.ttl_secs,
+            granted = resp.ttl(),
+            "etcd granted a lease TTL other than the requested one; using the granted one"
+        );
+    }
+    inner.ttl_ms.store(
+        u64::try_from(resp.ttl().max(1)).unwrap_or(1) * 1000,
+        Ordering::Release,
+    );
+    Ok(resp.id())
+}

@@ -1,0 +1,483 @@
+//! Session faults that need no cluster, each on its own etcd (or the shared one where it is
+//! not disturbed): the granted lease TTL, unregister of an entry another registry put since,
+//! a watch etcd refuses on one prefix, and reconnections that must not authenticate again.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, EventLog, OwnEtcd, Proxy, lease_of, raw, raw_as, registry};
+use etcd_client::{Permission, RoleRevokePermissionOptions};
+use registry_core::testkit::{Recorder, consumer, provider, unique_service, wait_until};
+use registry_core::url::PROVIDERS_CATEGORY;
+use registry_core::{RegistryEvent, Url, encode};
+use registry_etcd as _;
+use registry_test_servers::{Kind, shared_address};
+
+fn entry_key(group: &str, service: &str, u: &Url) -> String {
+    format!(
+        "/{group}/{}/{}/{}",
+        encode(service),
+        u.category(),
+        encode(&u.to_full_string())
+    )
+}
+
+/// The sum of the samples of `metric` whose labels contain `label`, from etcd's `/metrics`.
+fn metric(addr: &str, metric: &str, label: &str) -> f64 {
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics connection");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("metrics request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn authentications(addr: &str) -> f64 {
+    metric(
+        addr,
+        "grpc_server_started_total",
+        "grpc_method=\"Authenticate\"",
+    )
+}
+
+fn watch_streams(addr: &str) -> f64 {
+    metric(addr, "grpc_server_started_total", "grpc_method=\"Watch\"")
+}
+
+/// etcd grants at least its minimum TTL (1.5 election timeouts: 8 s with a 500 ms heartbeat
+/// and a 5 s election timeout), more than `session=4000` asks (2 s). A cut of 4 s, longer
+/// than the requested TTL but shorter than the granted one, must not be taken for a lost
+/// lease: the registry reconnects with the same lease, reports no `SessionLost`, and the
+/// entry never leaves its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_granted_ttl_counts_not_the_requested_one() {
+    let Some(etcd) = OwnEtcd::start(
+        "granted_ttl",
+        &["--heartbeat-interval", "500", "--election-timeout", "5000"],
+    ) else {
+        return;
+    };
+    let addr = etcd.address();
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    let s = unique_service("granted");
+    let r = registry(&format!(
+        "etcd://{}?session=4000&timeout=1000",
+        proxy.address()
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let p = provider(&s, 1, "");
+    r.register(&p).await.expect("register");
+    let mut rawc = raw(&addr).await;
+    let key = entry_key("dubbo", &s, &p);
+    let lease = lease_of(&mut rawc, &key).await.expect("entry");
+    let granted = rawc
+        .lease_time_to_live(lease, None)
+        .await
+        .expect("lease ttl")
+        .granted_ttl();
+    assert!(
+        granted >= 5,
+        "the premise: etcd grants more than the 2 s asked, here {granted} s"
+    );
+
+    let cut = Instant::now();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let healed = Instant::now();
+    proxy.restore();
+    let back = log
+        .wait_for(RegistryEvent::Reconnected, healed, DEADLINE)
+        .await;
+    eprintln!(
+        "granted {granted} s for 2 s asked: cut 4 s, Reconnected {:?} after healing; events {:?}",
+        back - healed,
+        log.events()
+    );
+    assert_eq!(
+        log.first_after(RegistryEvent::SessionLost, cut),
+        None,
+        "no SessionLost within the granted TTL: {:?}",
+        log.events()
+    );
+    assert_eq!(lease_of(&mut rawc, &key).await, Some(lease), "same lease");
+    r.destroy().await;
+}
+
+/// Fault 8 on one server: a provider restarts on the same host:port (same URL) and the new
+/// instance registers before the old instance's unregister arrives. The late unregister
+/// deletes nothing: the entry is on the new instance's lease. The new instance's unregister
+/// deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_unregister_of_an_old_instance_keeps_the_new_instances_entry() {
+    common::init_tracing();
+    let Some(addr) = shared_address(Kind::Etcd, "late_unregister") else {
+        return;
+    };
+    let s = unique_service("restart");
+    let group = format!("kit-own-{}", s.rsplit('.').next().unwrap_or("x"));
+    let url = format!("etcd://{addr}?session=60000&file=false&group={group}");
+    let old = registry(&url).await;
+    let new = registry(&url).await;
+    let p = provider(&s, 1, "");
+    let key = entry_key(&group, &s, &p);
+    let mut rawc = raw(&addr).await;
+
+    old.register(&p).await.expect("old instance registers");
+    let old_lease = lease_of(&mut rawc, &key).await.expect("entry");
+    new.register(&p).await.expect("new instance registers");
+    let new_lease = lease_of(&mut rawc, &key).await.expect("entry");
+    assert_ne!(old_lease, new_lease, "the new instance's put moved the key");
+
+    old.unregister(&p).await.expect("late unregister");
+    assert_eq!(
+        lease_of(&mut rawc, &key).await,
+        Some(new_lease),
+        "the old instance's late unregister must not delete the new instance's entry"
+    );
+    // Nor does the old instance's end (its lease revoked).
+    old.destroy().await;
+    assert_eq!(lease_of(&mut rawc, &key).await, Some(new_lease));
+
+    new.unregister(&p).await.expect("unregister");
+    assert_eq!(
+        lease_of(&mut rawc, &key).await,
+        None,
+        "the owner deletes it"
+    );
+
+    // Persistent entries (no lease) are deleted by an unregister of any registry.
+    let q = provider(&s, 2, "dynamic=false");
+    new.register(&q).await.expect("register persistent");
+    let qkey = entry_key(&group, &s, &q);
+    assert_eq!(lease_of(&mut rawc, &qkey).await, Some(0));
+    let third = registry(&url).await;
+    third.unregister(&q).await.expect("unregister persistent");
+    assert_eq!(lease_of(&mut rawc, &qkey).await, None);
+    third.destroy().await;
+    new.destroy().await;
+}
+
+/// Sets up etcd authentication: `root`, and `app` whose role may read and write the
+/// sentinels of group `g` and the services `services` only.
+async fn app_user(addr: &str, group: &str, services: &[&str]) {
+    let mut rawc = raw(addr).await;
+    rawc.user_add("root", "rootpw", None)
+        .await
+        .expect("user add");
+    let _ = rawc.role_add("root").await;
+    rawc.user_grant_role("root", "root")
+        .await
+        .expect("grant role");
+    rawc.user_add("app", "apppw", None).await.expect("user add");
+    rawc.role_add("app").await.expect("role add");
+    let mut prefixes = vec![format!("/.registry-leases/{group}/")];
+    prefixes.extend(services.iter().map(|s| format!("/{group}/{}/", encode(s))));
+    for p in prefixes {
+        rawc.role_grant_permission("app", Permission::read_write(p).with_prefix())
+            .await
+            .expect("grant");
+    }
+    rawc.user_grant_role("app", "app")
+        .await
+        .expect("grant role");
+    rawc.auth_enable().await.expect("auth enable");
+}
+
+/// Fault 10: the permission on one watched prefix is revoked, then the connection breaks
+/// (so every watch is created again on a new stream). etcd refuses that one watch; the other
+/// subscription keeps working, and the registry neither loops reconnecting nor
+/// authenticating again (counted on etcd's own metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_watch_disturbs_no_other_subscription_and_loops_nowhere() {
+    let Some(etcd) = OwnEtcd::start("refused_watch", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let (a, b) = (unique_service("allowed"), unique_service("revoked"));
+    let group = "perm";
+    app_user(&addr, group, &[&a, &b]).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    // check=false: the app user may not read the whole root (the check's probe).
+    let r = registry(&format!(
+        "etcd://app:apppw@{}?session=6000&group={group}&check=false",
+        proxy.address()
+    ))
+    .await;
+    let root = registry(&format!("etcd://root:rootpw@{addr}?group={group}")).await;
+    wait_until("the app registry connects", DEADLINE, || async {
+        r.is_available()
+    })
+    .await;
+    let log = EventLog::attach(&r);
+    let (seen_a, seen_b) = (Recorder::new(), Recorder::new());
+    r.subscribe(&consumer(&a, "category=providers"), seen_a.listener())
+        .await
+        .expect("subscribe a");
+    r.subscribe(&consumer(&b, "category=providers"), seen_b.listener())
+        .await
+        .expect("subscribe b");
+    let pa1 = provider(&a, 1, "");
+    root.register(&pa1).await.expect("register");
+    seen_a
+        .wait_for_entries(&a, PROVIDERS_CATEGORY, std::slice::from_ref(&pa1), DEADLINE)
+        .await;
+
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    admin
+        .role_revoke_permission(
+            "app",
+            format!("/{group}/{}/", encode(&b)),
+            Some(RoleRevokePermissionOptions::new().with_prefix()),
+        )
+        .await
+        .expect("revoke the permission on b");
+    let cut = Instant::now();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
+        .await;
+    let (auth0, streams0) = (authentications(&addr), watch_streams(&addr));
+    assert!(
+        auth0 >= 1.0 && streams0 >= 1.0,
+        "etcd's metrics count authentications and watch streams"
+    );
+    let pa2 = provider(&a, 2, "");
+    root.register(&pa2).await.expect("register");
+    let t = Instant::now();
+    seen_a
+        .wait_for_entries(
+            &a,
+            PROVIDERS_CATEGORY,
+            &[pa1.clone(), pa2.clone()],
+            DEADLINE,
+        )
+        .await;
+    let current = t.elapsed();
+    // Long enough for a loop (the old behaviour authenticated again about every second).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let pa3 = provider(&a, 3, "");
+    root.register(&pa3).await.expect("register");
+    seen_a
+        .wait_for_entries(
+            &a,
+            PROVIDERS_CATEGORY,
+            &[pa1.clone(), pa2.clone(), pa3.clone()],
+            DEADLINE,
+        )
+        .await;
+    let (auth1, streams1) = (authentications(&addr), watch_streams(&addr));
+    eprintln!(
+        "refused watch: the other subscription current {current:?} after a change; in 6 s: \
+         {} authentications, {} watch streams opened; events {:?}",
+        auth1 - auth0,
+        streams1 - streams0,
+        log.events()
+    );
+    assert!(
+        auth1 - auth0 <= 1.0,
+        "no authentication loop: {} in 6 s",
+        auth1 - auth0
+    );
+    assert!(
+        streams1 - streams0 <= 1.0,
+        "no reconnection loop: {} watch streams in 6 s",
+        streams1 - streams0
+    );
+    let disconnects = log
+        .events()
+        .iter()
+        .filter(|e| **e == RegistryEvent::Disconnected)
+        .count();
+    assert_eq!(disconnects, 1, "only the cut: {:?}", log.events());
+    r.destroy().await;
+    root.destroy().await;
+}
+
+/// A reconnection does not authenticate again while the token is good (Authenticate costs
+/// etcd a bcrypt; a fleet reconnecting at once would stampede it): three breaks, no
+/// authentication. A token made bad by a restart of etcd still leads to one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnections_authenticate_only_when_the_token_is_bad() {
+    let Some(etcd) = OwnEtcd::start("reconnect_no_auth", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    common::enable_auth(&addr).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    let s = unique_service("noauth");
+    let r = registry(&format!(
+        "etcd://root:rootpw@{}?session=20000",
+        proxy.address()
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe");
+    let before = authentications(&addr);
+    assert!(before >= 1.0, "etcd's metrics count authentications");
+    for i in 1..=3u8 {
+        let cut = Instant::now();
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.restore();
+        log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
+            .await;
+        let p = provider(&s, i, "");
+        r.register(&p).await.expect("register after a reconnection");
+    }
+    let want: Vec<Url> = (1..=3).map(|i| provider(&s, i, "")).collect();
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &want, DEADLINE)
+        .await;
+    let after = authentications(&addr);
+    eprintln!("3 reconnections: {} authentications", after - before);
+    assert_eq!(after - before, 0.0, "no authentication for a good token");
+    r.destroy().await;
+}
+
+/// Watchers etcd has open (its own gauge).
+fn watchers(addr: &str) -> f64 {
+    metric(addr, "etcd_debugging_mvcc_watcher_total", "")
+}
+
+/// Range requests etcd has served.
+fn ranges(addr: &str) -> f64 {
+    metric(addr, "grpc_server_handled_total", "grpc_method=\"Range\"")
+}
+
+/// Twelve subscriptions of one service (ten with the same query, two that add `routers`)
+/// need two prefixes: etcd holds two watchers for them (plus the registry's lease anchor),
+/// not one per subscription and category, and the periodic re-read reads each prefix once.
+/// Every subscription still gets every change; the last unsubscribe cancels the watchers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_share_one_watch_and_one_periodic_read_per_prefix() {
+    let Some(etcd) = OwnEtcd::start("shared_watches", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let s = unique_service("shared");
+    let r = registry(&format!(
+        "etcd://{addr}?session=60000&etcd.reread.period=1000&file=false"
+    ))
+    .await;
+    // The session task opens the stream with the lease anchor watch right after `new`.
+    wait_until(
+        "etcd's gauge counts the lease anchor watch",
+        DEADLINE,
+        || async { watchers(&addr) == 1.0 },
+    )
+    .await;
+    let base = watchers(&addr);
+    let mut recs = Vec::new();
+    for i in 0..12 {
+        let rec = Recorder::new();
+        let query = if i < 10 {
+            consumer(&s, "category=providers")
+        } else {
+            consumer(&s, "category=providers,routers")
+        };
+        r.subscribe(&query, rec.listener())
+            .await
+            .expect("subscribe");
+        recs.push((query, rec));
+    }
+    let p = provider(&s, 1, "");
+    r.register(&p).await.expect("register");
+    for (_, rec) in &recs {
+        rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p), DEADLINE)
+            .await;
+    }
+    let held = watchers(&addr) - base;
+    let before = ranges(&addr);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let reads = ranges(&addr) - before;
+    eprintln!(
+        "12 subscriptions on 2 prefixes: {held} watchers; periodic re-read (every 1 s) made {reads} range reads in 3.2 s"
+    );
+    assert_eq!(held, 2.0, "one watcher per prefix");
+    assert!(
+        (2.0..=8.0).contains(&reads),
+        "each prefix read once per period: {reads} reads in 3.2 s"
+    );
+    for (query, rec) in &recs {
+        r.unsubscribe(query, &rec.listener())
+            .await
+            .expect("unsubscribe");
+    }
+    wait_until("the watchers cancelled", DEADLINE, || async {
+        watchers(&addr) == base
+    })
+    .await;
+    r.destroy().await;
+}
+
+/// A lease lost while the connection works (revoked from outside) is replaced on the same
+/// connection: `SessionLost` then `NewSession`, every entry back on the new lease, and the
+/// watch stream with its watches stays (etcd counts no new watch stream; the subscription
+/// keeps seeing changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_replaced_on_the_same_watch_stream() {
+    let Some(etcd) = OwnEtcd::start("lease_replaced_in_place", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let s = unique_service("inplace");
+    let r = registry(&format!("etcd://{addr}?session=60000&file=false")).await;
+    let log = EventLog::attach(&r);
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe");
+    let p1 = provider(&s, 1, "");
+    r.register(&p1).await.expect("register");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
+        .await;
+    let mut rawc = raw(&addr).await;
+    let key = entry_key("dubbo", &s, &p1);
+    let old = lease_of(&mut rawc, &key).await.expect("entry");
+    let streams = watch_streams(&addr);
+    assert!(streams >= 1.0, "etcd's metrics count watch streams");
+
+    let revoked = Instant::now();
+    rawc.lease_revoke(old).await.expect("revoke from outside");
+    log.wait_for(RegistryEvent::NewSession, revoked, DEADLINE)
+        .await;
+    wait_until("the entry on a new lease", DEADLINE, || {
+        let (addr, key) = (addr.clone(), key.clone());
+        async move {
+            matches!(lease_of(&mut raw(&addr).await, &key).await, Some(l) if l != 0 && l != old)
+        }
+    })
+    .await;
+    let back = revoked.elapsed();
+    let p2 = provider(&s, 2, "");
+    r.register(&p2).await.expect("register");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &[p1.clone(), p2.clone()], DEADLINE)
+        .await;
+    eprintln!(
+        "lease revoked from outside: entry on a new lease after {back:?}; watch streams opened meanwhile: {}; events {:?}",
+        watch_streams(&addr) - streams,
+        log.events()
+    );
+    assert_eq!(
+        watch_streams(&addr),
+        streams,
+        "the watch stream stays when only the lease is replaced"
+    );
+    assert!(
+        !log.events().contains(&RegistryEvent::Disconnected),
+        "{:?}",
+        log.events()
+    );
+    r.destroy().await;
+}
