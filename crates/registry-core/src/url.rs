@@ -137,6 +137,23 @@ enum Offsets {
 }
 
 impl Offsets {
+    /// 16-bit offsets when every one fits (the full string is `len` bytes long).
+    fn of(params: Vec<[u32; 2]>, len: usize) -> Offsets {
+        if len <= usize::from(u16::MAX) {
+            Offsets::Short(
+                params
+                    .iter()
+                    .map(|[eq, end]| {
+                        let short = |x: u32| u16::try_from(x).unwrap_or(u16::MAX);
+                        [short(*eq), short(*end)]
+                    })
+                    .collect(),
+            )
+        } else {
+            Offsets::Long(params.into_boxed_slice())
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Offsets::Short(v) => v.len(),
@@ -210,6 +227,116 @@ impl UrlData {
         None
     }
 
+    /// The layout of `buf` when it already is a full string exactly as [`UrlData::build`]
+    /// writes it (what every node name and key this registry writes decodes to): the parts
+    /// are found in place, with no copy and no map of parameters. `None` for anything else
+    /// (credentials, several hosts, IPv6 literals, unsorted or repeated parameters, blanks,
+    /// a port written unlike `u16::to_string`, ...), which [`Url::parse`] then reads through
+    /// the parts; both give the same URL.
+    fn canonical(buf: Box<str>) -> Option<UrlData> {
+        let s: &str = &buf;
+        if s.len() > u32::MAX as usize / 2 {
+            return None;
+        }
+        let at = |x: usize| u32::try_from(x).ok();
+        let sep = s.find("://")?;
+        let protocol = &s[..sep];
+        if protocol.is_empty()
+            || !protocol
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.' | b'_'))
+        {
+            return None;
+        }
+        let authority_start = sep + 3;
+        let query_mark = s.find('?');
+        let head_end = query_mark.unwrap_or(s.len());
+        let head = &s[authority_start..head_end];
+        // Blanks anywhere before the parameters, credentials, fragments and host lists are
+        // left to the full parser.
+        if head
+            .bytes()
+            .any(|c| c.is_ascii_whitespace() || matches!(c, b'@' | b'#' | b','))
+        {
+            return None;
+        }
+        let (authority, path) = match head.find('/') {
+            Some(i) => (&head[..i], Some(&head[i + 1..])),
+            None => (head, None),
+        };
+        // The builder writes `/path` only for a non-empty path.
+        if path.is_some_and(str::is_empty) {
+            return None;
+        }
+        if !authority
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b':'))
+        {
+            return None;
+        }
+        let (host, port) = match authority.split_once(':') {
+            Some((h, p)) => {
+                // One colon, and the port as `u16::to_string` writes it (not 0).
+                if p.contains(':') || p.is_empty() || p.starts_with('0') {
+                    return None;
+                }
+                (h, p.parse::<u16>().ok()?)
+            }
+            None => (authority, 0),
+        };
+        let host_start = authority_start;
+        let host = Span {
+            start: at(host_start)?,
+            end: at(host_start + host.len())?,
+        };
+        let path = match path {
+            Some(p) => {
+                let start = authority_start + authority.len() + 1;
+                Span {
+                    start: at(start)?,
+                    end: at(start + p.len())?,
+                }
+            }
+            None => Span::default(),
+        };
+        let mut params: Vec<[u32; 2]> = Vec::new();
+        let mut query = at(head_end + 1)?;
+        if let Some(q) = query_mark {
+            query = at(q + 1)?;
+            let mut pos = q + 1;
+            let mut previous: Option<&str> = None;
+            for part in s[q + 1..].split('&') {
+                let eq = part.find('=')?;
+                let (k, v) = (&part[..eq], &part[eq + 1..]);
+                if k.is_empty()
+                    || k.len() != k.trim().len()
+                    || v.len() != v.trim().len()
+                    || previous.is_some_and(|p| p >= k)
+                {
+                    return None;
+                }
+                previous = Some(k);
+                params.push([at(pos + eq)?, at(pos + part.len())?]);
+                pos += part.len() + 1;
+            }
+        }
+        let params = Offsets::of(params, s.len());
+        Some(UrlData {
+            protocol: Span {
+                start: 0,
+                end: at(sep)?,
+            },
+            username: Span::default(),
+            password: Span::default(),
+            host,
+            port,
+            path,
+            query,
+            params,
+            buf,
+        })
+    }
+
     /// Lays `p` out as its full string (CONTRACT §1) and records where each part is.
     fn build(p: &Parts) -> UrlData {
         let params_len: usize = p.params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
@@ -258,19 +385,7 @@ impl UrlData {
             buf.push_str(v);
             params.push([eq, at(&buf)]);
         }
-        let params = if buf.len() <= usize::from(u16::MAX) {
-            Offsets::Short(
-                params
-                    .iter()
-                    .map(|[eq, end]| {
-                        let short = |x: u32| u16::try_from(x).unwrap_or(u16::MAX);
-                        [short(*eq), short(*end)]
-                    })
-                    .collect(),
-            )
-        } else {
-            Offsets::Long(params.into_boxed_slice())
-        };
+        let params = Offsets::of(params, buf.len());
         UrlData {
             buf: buf.into_boxed_str(),
             protocol,
@@ -416,6 +531,14 @@ impl Url {
     /// Several hosts (`zookeeper://h1:2181,h2:2181`) become the first host plus a `backup`
     /// parameter listing the others, which is Dubbo's own form.
     pub fn parse(input: &str) -> Result<Url> {
+        if let Some(d) = UrlData::canonical(input.into()) {
+            return Ok(Url { d: Arc::new(d) });
+        }
+        Url::parse_slow(input)
+    }
+
+    /// [`Url::parse`] through the parts: for input that is not already a full string.
+    fn parse_slow(input: &str) -> Result<Url> {
         let invalid = |reason: &str| invalid_url_redacted(input, reason);
         let mut rest = input.trim();
         if rest.is_empty() {
@@ -521,7 +644,13 @@ impl Url {
 
     /// Decodes a node name (`encode(url.to_full_string())`) and parses it.
     pub fn from_encoded(encoded: &str) -> Result<Url> {
-        Url::parse(&crate::codec::decode(encoded)?)
+        let decoded = crate::codec::decode(encoded)?;
+        if decoded.len() == decoded.trim().len()
+            && let Some(d) = UrlData::canonical(decoded.as_str().into())
+        {
+            return Ok(Url { d: Arc::new(d) });
+        }
+        Url::parse_slow(&decoded)
     }
 
     /// The full string: protocol, credentials, host, `:port` when set, `/path`, then every
@@ -1093,6 +1222,92 @@ impl<'de> serde::Deserialize<'de> for Url {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn described(u: &Url) -> String {
+        format!(
+            "{}|{:?}|{:?}|{}|{}|{}|{:?}",
+            u.as_full_str(),
+            u.username(),
+            u.password(),
+            u.host(),
+            u.port(),
+            u.path(),
+            u.parameters().iter().collect::<Vec<_>>()
+        )
+    }
+
+    fn input() -> impl Strategy<Value = String> {
+        let protocol = prop::sample::select(vec!["dubbo", "tri", "consumer", "a+b", "", "d ubbo"]);
+        let host = prop::sample::select(vec![
+            "10.0.0.1", "h", "", "[::1]", "a,b", "u:p@h", "::1", "H-x_y", " h",
+        ]);
+        let port = prop::sample::select(vec!["", ":20880", ":0", ":020", ":65536", ":", ":1"]);
+        let path =
+            prop::sample::select(vec!["", "/", "/com.foo.Bar", "/a b", "/x#y", "/a/b", "/p "]);
+        let key = prop::sample::select(vec!["a", "b", "interface", "", " a", "timestamp", "b="]);
+        let value = prop::sample::select(vec!["1", "", " x", "a=b", "*", "x#y", "v "]);
+        let params = prop::collection::vec((key, value, any::<bool>()), 0..5);
+        (
+            protocol,
+            host,
+            port,
+            path,
+            params,
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(protocol, host, port, path, mut params, sorted, query)| {
+                if sorted {
+                    params.sort();
+                    params.dedup_by(|a, b| a.0 == b.0);
+                }
+                let mut s = format!("{protocol}://{host}{port}{path}");
+                if query {
+                    s.push('?');
+                }
+                for (i, (k, v, eq)) in params.iter().enumerate() {
+                    if i > 0 {
+                        s.push('&');
+                    }
+                    s.push_str(k);
+                    if *eq {
+                        s.push('=');
+                        s.push_str(v);
+                    }
+                }
+                s
+            })
+    }
+
+    #[test]
+    fn full_strings_of_common_urls_are_read_in_place() {
+        for s in [
+            "dubbo://10.0.0.1:20880/com.foo.Bar?anyhost=true&application=a&interface=com.foo.Bar&methods=a,b&side=provider&timestamp=1",
+            "consumer://10.0.0.9/com.foo.Bar?category=providers,routers&side=consumer",
+            "empty://0.0.0.0/com.foo.Bar?category=routers",
+            "memory://name",
+            "localdir:///var/lib/registry?group=g",
+            "tri://host-1.example:50051/a.B?x=",
+        ] {
+            let u = Url::parse(s).unwrap();
+            assert_eq!(u.as_full_str(), s);
+            assert!(UrlData::canonical(s.into()).is_some(), "{s}");
+            assert_eq!(described(&u), described(&Url::parse_slow(s).unwrap()));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+
+        /// The in-place reading of full strings gives what reading through the parts gives.
+        #[test]
+        fn the_fast_path_reads_what_the_full_parser_reads(s in input()) {
+            let fast = Url::parse(&s).map(|u| described(&u)).map_err(|e| e.to_string());
+            let slow = Url::parse_slow(&s).map(|u| described(&u)).map_err(|e| e.to_string());
+            prop_assert_eq!(fast, slow);
+        }
+    }
 
     #[test]
     fn parameters_are_found_on_both_sides_of_64_kib() {
