@@ -602,6 +602,21 @@ impl Cluster {
         self.wait_process_serves(i, Duration::from_secs(60))
     }
 
+    /// Starts every member that is down at once (same ports, same data), then waits until
+    /// each answers on its client port. After the whole cluster went down this is the way
+    /// back: an etcd member does not serve clients before it has reached a quorum, so
+    /// [`Cluster::restart`] of one member at a time would wait for ever on the first.
+    pub fn restart_all(&mut self) -> Result<(), String> {
+        let down: Vec<usize> = (0..self.size()).filter(|&i| !self.is_running(i)).collect();
+        for &i in &down {
+            self.spawn(i)?;
+        }
+        for &i in &down {
+            self.wait_process_serves(i, Duration::from_secs(60))?;
+        }
+        Ok(())
+    }
+
     /// Freezes member `i` (SIGSTOP): its sockets stay open, it answers nothing.
     pub fn pause(&mut self, i: usize) -> Result<(), String> {
         self.signal(i, Signal::SIGSTOP)?;
@@ -658,10 +673,8 @@ impl Cluster {
             if self.members[i].paused {
                 self.resume(i)?;
             }
-            if !self.is_running(i) {
-                self.restart(i)?;
-            }
         }
+        self.restart_all()?;
         self.wait_healthy(within)
     }
 

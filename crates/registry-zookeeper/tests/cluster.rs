@@ -27,3 +27,60 @@ async fn pause_each_member_longer_than_the_session() {
     common::init_tracing();
     matrix::pause_each_member_longer_than_the_session("zookeeper cluster pause_each_member").await;
 }
+
+/// Fault 3: one member (a follower, then the leader) cut off from its peers, silently, while
+/// both registries are connected to it, for longer than the session; a change meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolate_member_with_clients() {
+    common::init_tracing();
+    matrix::isolate_member_with_clients("zookeeper cluster isolate_member_with_clients").await;
+}
+
+/// Fault 4: a rolling restart of every member (followers first), a change while each is
+/// down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart() {
+    common::init_tracing();
+    matrix::rolling_restart("zookeeper cluster rolling_restart").await;
+}
+
+/// Fault 5: the whole cluster down for longer than the session, then up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_down_longer_than_the_session() {
+    common::init_tracing();
+    matrix::whole_cluster_down_longer_than_the_session("zookeeper cluster whole_cluster_down").await;
+}
+
+/// Fault 6: a follower behind; a subscriber forced onto it never delivers an older list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_behind_never_goes_back() {
+    common::init_tracing();
+    matrix::follower_behind_never_goes_back("zookeeper cluster follower_behind").await;
+}
+
+/// Fault 7: write applied, reply lost (register, then unregister): the layer converges to
+/// the intent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_lost() {
+    common::init_tracing();
+    matrix::reply_lost("zookeeper cluster reply_lost").await;
+}
+
+/// Fault 8: restart on the same host:port, the old instance's unregister arriving late: the
+/// new entry survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "backend defect: the old instance's late unregister (it returned Ok) deletes the \
+            new instance's node (the new session had taken the path over): the ensemble held no \
+            entry 59 ms later"]
+async fn late_unregister_after_restart_on_same_address() {
+    common::init_tracing();
+    matrix::late_unregister_after_restart_on_same_address("zookeeper cluster late_unregister").await;
+}
+
+/// Fault 9: a slow link (1 MB/s) with a list of 10,000 providers: the subscription becomes
+/// current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_link_with_a_large_list() {
+    common::init_tracing();
+    matrix::slow_link_with_a_large_list("zookeeper cluster slow_link").await;
+}
