@@ -6,6 +6,9 @@ mod common;
 #[path = "matrix/mod.rs"]
 mod matrix;
 
+#[path = "matrix/etcd.rs"]
+mod matrix_etcd;
+
 use registry_etcd as _;
 use registry_test_servers::Kind;
 
@@ -85,7 +88,29 @@ async fn late_unregister_after_restart_on_same_address() {
 /// Fault 9: a slow link (1 MB/s) with a list of 10,000 providers: the subscription becomes
 /// current.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "backend defect: subscribe over the 1 MB/s link fails: reading the 10,000-entry \
+            providers prefix (keys and values, about 7.5 MB) times out after the fixed 5 s \
+            request timeout (Timeout { operation: \"reading .../providers/\", after: 5s })"]
 async fn slow_link_with_a_large_list() {
     common::init_tracing();
-    matrix::slow_link_with_a_large_list("etcd cluster slow_link").await;
+    matrix::slow_link_with_a_large_list("etcd cluster slow_link", matrix_etcd::put_all).await;
+}
+
+/// Fault 10: a permission revoked on one watched prefix: the other subscriptions keep
+/// working, no reconnect loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "backend defect: after B's range is revoked the registry loops on 'etcd refused a \
+            watch; authenticating again and re-creating every watch' (PermissionDenied, 107 \
+            times in 116 s, about one a second); A's subscription saw the first change but not \
+            an unregistration 10 s after the revocation (60 s)"]
+async fn permission_revoked_on_one_prefix() {
+    common::init_tracing();
+    matrix_etcd::permission_revoked_on_one_prefix("etcd cluster permission_revoked").await;
+}
+
+/// Fault 11: the lease sentinel deleted by hand: the entries end on a renewed lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_deleted_by_hand() {
+    common::init_tracing();
+    matrix_etcd::sentinel_deleted_by_hand("etcd cluster sentinel_deleted").await;
 }

@@ -6,6 +6,12 @@ mod common;
 #[path = "../../registry-etcd/tests/matrix/mod.rs"]
 mod matrix;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use registry_core::{Registry, Url};
 use registry_test_servers::Kind;
 use registry_zookeeper as _;
 
@@ -48,7 +54,8 @@ async fn rolling_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_cluster_down_longer_than_the_session() {
     common::init_tracing();
-    matrix::whole_cluster_down_longer_than_the_session("zookeeper cluster whole_cluster_down").await;
+    matrix::whole_cluster_down_longer_than_the_session("zookeeper cluster whole_cluster_down")
+        .await;
 }
 
 /// Fault 6: a follower behind; a subscriber forced onto it never delivers an older list.
@@ -74,7 +81,8 @@ async fn reply_lost() {
             entry 59 ms later"]
 async fn late_unregister_after_restart_on_same_address() {
     common::init_tracing();
-    matrix::late_unregister_after_restart_on_same_address("zookeeper cluster late_unregister").await;
+    matrix::late_unregister_after_restart_on_same_address("zookeeper cluster late_unregister")
+        .await;
 }
 
 /// Fault 9: a slow link (1 MB/s) with a list of 10,000 providers: the subscription becomes
@@ -82,5 +90,46 @@ async fn late_unregister_after_restart_on_same_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_link_with_a_large_list() {
     common::init_tracing();
-    matrix::slow_link_with_a_large_list("zookeeper cluster slow_link").await;
+    matrix::slow_link_with_a_large_list("zookeeper cluster slow_link", register_all).await;
+}
+
+/// A [`matrix::Populate`] that registers the providers on the registry.
+fn register_all(
+    r: Arc<dyn Registry>,
+    _members: Vec<String>,
+    urls: Vec<Url>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move { register_chunks(&r, &urls).await })
+}
+
+/// Registers `urls` on `r`, 500 at a time.
+async fn register_chunks(r: &Arc<dyn Registry>, urls: &[Url]) {
+    for chunk in urls.chunks(500) {
+        let mut calls = tokio::task::JoinSet::new();
+        for u in chunk {
+            let (r, u) = (r.clone(), u.clone());
+            calls.spawn(async move { r.register(&u).await });
+        }
+        let mut failed = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            if let Err(e) = done.expect("register task") {
+                failed.push(e);
+            }
+        }
+        // Under this load a call may time out; the layer restores what it was told on a new
+        // session, and a call made again settles the rest.
+        if let Some(e) = failed.first() {
+            eprintln!(
+                "{} of {} registrations failed ({e}); again",
+                failed.len(),
+                chunk.len()
+            );
+            for u in chunk {
+                let t = Instant::now();
+                while let Err(e) = r.register(u).await {
+                    assert!(t.elapsed() < Duration::from_secs(60), "register: {e}");
+                }
+            }
+        }
+    }
 }

@@ -6,6 +6,8 @@
 //! truth), and the times to converge are printed. Target: every subscription current within
 //! 10 s of a change, the provider's entry back within 10 s of the fault's end.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,31 +18,40 @@ use registry_test_servers::{Cluster, Proxy};
 
 use super::{KIND, SCHEME};
 
-const SESSION_MS: u64 = 6000;
+pub(crate) const SESSION_MS: u64 = 6000;
 /// The target for a subscription to see a change, and for the entry to come back.
-const TARGET: Duration = Duration::from_secs(10);
+pub(crate) const TARGET: Duration = Duration::from_secs(10);
 /// Beyond this, something is lost rather than late.
-const LOST: Duration = Duration::from_secs(60);
+pub(crate) const LOST: Duration = Duration::from_secs(60);
 
-fn url(addresses: &[String]) -> String {
+pub(crate) fn url(addresses: &[String]) -> String {
     format!("{SCHEME}://{}?session={SESSION_MS}", addresses.join(","))
 }
 
 /// A registry on `addresses`. Opening checks the cluster, and a request that reaches it in
 /// the middle of an election may wait for etcd's request timeout: tries again for a while.
-async fn open(addresses: &[String]) -> Arc<dyn Registry> {
+pub(crate) async fn open(addresses: &[String]) -> Arc<dyn Registry> {
     open_with(addresses, "").await
 }
 
 /// [`open`] with more parameters (`"&check=false"`).
-async fn open_with(addresses: &[String], more: &str) -> Arc<dyn Registry> {
-    let u = format!("{}{more}", url(addresses));
+pub(crate) async fn open_with(addresses: &[String], more: &str) -> Arc<dyn Registry> {
+    open_url(format!("{}{more}", url(addresses))).await
+}
+
+/// A registry for `u`, tried again while the cluster is in an election.
+pub(crate) async fn open_url(u: String) -> Arc<dyn Registry> {
     let t = Instant::now();
+    // Never a password in the output.
+    let shown = Url::parse(&u).map_or_else(
+        |_| "a registry URL".to_owned(),
+        |x| x.to_identity_string_redacted(),
+    );
     loop {
         match RegistryManager::new().get_registry(&u).await {
             Ok(r) => return r,
-            Err(e) if t.elapsed() > LOST => panic!("{u}: {e}"),
-            Err(e) => eprintln!("{u}: {e}; trying again"),
+            Err(e) if t.elapsed() > LOST => panic!("{shown}: {e}"),
+            Err(e) => eprintln!("{shown}: {e}; trying again"),
         }
     }
 }
@@ -52,7 +63,7 @@ fn sorted(mut v: Vec<Url>) -> Vec<Url> {
 
 /// The cluster's truth for `service`: a lookup through a new registry on the members in
 /// `through`.
-async fn truth(through: &[String], service: &str) -> Option<Vec<Url>> {
+pub(crate) async fn truth(through: &[String], service: &str) -> Option<Vec<Url>> {
     let r = RegistryManager::new()
         .get_registry(&url(through))
         .await
@@ -70,7 +81,7 @@ async fn truth(through: &[String], service: &str) -> Option<Vec<Url>> {
 }
 
 /// The addresses of every member but `except`.
-fn others(c: &Cluster, except: usize) -> Vec<String> {
+pub(crate) fn others(c: &Cluster, except: usize) -> Vec<String> {
     (0..c.size())
         .filter(|&i| i != except)
         .map(|i| c.address(i))
@@ -78,7 +89,7 @@ fn others(c: &Cluster, except: usize) -> Vec<String> {
 }
 
 /// The addresses with member `first` first (clients start on it).
-fn first_on(c: &Cluster, first: usize) -> Vec<String> {
+pub(crate) fn first_on(c: &Cluster, first: usize) -> Vec<String> {
     let mut a = vec![c.address(first)];
     a.extend(others(c, first));
     a
@@ -106,20 +117,20 @@ impl Proxies {
     }
 }
 
-struct Scene {
-    service: String,
-    p: Url,
-    a: Arc<dyn Registry>,
-    b: Arc<dyn Registry>,
+pub(crate) struct Scene {
+    pub(crate) service: String,
+    pub(crate) p: Url,
+    pub(crate) a: Arc<dyn Registry>,
+    pub(crate) b: Arc<dyn Registry>,
     /// Makes the changes during the fault, on the members other than the faulty one.
-    other: Arc<dyn Registry>,
-    seen: Arc<Recorder>,
+    pub(crate) other: Arc<dyn Registry>,
+    pub(crate) seen: Arc<Recorder>,
 }
 
 impl Scene {
     /// Provider registry `a` and subscriber registry `b`, both starting on member `on` (the
     /// one the fault will hit), and a registry for changes on the other members.
-    async fn new(c: &Cluster, on: usize, tag: &str) -> Scene {
+    pub(crate) async fn new(c: &Cluster, on: usize, tag: &str) -> Scene {
         Scene::on(&first_on(c, on), &first_on(c, on), &others(c, on), tag).await
     }
 
@@ -150,7 +161,7 @@ impl Scene {
 
     /// A change during the fault: the other registry registers a second provider, then
     /// removes it. Returns how long the subscription took to see each.
-    async fn change(&self, n: u8) -> (Duration, Duration) {
+    pub(crate) async fn change(&self, n: u8) -> (Duration, Duration) {
         let other = &self.other;
         let q = provider(&self.service, n, "");
         // A call may fail in the middle of an election (a time-out): the change is made when
@@ -182,7 +193,7 @@ impl Scene {
 
     /// After the fault: the provider's entry is back in the cluster and the subscription's
     /// last list equals the truth. Returns how long the entry took to be back.
-    async fn settle(&self, c: &Cluster) -> Duration {
+    pub(crate) async fn settle(&self, c: &Cluster) -> Duration {
         let all = c.addresses();
         let t = Instant::now();
         let want = vec![self.p.clone()];
@@ -231,14 +242,19 @@ impl Scene {
         let t = Instant::now();
         while t.elapsed() < window {
             if let Some(now) = truth(&all, &self.service).await {
-                assert_eq!(now, want, "the cluster's truth changed {:.1?} in", t.elapsed());
+                assert_eq!(
+                    now,
+                    want,
+                    "the cluster's truth changed {:.1?} in",
+                    t.elapsed()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     /// Whether the subscription ever saw the provider's entry missing.
-    fn entry_vanished(&self) -> bool {
+    pub(crate) fn entry_vanished(&self) -> bool {
         self.seen
             .all()
             .iter()
@@ -247,14 +263,14 @@ impl Scene {
             .any(|n| !n.entries().any(|u| *u == self.p))
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         self.other.destroy().await;
         self.b.destroy().await;
         self.a.destroy().await;
     }
 }
 
-fn check_targets(test: &str, times: &[(String, Duration)]) {
+pub(crate) fn check_targets(test: &str, times: &[(String, Duration)]) {
     for (what, d) in times {
         eprintln!("{test}: {what}: {d:.1?}");
     }
@@ -353,7 +369,7 @@ fn healthy(c: &mut Cluster) {
 }
 
 /// Sleeps until `since + d`.
-async fn until(since: Instant, d: Duration) {
+pub(crate) async fn until(since: Instant, d: Duration) {
     if let Some(rest) = d.checked_sub(since.elapsed()) {
         tokio::time::sleep(rest).await;
     }
@@ -387,7 +403,11 @@ pub async fn isolate_member_with_clients(test: &str) {
             format!("{role} {member} isolated: subscription saw a removed provider"),
             removed,
         ));
-        until(t, Duration::from_millis(SESSION_MS) + Duration::from_secs(2)).await;
+        until(
+            t,
+            Duration::from_millis(SESSION_MS) + Duration::from_secs(2),
+        )
+        .await;
         c.heal(member);
         times.push((
             format!("{role} {member} isolated: provider's entry back after healing"),
@@ -435,7 +455,10 @@ pub async fn rolling_restart(test: &str) {
         let t = Instant::now();
         tokio::task::block_in_place(|| c.restart(member)).expect("restart");
         healthy(&mut c);
-        eprintln!("{test}: member {member} back in the cluster after {:.1?}", t.elapsed());
+        eprintln!(
+            "{test}: member {member} back in the cluster after {:.1?}",
+            t.elapsed()
+        );
     }
     times.push((
         "provider's entry present after the last restart".into(),
@@ -469,11 +492,18 @@ pub async fn whole_cluster_down_longer_than_the_session(test: &str) {
     for i in 0..c.size() {
         tokio::task::block_in_place(|| c.kill(i));
     }
-    until(t, Duration::from_millis(SESSION_MS) + Duration::from_secs(2)).await;
+    until(
+        t,
+        Duration::from_millis(SESSION_MS) + Duration::from_secs(2),
+    )
+    .await;
     let up = Instant::now();
     tokio::task::block_in_place(|| c.restart_all()).expect("restart");
     healthy(&mut c);
-    eprintln!("{test}: the cluster is back {:.1?} after the restart", up.elapsed());
+    eprintln!(
+        "{test}: the cluster is back {:.1?} after the restart",
+        up.elapsed()
+    );
     scene.settle(&c).await;
     times.push((
         "provider's entry back after the cluster's restart".into(),
@@ -530,7 +560,10 @@ pub async fn follower_behind_never_goes_back(test: &str) {
             .seen
             .wait_for_entries(&scene.service, PROVIDERS_CATEGORY, &want, LOST)
             .await;
-        times.push((format!("round {round}: subscription saw the new provider"), t.elapsed()));
+        times.push((
+            format!("round {round}: subscription saw the new provider"),
+            t.elapsed(),
+        ));
         // Onto the follower that does not have it yet.
         let before = proxies.0[behind].forwarded().1;
         proxies.0[behind].restore();
@@ -544,7 +577,10 @@ pub async fn follower_behind_never_goes_back(test: &str) {
         while proxies.0[behind].forwarded().1 == before && t.elapsed() < LOST {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        eprintln!("{test}: round {round}: the follower answered after {:.1?}", t.elapsed());
+        eprintln!(
+            "{test}: round {round}: the follower answered after {:.1?}",
+            t.elapsed()
+        );
         until(t, delay * 3).await;
         scene
             .seen
@@ -570,7 +606,10 @@ pub async fn follower_behind_never_goes_back(test: &str) {
             new.revision,
             old.revision
         );
-        let missing: Vec<_> = old.entries().filter(|u| !new.entries().any(|n| n == *u)).collect();
+        let missing: Vec<_> = old
+            .entries()
+            .filter(|u| !new.entries().any(|n| n == *u))
+            .collect();
         assert!(
             missing.is_empty(),
             "{test}: a list (r{}) went back: it lacks {missing:?} that r{} held",
@@ -617,8 +656,11 @@ pub async fn reply_lost(test: &str) {
                 "check={check}: {}",
                 if register { "register" } else { "unregister" }
             );
-            if !register && scene.seen.latest_entries(&scene.service, PROVIDERS_CATEGORY)
-                != Some(sorted(vec![scene.p.clone(), q.clone()]))
+            if !register
+                && scene
+                    .seen
+                    .latest_entries(&scene.service, PROVIDERS_CATEGORY)
+                    != Some(sorted(vec![scene.p.clone(), q.clone()]))
             {
                 // The register ended absent: register it with the replies flowing first.
                 r.register(&q).await.expect("register");
@@ -680,7 +722,10 @@ pub async fn reply_lost(test: &str) {
                 "{test}: {what}: the call ended with {}; the intent: {}",
                 match &result {
                     Ok(()) => "Ok".to_owned(),
-                    Err(e) => format!("an error ({})", e.to_string().chars().take(120).collect::<String>()),
+                    Err(e) => format!(
+                        "an error ({})",
+                        e.to_string().chars().take(120).collect::<String>()
+                    ),
                 },
                 if present { "present" } else { "absent" }
             );
@@ -723,7 +768,10 @@ pub async fn late_unregister_after_restart_on_same_address(test: &str) {
     let leader = tokio::task::block_in_place(|| c.wait_leader(LOST)).expect("a leader");
     let scene = Scene::new(&c, leader, "cluster-same-address").await;
     let newer = open(&others(&c, leader)).await;
-    newer.register(&scene.p).await.expect("register of the new instance");
+    newer
+        .register(&scene.p)
+        .await
+        .expect("register of the new instance");
     let t = Instant::now();
     let late = scene.a.unregister(&scene.p).await;
     scene.a.destroy().await;
@@ -765,42 +813,20 @@ fn big_provider(service: &str, i: u32) -> Url {
     .expect("a provider URL")
 }
 
-/// Registers `urls` on `r`, 100 at a time.
-async fn register_all(r: &Arc<dyn Registry>, urls: &[Url]) {
-    for chunk in urls.chunks(100) {
-        let mut calls = tokio::task::JoinSet::new();
-        for u in chunk {
-            let (r, u) = (r.clone(), u.clone());
-            calls.spawn(async move { r.register(&u).await });
-        }
-        let mut failed = Vec::new();
-        while let Some(done) = calls.join_next().await {
-            if let Err(e) = done.expect("register task") {
-                failed.push(e);
-            }
-        }
-        // Under this load a call may time out; the layer restores what it was told on a new
-        // session, and a call made again settles the rest.
-        if let Some(e) = failed.first() {
-            eprintln!("{} of {} registrations failed ({e}); again", failed.len(), chunk.len());
-            for u in chunk {
-                let t = Instant::now();
-                while let Err(e) = r.register(u).await {
-                    assert!(t.elapsed() < LOST, "register: {e}");
-                }
-            }
-        }
-    }
-}
+/// Writes the providers of a large list into the cluster: (a provider registry, the
+/// members' addresses, the providers).
+pub(crate) type Populate =
+    fn(Arc<dyn Registry>, Vec<String>, Vec<Url>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Fault 9: a slow link (1 MB/s each way, through proxies) between the subscriber and the
-/// cluster, with a list of 10,000 providers (about 3 MB): the first list arrives, a change
-/// reaches it, and after its connections are cut and restored its re-read completes.
+/// cluster, with a list of 10,000 providers (about 3 MB, written by `populate`): the first
+/// list arrives, a change reaches it, and after its connections are cut and restored its
+/// re-read completes.
 #[allow(
     clippy::await_holding_lock,
     reason = "the shared cluster's guard keeps the tests of this binary from running at once; each has its own runtime"
 )]
-pub async fn slow_link_with_a_large_list(test: &str) {
+pub async fn slow_link_with_a_large_list(test: &str, populate: Populate) {
     const N: u32 = 10_000;
     const RATE: u64 = 1_000_000;
     let Some(mut c) = tokio::task::block_in_place(|| Cluster::shared(KIND, test)) else {
@@ -810,11 +836,17 @@ pub async fn slow_link_with_a_large_list(test: &str) {
     let proxies = Proxies::new(&c).await;
     proxies.each(|p| p.limit(Some(RATE)));
     let service = unique_service("cluster-slow");
-    let a = open(&c.addresses()).await;
+    // The provider of the 10,000 is not under test: a longer session keeps the load of
+    // writing them from costing it its lease (and a restore of everything).
+    let a = open_url(format!(
+        "{SCHEME}://{}?session=30000",
+        c.addresses().join(",")
+    ))
+    .await;
     let mut want: Vec<Url> = (0..N).map(|i| big_provider(&service, i)).collect();
     let t = Instant::now();
-    register_all(&a, &want).await;
-    eprintln!("{test}: {N} providers registered in {:.1?}", t.elapsed());
+    populate(a.clone(), c.addresses(), want.clone()).await;
+    eprintln!("{test}: {N} providers written in {:.1?}", t.elapsed());
     let mut times = Vec::new();
 
     let b = open(&proxies.addresses()).await;
@@ -850,7 +882,10 @@ pub async fn slow_link_with_a_large_list(test: &str) {
     proxies.each(Proxy::restore);
     seen.wait_for_entries(&service, PROVIDERS_CATEGORY, &want, LOST)
         .await;
-    times.push(("current after a reconnect over the slow link".into(), t.elapsed()));
+    times.push((
+        "current after a reconnect over the slow link".into(),
+        t.elapsed(),
+    ));
     eprintln!(
         "{test}: {} bytes to the subscriber in all",
         proxies.0.iter().map(|p| p.forwarded().1).sum::<u64>()
