@@ -78,7 +78,7 @@ async fn reply_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "backend defect: the old instance's late unregister (it returned Ok) deletes the \
             new instance's node (the new session had taken the path over): the ensemble held no \
-            entry 59 ms later"]
+            entry 59 ms later (run 2: 43.6 ms)"]
 async fn late_unregister_after_restart_on_same_address() {
     common::init_tracing();
     matrix::late_unregister_after_restart_on_same_address("zookeeper cluster late_unregister")

@@ -97,10 +97,10 @@ pub(crate) fn first_on(c: &Cluster, first: usize) -> Vec<String> {
 
 /// A [`Proxy`] in front of each member's client port, in member order: the client side of
 /// the network, for the registries that connect through them.
-struct Proxies(Vec<Proxy>);
+pub(crate) struct Proxies(pub(crate) Vec<Proxy>);
 
 impl Proxies {
-    async fn new(c: &Cluster) -> Proxies {
+    pub(crate) async fn new(c: &Cluster) -> Proxies {
         let mut v = Vec::new();
         for a in c.addresses() {
             v.push(Proxy::start(&a).await.expect("proxy"));
@@ -108,11 +108,11 @@ impl Proxies {
         Proxies(v)
     }
 
-    fn addresses(&self) -> Vec<String> {
+    pub(crate) fn addresses(&self) -> Vec<String> {
         self.0.iter().map(|p| p.address().to_owned()).collect()
     }
 
-    fn each(&self, f: impl Fn(&Proxy)) {
+    pub(crate) fn each(&self, f: impl Fn(&Proxy)) {
         self.0.iter().for_each(f);
     }
 }
