@@ -491,7 +491,8 @@ fn servers(rest: &[String]) -> Result<(), String> {
 
 const CLUSTER_HELP: &str = "commands: status | leader <etcd|zk> | kill <etcd|zk> <member> | \
 restart <etcd|zk> <member> | pause <etcd|zk> <member> | resume <etcd|zk> <member> | \
-isolate <etcd|zk> <member> | heal <etcd|zk> <member> | repair | quit   (members count from 0)";
+isolate <etcd|zk> <member> | heal <etcd|zk> <member> | delay <etcd|zk> <member> <ms> | \
+repair | quit   (members count from 0; delay 0 ends a delay)";
 
 /// `servers --cluster`: both clusters until Ctrl-C, end of input or `quit`, taking fault
 /// commands on stdin.
@@ -569,6 +570,19 @@ fn cluster_command(zk: &mut Cluster, etcd: &mut Cluster, words: &[&str]) -> Resu
             Ok(format!("{}\n{}", status(zk), status(etcd)))
         }
         ["help"] => Ok(CLUSTER_HELP.to_owned()),
+        ["delay", which, member, ms] => {
+            let c = if pick(Some(which))? { etcd } else { zk };
+            let member: usize = member
+                .parse()
+                .ok()
+                .filter(|m| *m < c.size())
+                .ok_or_else(|| format!("member: 0 to {}, not `{member}`", c.size() - 1))?;
+            let ms: u64 = ms
+                .parse()
+                .map_err(|_| format!("delay: milliseconds, not `{ms}`"))?;
+            c.delay(member, std::time::Duration::from_millis(ms));
+            Ok(status(c))
+        }
         [op, which, rest @ ..] => {
             let c = if pick(Some(which))? { etcd } else { zk };
             if *op == "leader" {

@@ -1,6 +1,7 @@
 //! [`Cluster`]: a 3-member etcd cluster or a 3-server ZooKeeper ensemble on loopback, with
 //! the faults a test injects into one member: kill -9 and restart (same data), SIGSTOP and
-//! SIGCONT, and a silent cut from its peers while clients still reach it.
+//! SIGCONT, a silent cut from its peers while clients still reach it, and a delay of the
+//! peer traffic it receives (a follower that lags behind).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -601,6 +602,21 @@ impl Cluster {
         self.wait_process_serves(i, Duration::from_secs(60))
     }
 
+    /// Starts every member that is down at once (same ports, same data), then waits until
+    /// each answers on its client port. After the whole cluster went down this is the way
+    /// back: an etcd member does not serve clients before it has reached a quorum, so
+    /// [`Cluster::restart`] of one member at a time would wait for ever on the first.
+    pub fn restart_all(&mut self) -> Result<(), String> {
+        let down: Vec<usize> = (0..self.size()).filter(|&i| !self.is_running(i)).collect();
+        for &i in &down {
+            self.spawn(i)?;
+        }
+        for &i in &down {
+            self.wait_process_serves(i, Duration::from_secs(60))?;
+        }
+        Ok(())
+    }
+
     /// Freezes member `i` (SIGSTOP): its sockets stay open, it answers nothing.
     pub fn pause(&mut self, i: usize) -> Result<(), String> {
         self.signal(i, Signal::SIGSTOP)?;
@@ -635,18 +651,30 @@ impl Cluster {
         self.net.set_isolated(i, false);
     }
 
-    /// Undoes every fault: heals isolations, resumes paused members, restarts killed ones,
+    /// Delays the peer traffic member `i` receives by `delay` (zero: no delay), every byte in
+    /// order: with a delay well under the cluster's failure detection (ZooKeeper: `syncLimit`
+    /// ticks, 2.5 s by default; etcd: the election timeout, 1 s) it stays a follower but
+    /// applies every change that much later, a follower that is behind.
+    pub fn delay(&self, i: usize, delay: Duration) {
+        self.net.set_delay(i, delay);
+    }
+
+    /// The delay of member `i`'s incoming peer traffic ([`Cluster::delay`]).
+    pub fn delay_of(&self, i: usize) -> Duration {
+        self.net.delay(i)
+    }
+
+    /// Undoes every fault: removes delays, heals isolations, resumes paused members, restarts killed ones,
     /// then waits until the cluster is healthy.
     pub fn repair(&mut self, within: Duration) -> Result<usize, String> {
         for i in 0..self.size() {
+            self.delay(i, Duration::ZERO);
             self.heal(i);
             if self.members[i].paused {
                 self.resume(i)?;
             }
-            if !self.is_running(i) {
-                self.restart(i)?;
-            }
         }
+        self.restart_all()?;
         self.wait_healthy(within)
     }
 

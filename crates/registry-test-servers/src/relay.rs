@@ -9,6 +9,9 @@
 //! answer, as when packets are dropped. New connections are accepted (the dialer sees its
 //! connect succeed) but not connected onwards until the isolation ends. When it ends, held
 //! bytes and connections go through in order, as TCP's retransmissions would deliver them.
+//!
+//! A member's incoming peer traffic can also be delayed (see [`Net::set_delay`]): every byte
+//! sent to it arrives that much later, in order, so it stays in its cluster but lags behind.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -16,7 +19,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -25,6 +28,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The peer network of a cluster: which members are isolated, and the members' processes.
 pub(crate) struct Net {
     isolated: Vec<AtomicBool>,
+    /// For each member, how long its incoming peer bytes are held, in microseconds.
+    delays: Vec<AtomicU64>,
     pids: Mutex<Vec<Option<u32>>>,
     stop: AtomicBool,
 }
@@ -33,6 +38,7 @@ impl Net {
     pub(crate) fn new(members: usize) -> Net {
         Net {
             isolated: (0..members).map(|_| AtomicBool::new(false)).collect(),
+            delays: (0..members).map(|_| AtomicU64::new(0)).collect(),
             pids: Mutex::new(vec![None; members]),
             stop: AtomicBool::new(false),
         }
@@ -48,6 +54,18 @@ impl Net {
 
     pub(crate) fn is_isolated(&self, member: usize) -> bool {
         self.isolated[member].load(Ordering::Acquire)
+    }
+
+    /// Delays every byte its peers send to `member` by `delay` (zero: none). Bytes already
+    /// on their way keep the delay they had.
+    pub(crate) fn set_delay(&self, member: usize, delay: Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.delays[member].store(micros, Ordering::Release);
+    }
+
+    /// The delay of `member`'s incoming peer traffic.
+    pub(crate) fn delay(&self, member: usize) -> Duration {
+        Duration::from_micros(self.delays[member].load(Ordering::Acquire))
     }
 
     fn blocked(&self, source: Option<usize>, dest: usize) -> bool {
@@ -219,28 +237,63 @@ fn connection(
     };
     lock(&conns).insert(id, (i3, o3));
     let n2 = net.clone();
-    let back = thread::spawn(move || pump(&n2, source, dest, o2, i2));
-    pump(&net, source, dest, inbound, outbound);
+    let back = thread::spawn(move || pump(&n2, source, dest, source, o2, i2));
+    pump(&net, source, dest, Some(dest), inbound, outbound);
     let _ = back.join();
     lock(&conns).remove(&id);
 }
 
-/// Copies `from` to `to`, holding bytes while the link is blackholed.
-fn pump(net: &Net, source: Option<usize>, dest: usize, mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to` (the peer `receiver`), holding bytes while the link is blackholed
+/// and delaying them by the receiver's delay. A writer thread does the writing, so bytes read
+/// meanwhile are delayed from when they were read, not one after the other.
+fn pump(
+    net: &Arc<Net>,
+    source: Option<usize>,
+    dest: usize,
+    receiver: Option<usize>,
+    mut from: TcpStream,
+    to: TcpStream,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = {
+        let net = net.clone();
+        let from = from.try_clone();
+        thread::spawn(move || write_delayed(&net, source, dest, rx, to, from.ok()))
+    };
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match from.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) | Err(_) => break,
             Ok(n) => n,
-            Err(_) => {
-                if net.wait_open(source, dest) {
-                    let _ = to.shutdown(Shutdown::Both);
-                }
-                return;
-            }
         };
-        if !net.wait_open(source, dest) || to.write_all(&buf[..n]).is_err() {
-            let _ = from.shutdown(Shutdown::Both);
+        let due = Instant::now() + receiver.map_or(Duration::ZERO, |r| net.delay(r));
+        if !net.wait_open(source, dest) || tx.send((due, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
+
+/// The writing half of [`pump`]: each chunk when it is due and the link is open; at the end
+/// (the reader saw the end or an error) the end is passed on.
+fn write_delayed(
+    net: &Net,
+    source: Option<usize>,
+    dest: usize,
+    rx: std::sync::mpsc::Receiver<(Instant, Vec<u8>)>,
+    mut to: TcpStream,
+    from: Option<TcpStream>,
+) {
+    for (due, bytes) in rx {
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+        if !net.wait_open(source, dest) || to.write_all(&bytes).is_err() {
+            if let Some(f) = &from {
+                let _ = f.shutdown(Shutdown::Both);
+            }
             return;
         }
     }

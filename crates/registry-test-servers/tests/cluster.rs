@@ -6,7 +6,11 @@
 //! - a paused (SIGSTOP) member answers nothing, the others keep a leader, it rejoins on
 //!   SIGCONT;
 //! - an isolated member loses its leader (its peers' traffic stops, silently) while its client
-//!   port still answers, a write through it does not commit, and it catches up when healed.
+//!   port still answers, a write through it does not commit, and it catches up when healed;
+//! - a delayed member stays in its cluster but applies a write that much later;
+//! - a [`Proxy`] in front of a member's client port that drops replies lets a write through
+//!   (applied) while its reply never arrives, and one with a bandwidth limit takes as long
+//!   as the limit says to carry a large answer.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use registry_test_servers::{Cluster, Kind, MemberState};
+use registry_test_servers::{Cluster, Kind, MemberState, Proxy};
 
 const WITHIN: Duration = Duration::from_secs(30);
 
@@ -253,4 +257,190 @@ fn zookeeper_pause_and_resume() {
 #[test]
 fn zookeeper_isolate_and_heal() {
     isolate_and_heal(Kind::Zookeeper, "zookeeper_isolate_and_heal");
+}
+
+fn delay_follower(kind: Kind, test: &str) {
+    let Some(mut c) = Cluster::shared(kind, test) else {
+        return;
+    };
+    let leader = c.wait_leader(WITHIN).unwrap();
+    let follower = (0..c.size()).find(|&i| i != leader).unwrap();
+    let delay = Duration::from_millis(1500);
+    c.delay(follower, delay);
+    assert_eq!(c.delay_of(follower), delay);
+    let t = Instant::now();
+    match kind {
+        Kind::Etcd => {
+            // A write through the leader reaches the delayed follower about the delay later.
+            let key = format!("delayed-{follower}-{}", t.elapsed().as_nanos());
+            assert!(etcd_put(&c.address(leader), &key, "late", WITHIN));
+            let written = Instant::now();
+            let addr = c.address(follower);
+            let late = wait_for("the delayed follower applies the write", WITHIN, || {
+                etcd_get_local(&addr, &key).as_deref() == Some("late")
+            });
+            let late = late.max(written.elapsed());
+            assert!(
+                late >= delay.mul_f32(0.8),
+                "the write reached the delayed follower after {late:?}, not about {delay:?}"
+            );
+            eprintln!(
+                "{kind:?}: a write reached follower {follower} delayed by {delay:?} after {late:.1?}"
+            );
+        }
+        Kind::Zookeeper => {
+            // The delayed follower's last zxid trails the leader's for about the delay.
+            let zxid = |addr: &str| {
+                zk_four(addr, "srvr").and_then(|r| {
+                    r.lines()
+                        .find_map(|l| l.strip_prefix("Zxid: 0x"))
+                        .and_then(|z| u64::from_str_radix(z.trim(), 16).ok())
+                })
+            };
+            // A new session is a write: the four-letter word `srvr` is not, so open one.
+            let (la, fa) = (c.address(leader), c.address(follower));
+            let before = zxid(&fa).unwrap();
+            let session = zk_connect(&la);
+            let written = Instant::now();
+            let wanted = zxid(&la).unwrap();
+            assert!(wanted > before, "a session did not move the leader's zxid");
+            let late = wait_for("the delayed follower has the leader's zxid", WITHIN, || {
+                zxid(&fa).is_some_and(|z| z >= wanted)
+            });
+            let late = late.max(written.elapsed());
+            drop(session);
+            assert!(
+                late >= delay.mul_f32(0.6),
+                "the follower had the write after {late:?}, not about {delay:?}"
+            );
+            eprintln!(
+                "{kind:?}: a write reached follower {follower} delayed by {delay:?} after {late:.1?}"
+            );
+        }
+    }
+    // It stays in the cluster meanwhile: still a follower well past the failure detection.
+    wait_for("a few seconds delayed", Duration::from_secs(10), || {
+        t.elapsed() > Duration::from_secs(5)
+    });
+    assert_eq!(c.state(follower), MemberState::Follower);
+    c.delay(follower, Duration::ZERO);
+    c.wait_healthy(WITHIN).unwrap();
+}
+
+/// Opens a ZooKeeper session on `address` (a ConnectRequest with no session id), waits for
+/// the answer and keeps the connection: the session is created, a committed write.
+fn zk_connect(address: &str) -> TcpStream {
+    let mut s = TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(WITHIN)).unwrap();
+    // protocolVersion, lastZxidSeen, timeOut, sessionId, passwd (16 bytes), readOnly.
+    let mut body = Vec::new();
+    body.extend_from_slice(&0i32.to_be_bytes());
+    body.extend_from_slice(&0i64.to_be_bytes());
+    body.extend_from_slice(&6000i32.to_be_bytes());
+    body.extend_from_slice(&0i64.to_be_bytes());
+    body.extend_from_slice(&16i32.to_be_bytes());
+    body.extend_from_slice(&[0u8; 16]);
+    body.push(0);
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    s.write_all(&frame).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut answer = vec![0u8; i32::from_be_bytes(len) as usize];
+    s.read_exact(&mut answer).unwrap();
+    s
+}
+
+/// A proxy that drops replies: a put through it is applied, its reply never arrives; once
+/// replies are delivered again, puts through it answer.
+#[test]
+fn etcd_proxy_drops_replies() {
+    let Some(mut c) = Cluster::shared(Kind::Etcd, "etcd_proxy_drops_replies") else {
+        return;
+    };
+    let leader = c.wait_leader(WITHIN).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxy = rt.block_on(Proxy::start(&c.address(leader))).unwrap();
+    let via = proxy.address().to_owned();
+    assert!(
+        etcd_put(&via, "reply-1", "a", WITHIN),
+        "a put through the proxy"
+    );
+    proxy.drop_replies();
+    assert!(
+        !etcd_put(&via, "reply-2", "b", Duration::from_secs(2)),
+        "a reply arrived while replies are dropped"
+    );
+    // The put itself was applied.
+    let addr = c.address(leader);
+    wait_for("the put whose reply was lost is applied", WITHIN, || {
+        etcd_get_local(&addr, "reply-2").as_deref() == Some("b")
+    });
+    assert!(proxy.dropped() > 0);
+    proxy.deliver_replies();
+    assert!(
+        etcd_put(&via, "reply-3", "c", WITHIN),
+        "a put after deliver_replies"
+    );
+    let (up, down) = proxy.forwarded();
+    eprintln!(
+        "etcd: dropped {} reply bytes; forwarded {up} up, {down} down",
+        proxy.dropped()
+    );
+}
+
+/// A proxy limited to 1 MB/s carries a 3 MB answer in about 3 s (unlimited: well under 1 s).
+#[test]
+fn etcd_proxy_limits_bandwidth() {
+    let Some(mut c) = Cluster::shared(Kind::Etcd, "etcd_proxy_limits_bandwidth") else {
+        return;
+    };
+    let leader = c.wait_leader(WITHIN).unwrap();
+    let addr = c.address(leader);
+    let value = "x".repeat(700_000);
+    for i in 0..3 {
+        assert!(etcd_put(&addr, &format!("big/{i}"), &value, WITHIN));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxy = rt.block_on(Proxy::start(&addr)).unwrap();
+    let via = proxy.address().to_owned();
+    let range = format!(
+        r#"{{"key":"{}","range_end":"{}"}}"#,
+        B64.encode("big/"),
+        B64.encode("big0")
+    );
+    let t = Instant::now();
+    let body = etcd_post(&via, "/v3/kv/range", &range, WITHIN).expect("range, unlimited");
+    let fast = t.elapsed();
+    let rate = 1_000_000u64;
+    proxy.limit(Some(rate));
+    let t = Instant::now();
+    let slow_body = etcd_post(&via, "/v3/kv/range", &range, WITHIN).expect("range, limited");
+    let slow = t.elapsed();
+    assert_eq!(slow_body.len(), body.len());
+    let expected = Duration::from_secs_f64(body.len() as f64 / rate as f64);
+    assert!(
+        slow >= expected.mul_f32(0.9) && slow <= expected * 2 + Duration::from_secs(1),
+        "{} bytes at {rate} B/s took {slow:?}, expected about {expected:?}",
+        body.len()
+    );
+    proxy.limit(None);
+    let t = Instant::now();
+    etcd_post(&via, "/v3/kv/range", &range, WITHIN).expect("range, limit lifted");
+    let lifted = t.elapsed();
+    assert!(lifted < expected / 2, "with the limit lifted: {lifted:?}");
+    eprintln!(
+        "etcd: {} bytes: {fast:.2?} unlimited, {slow:.2?} at {rate} B/s, {lifted:.2?} lifted",
+        body.len()
+    );
+}
+
+#[test]
+fn etcd_delay_follower() {
+    delay_follower(Kind::Etcd, "etcd_delay_follower");
+}
+
+#[test]
+fn zookeeper_delay_follower() {
+    delay_follower(Kind::Zookeeper, "zookeeper_delay_follower");
 }
