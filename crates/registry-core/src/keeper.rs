@@ -250,6 +250,9 @@ struct State {
     queries: HashMap<QueryKey, Query>,
     subs: HashMap<SubscriptionId, Sub>,
     loaded: Vec<Scope>,
+    /// The highest store revision applied to each (service, category), for stores that
+    /// number their changes (see [`ListKeeper::change`]).
+    marks: HashMap<TopicKey, u64>,
 }
 
 /// The lists of one registry's subscriptions; see the module documentation. Cloning gives
@@ -319,7 +322,11 @@ impl ListKeeper {
     }
 
     /// Applies added and removed entries of one (service, category) at once: subscriptions
-    /// hear of the result in one list.
+    /// hear of the result in one list. `revision` is the store's number of the change (0 when
+    /// the store has none): a change numbered below what (service, category) already holds is
+    /// ignored, and a [`ListKeeper::replace`] read at a revision below it leaves that
+    /// (service, category) as it is, so two watches covering the same entries (an
+    /// `interface=*` one and a category one, each at its own pace) never take a list back.
     pub fn change(
         &self,
         service: &str,
@@ -335,6 +342,10 @@ impl ListKeeper {
             .filter(|e| !added.contains(e))
             .collect();
         self.update(|st, out| {
+            if st.is_older(service, category, revision) {
+                return;
+            }
+            st.mark(service, category, revision);
             st.apply(service, category, added, removed, revision, out);
         });
     }
@@ -376,6 +387,16 @@ impl ListKeeper {
             }
             for key in keys {
                 let new = fresh.remove(&key).unwrap_or_default();
+                if st
+                    .marks
+                    .get(&key)
+                    .is_some_and(|m| revision > 0 && *m > revision)
+                {
+                    // Changed after this read was taken (another watch covering it was
+                    // faster): what is held is newer.
+                    continue;
+                }
+                st.mark(&key.0, &key.1, revision);
                 let old = st.topics.get(&key.0).and_then(|c| c.get(&key.1));
                 let (added, removed) = match old {
                     Some(old) => (
@@ -413,6 +434,9 @@ impl ListKeeper {
             });
         }
         st.topics.retain(|_, cats| !cats.is_empty());
+        for key in &dropped {
+            st.marks.remove(key);
+        }
         for q in st.queries.values_mut() {
             for key in &dropped {
                 q.views.remove(key);
@@ -558,6 +582,25 @@ impl ListKeeper {
 }
 
 impl State {
+    /// Whether a change at `revision` is older than what (`service`, `category`) holds.
+    fn is_older(&self, service: &str, category: &str, revision: u64) -> bool {
+        revision > 0
+            && self
+                .marks
+                .get(&(service.to_owned(), category.to_owned()))
+                .is_some_and(|m| *m > revision)
+    }
+
+    fn mark(&mut self, service: &str, category: &str, revision: u64) {
+        if revision > 0 {
+            let m = self
+                .marks
+                .entry((service.to_owned(), category.to_owned()))
+                .or_default();
+            *m = (*m).max(revision);
+        }
+    }
+
     fn covered(&self, service: &str, category: &str) -> bool {
         self.loaded.iter().any(|l| l.covers(service, category))
     }

@@ -250,3 +250,30 @@ fn keeper_lists_reach_each_subscription_in_the_order_of_the_changes() {
         );
     }
 }
+
+// Two watches of one store covering the same entries (an `interface=*` one and a category
+// one) feed the keeper at their own pace: a read taken before a change one of them already
+// applied, or an event replayed after a newer one, must not take the list back.
+#[test]
+fn keeper_never_takes_a_list_back_to_an_older_store_revision() {
+    use registry_core::keeper::{ListKeeper, Scope};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let keeper = ListKeeper::new("marks");
+    let p: Url = "dubbo://10.0.0.1:1/S".parse().unwrap();
+    let q: Url = "dubbo://10.0.0.2:1/S".parse().unwrap();
+    let entry = |u: &Url| ("S".to_owned(), "providers".to_owned(), u.clone());
+    keeper.replace(&Scope::Root, [entry(&p)], 100);
+    // The root watch sees q put at 101; a category read taken at 100 arrives after it.
+    keeper.put("S", "providers", q.clone(), 101);
+    keeper.replace(&Scope::category("S", "providers"), [entry(&p)], 100);
+    let c: Url = "consumer://10.0.0.9/S".parse().unwrap();
+    assert_eq!(keeper.lookup(&c), Some(vec![p.clone(), q.clone()]));
+    // p deleted at 105 through one watch; the other replays its put of 101.
+    keeper.remove("S", "providers", &p, 105);
+    keeper.put("S", "providers", p.clone(), 101);
+    assert_eq!(keeper.lookup(&c), Some(vec![q.clone()]));
+    // A newer read applies.
+    keeper.replace(&Scope::category("S", "providers"), [entry(&p)], 106);
+    assert_eq!(keeper.lookup(&c), Some(vec![p]));
+}

@@ -1210,13 +1210,19 @@ fn on_watch_response(
         let Ok(key) = kv.key_str() else { continue };
         // A delete event carries the key only: the key encodes the URL.
         if let Some((service, category, url)) = parse_key(&inner.label, &w.prefix, &w.scope, key) {
-            batch.add(service, category, url, ev.event_type() == EventType::Put);
+            batch.add(
+                service,
+                category,
+                url,
+                ev.event_type() == EventType::Put,
+                rev,
+            );
         }
     }
     w.revision = latest;
     // Under the watches lock: a read of the same prefix is applied before or after, never
     // in the middle.
-    batch.feed(&inner.keeper, latest);
+    batch.feed(&inner.keeper);
     Ok(Seen::Nothing)
 }
 

@@ -201,8 +201,10 @@ impl Inner {
         let _ = self.events.send(e);
     }
 
-    /// One range read of `prefix`: the parsed entries (service, category, URL) and the
-    /// read's revision.
+    /// A range read of `prefix`: the parsed entries (service, category, URL) and the read's
+    /// revision. Read in pages of [`READ_PAGE`] keys, all at the revision of the first, each
+    /// page bounded by `timeout` on its own: a large list on a slow link is read as long as it
+    /// makes progress, and a stalled read still fails within one `timeout`.
     pub async fn read(
         &self,
         clients: &Clients,
@@ -210,25 +212,62 @@ impl Inner {
         scope: &Scope,
     ) -> std::result::Result<(Entries, i64), (Error, Kind)> {
         let mut kv = clients.kv.clone();
-        let resp = errors::timed(
-            &self.label,
-            || format!("reading {prefix}"),
-            self.opts.timeout,
-            kv.get(
+        let end = prefix_end(prefix.as_bytes());
+        let mut from: Vec<u8> = prefix.as_bytes().to_vec();
+        let mut revision = 0i64;
+        let mut entries = Entries::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_keys_only()
+                .with_limit(READ_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let resp = errors::timed(
+                &self.label,
+                || format!("reading {prefix}"),
+                self.opts.timeout,
+                kv.get(from.clone(), Some(options)),
+            )
+            .await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            entries.extend(parse_entries(
+                &self.label,
                 prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        )
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let entries = parse_entries(
-            &self.label,
-            prefix,
-            scope,
-            resp.kvs().iter().map(|kv| kv.key()),
-        );
-        Ok((entries, revision))
+                scope,
+                resp.kvs().iter().map(|kv| kv.key()),
+            ));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((entries, revision)),
+            }
+        }
     }
+}
+
+/// Keys per page of a list read (keys only: ~100 KB of Dubbo keys). Small pages keep a slow
+/// link from holding the lease's keep-alive and sentinel requests of the same connection
+/// behind one long reply for more than a fraction of a second.
+const READ_PAGE: i64 = 256;
+
+/// The end of the range of keys starting with `prefix` (etcd's rule: the prefix with its last
+/// byte below 0xff incremented; every key when there is none).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// Connects to the one member at `endpoint`: builds its clients (authenticating when the URL
@@ -344,4 +383,16 @@ pub(crate) async fn grant(
         Ordering::Release,
     );
     Ok(resp.id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn the_range_of_a_prefix_ends_after_its_last_key() {
+        assert_eq!(prefix_end(b"/dubbo/a/"), b"/dubbo/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
 }

@@ -110,22 +110,34 @@ pub(crate) fn parse_key(
 /// wins (a put then a delete of one key in one response is a delete).
 #[derive(Default)]
 pub(crate) struct Batch {
-    changes: BTreeMap<(String, String), BTreeMap<String, (Url, bool)>>,
+    /// Per (service, category): the entries changed, and the revision of its last event.
+    changes: BTreeMap<(String, String), (Changes, i64)>,
 }
 
+/// Entries put (`true`) or deleted, by full string.
+type Changes = BTreeMap<String, (Url, bool)>;
+
 impl Batch {
-    /// An entry put (`present`) or deleted.
-    pub fn add(&mut self, service: String, category: String, url: Url, present: bool) {
-        self.changes
-            .entry((service, category))
-            .or_default()
-            .insert(url.to_full_string(), (url, present));
+    /// An entry put (`present`) or deleted at `revision`.
+    pub fn add(
+        &mut self,
+        service: String,
+        category: String,
+        url: Url,
+        present: bool,
+        revision: i64,
+    ) {
+        let (entries, last) = self.changes.entry((service, category)).or_default();
+        entries.insert(url.to_full_string(), (url, present));
+        *last = (*last).max(revision);
     }
 
-    /// Feeds the changes to `keeper` at `revision`, one list per (service, category).
-    pub fn feed(self, keeper: &keeper::ListKeeper, revision: i64) {
-        let revision = u64::try_from(revision).unwrap_or(0);
-        for ((service, category), entries) in self.changes {
+    /// Feeds the changes to `keeper`, one list per (service, category), each at the revision
+    /// of its own last event (the keeper compares them with reads and other watches of the
+    /// same entries).
+    pub fn feed(self, keeper: &keeper::ListKeeper) {
+        for ((service, category), (entries, last)) in self.changes {
+            let revision = u64::try_from(last).unwrap_or(0);
             let (mut added, mut removed) = (Vec::new(), Vec::new());
             for (_, (url, present)) in entries {
                 if present {
@@ -158,15 +170,15 @@ mod tests {
     fn the_last_event_of_an_entry_in_a_response_wins() {
         let u: Url = "dubbo://10.0.0.1:20880/a.B".parse().expect("url");
         let mut b = Batch::default();
-        b.add("a.B".into(), "providers".into(), u.clone(), true);
-        b.add("a.B".into(), "providers".into(), u.clone(), false);
+        b.add("a.B".into(), "providers".into(), u.clone(), true, 2);
+        b.add("a.B".into(), "providers".into(), u.clone(), false, 2);
         let k = keeper::ListKeeper::new("t");
         k.replace(
             &keeper::Scope::category("a.B", "providers"),
             [("a.B".to_owned(), "providers".to_owned(), u.clone())],
             1,
         );
-        b.feed(&k, 2);
+        b.feed(&k);
         let c: Url = "consumer://10.0.0.2/a.B?category=providers"
             .parse()
             .expect("url");

@@ -39,11 +39,6 @@ async fn pause_each_member_longer_than_the_session() {
 /// Fault 3: one member (a follower, then the leader) cut off from its peers, silently, while
 /// both registries are connected to it, for longer than the session; a change meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "backend defect: run 1: follower 0 isolated with both registries on it, a provider \
-            registered through the other members never reached the subscription (60 s; its last \
-            list: the first provider only); run 2: the follower round passed, with the leader \
-            isolated the subscription saw the added provider after 43.3 s (target 10 s), the \
-            provider's entry vanished and was back 5.1 s after healing"]
 async fn isolate_member_with_clients() {
     common::init_tracing();
     matrix::isolate_member_with_clients("etcd cluster isolate_member_with_clients").await;
@@ -82,8 +77,6 @@ async fn reply_lost() {
 /// Fault 8: restart on the same host:port, the old instance's unregister arriving late: the
 /// new entry survives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "backend defect: the old instance's late unregister (it returned Ok) deletes the \
-            new instance's entry: the cluster held no entry 36 ms later (run 2: 19.5 ms)"]
 async fn late_unregister_after_restart_on_same_address() {
     common::init_tracing();
     matrix::late_unregister_after_restart_on_same_address("etcd cluster late_unregister").await;
@@ -92,9 +85,10 @@ async fn late_unregister_after_restart_on_same_address() {
 /// Fault 9: a slow link (1 MB/s) with a list of 10,000 providers: the subscription becomes
 /// current.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "backend defect: subscribe over the 1 MB/s link fails: reading the 10,000-entry \
-            providers prefix (keys and values, about 7.5 MB) times out after the fixed 5 s \
-            request timeout (Timeout { operation: \"reading .../providers/\", after: 5s })"]
+#[ignore = "backend defect: lists are now read in pages (the first list of 10,000, 4.8 MB, \
+            arrives in 5.7-5.8 s over the 1 MB/s link: 3 runs), but the change made after it (10 \
+            providers unregistered) did not reach the subscription within 60 s (2 runs); not \
+            diagnosed yet"]
 async fn slow_link_with_a_large_list() {
     common::init_tracing();
     matrix::slow_link_with_a_large_list("etcd cluster slow_link", matrix_etcd::put_all).await;
@@ -103,11 +97,6 @@ async fn slow_link_with_a_large_list() {
 /// Fault 10: a permission revoked on one watched prefix (and a reconnect, so every watch is
 /// opened again): the other subscriptions keep working, no reconnect loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "backend defect: after B's range is revoked and the registry reconnects, it loops on \
-            'etcd refused a watch; authenticating again and re-creating every watch' \
-            (PermissionDenied; 56 and 57 times in 60 s in two runs) and A's subscription never saw a provider added \
-            to A (60 s). Without the reconnect, the loop started in 1 of 2 runs (from 'putting \
-            the lease sentinel: revision of auth store is old'), 107 times in 116 s"]
 async fn permission_revoked_on_one_prefix() {
     common::init_tracing();
     matrix_etcd::permission_revoked_on_one_prefix("etcd cluster permission_revoked").await;

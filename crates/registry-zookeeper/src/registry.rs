@@ -636,14 +636,21 @@ impl ZookeeperRegistry {
                         registry = %ctx.label, path, owner = format_args!("{owner:#x}"), ours = format_args!("{ours:#x}"),
                         "replacing an entry left by another session"
                     );
-                    match ctx
-                        .call(session.client.delete(&path, Some(stat.version)))
-                        .await
-                    {
-                        Ok(())
-                        | Err(Fail::Zk(zk::Error::NoNode))
-                        | Err(Fail::Zk(zk::Error::BadVersion)) => {}
-                        Err(f) => return Err(ctx.error("delete", &path, f)),
+                    // One transaction: the other session's node goes and ours comes in its
+                    // place, so a watcher never sees the entry missing in between.
+                    let replace = async {
+                        let mut multi = session.client.new_multi_writer();
+                        multi.add_delete(&path, Some(stat.version))?;
+                        multi.add_create(&path, &[], &options)?;
+                        multi.commit().await.map_err(zk::Error::from)
+                    };
+                    match ctx.call(replace).await {
+                        Ok(_) => return Ok(()),
+                        // Changed or gone meanwhile: look again.
+                        Err(Fail::Zk(
+                            zk::Error::NoNode | zk::Error::BadVersion | zk::Error::NodeExists,
+                        )) => {}
+                        Err(f) => return Err(ctx.error("replace", &path, f)),
                     }
                 }
                 Err(f) => return Err(ctx.error("create", &path, f)),

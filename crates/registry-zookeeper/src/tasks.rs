@@ -174,6 +174,9 @@ pub(crate) struct TaskRef {
     pub(crate) handle: JoinHandle<()>,
 }
 
+/// How long a batch of events holding a delete waits for more (see the watch loop).
+const COALESCE_DELETES: std::time::Duration = std::time::Duration::from_millis(2);
+
 fn is_terminal(ev: &zk::WatchedEvent) -> bool {
     ev.event_type == zk::EventType::Session && ev.session_state.is_terminated()
 }
@@ -372,6 +375,13 @@ pub(crate) async fn run(
                 let mut batch = vec![ev];
                 if let Some(w) = watcher.as_mut() {
                     drain(w, &mut batch);
+                    // A node replaced in one transaction (another session's entry taken
+                    // over: delete + create) sends its two events back to back: wait a
+                    // moment for the second, so the list never shows the entry missing.
+                    if batch.iter().any(|e| e.event_type == zk::EventType::NodeDeleted) {
+                        tokio::time::sleep(COALESCE_DELETES).await;
+                        drain(w, &mut batch);
+                    }
                 }
                 let again = job.on_events(generation, &batch);
                 if batch.last().is_some_and(is_terminal) {
