@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, PutOptions, Txn, TxnOp};
 use registry_core::delivery::{Delivery, DeliveryOptions};
 use registry_core::url::ANY_VALUE;
 use registry_core::{
@@ -31,21 +31,7 @@ async fn open(
     let id = grant(inner, &clients, within).await?;
     let mut kv = clients.kv.clone();
     let root = paths::root_prefix(&inner.opts.root);
-    let probe = errors::timed(
-        &inner.label,
-        || format!("reading {root}"),
-        inner.opts.timeout,
-        kv.get(
-            root.as_str(),
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only()
-                    .with_limit(1),
-            ),
-        ),
-    )
-    .await;
+    let probe = crate::shared::probe(&inner.label, &mut kv, &root, inner.opts.timeout).await;
     if let Err(e) = probe {
         let mut lease = clients.lease.clone();
         let _ = tokio::time::timeout(within, lease.revoke(id)).await;

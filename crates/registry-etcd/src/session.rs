@@ -51,8 +51,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{
-    EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse,
-    WatchStream, Watcher,
+    EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse, WatchStream, Watcher,
 };
 use registry_core::{Error, RegistryEvent};
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -1259,21 +1258,8 @@ async fn on_refused(
     };
     if inner.opts.user.is_some() {
         let mut kv = live.clients.kv.clone();
-        let probe = errors::timed(
-            &inner.label,
-            || format!("reading {prefix}"),
-            inner.step_timeout(),
-            kv.get(
-                prefix.as_str(),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only()
-                        .with_limit(1),
-                ),
-            ),
-        )
-        .await;
+        let probe =
+            crate::shared::probe(&inner.label, &mut kv, &prefix, inner.step_timeout()).await;
         if let Err((e, Kind::TokenInvalid)) = probe {
             tracing::info!(registry = %inner.label, id, error = %e, "etcd refused a watch: the auth token is bad; authenticating again");
             return Err(Exit::Reauthenticate);

@@ -252,10 +252,36 @@ impl Inner {
     }
 }
 
-/// Keys per page of a list read (keys only: ~100 KB of Dubbo keys). Small pages keep a slow
-/// link from holding the lease's keep-alive and sentinel requests of the same connection
-/// behind one long reply for more than a fraction of a second.
-const READ_PAGE: i64 = 256;
+/// Reads at most one key under `prefix` within `within`: whether the member answers, and
+/// whether we may read there.
+pub(crate) async fn probe(
+    label: &str,
+    kv: &mut KvClient,
+    prefix: &str,
+    within: Duration,
+) -> std::result::Result<(), (Error, Kind)> {
+    errors::timed(
+        label,
+        || format!("reading {prefix}"),
+        within,
+        kv.get(
+            prefix,
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_limit(1),
+            ),
+        ),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Keys per page of a list read (keys only: ~1.6 MB of Dubbo keys, so `timeout` bounds a page
+/// on links down to ~0.3 MB/s). Not smaller: etcd counts the keys left in the range for every
+/// page, so a read costs O(keys x pages).
+const READ_PAGE: i64 = 4096;
 
 /// The end of the range of keys starting with `prefix` (etcd's rule: the prefix with its last
 /// byte below 0xff incremented; every key when there is none).
@@ -286,44 +312,29 @@ pub(crate) async fn connect(
         .with_keep_alive(HTTP2_PING_INTERVAL, within.max(Duration::from_secs(1)))
         .with_keep_alive_while_idle(false)
         .with_require_leader(true);
-    let what = || format!("connecting to {endpoint}");
-    let endpoints = [endpoint];
+    let connect_with = |options: ConnectOptions| {
+        errors::timed(
+            &inner.label,
+            || format!("connecting to {endpoint}"),
+            within,
+            Client::connect([endpoint], Some(options)),
+        )
+    };
     let client = match &o.user {
         Some((user, password)) => {
             let with_user = base.clone().with_user(user.clone(), password.clone());
-            match errors::timed(
-                &inner.label,
-                what,
-                within,
-                Client::connect(endpoints, Some(with_user)),
-            )
-            .await
-            {
+            match connect_with(with_user).await {
                 Err((e, _)) if e.to_string().contains("authentication is not enabled") => {
                     tracing::warn!(
                         registry = %inner.label,
                         "etcd has authentication off: connecting without the user name and password of the URL"
                     );
-                    errors::timed(
-                        &inner.label,
-                        what,
-                        within,
-                        Client::connect(endpoints, Some(base)),
-                    )
-                    .await?
+                    connect_with(base).await?
                 }
                 other => other?,
             }
         }
-        None => {
-            errors::timed(
-                &inner.label,
-                what,
-                within,
-                Client::connect(endpoints, Some(base)),
-            )
-            .await?
-        }
+        None => connect_with(base).await?,
     };
     let kv = client
         .kv_client()
