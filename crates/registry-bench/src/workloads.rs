@@ -564,7 +564,7 @@ pub async fn fan_out(ctx: &mut Ctx) -> anyhow::Result<()> {
             Summary::single(ours_mem as f64),
             Some(Summary::single(raw_mem as f64)),
         )
-        .note("both include their client connection; ours also its delivery task per subscription and the lists"),
+        .note("both include their client connection; ours also its deliveries per subscription and the lists"),
     );
     let per_sub = subs_mem as f64 / subs as f64;
     ctx.push(

@@ -8,7 +8,7 @@
 //!
 //! - each entry held once, as a parsed [`Url`] (no node name or key beside it: a delete event
 //!   is decoded to its URL and removed by it; entries are told apart by their full string);
-//! - per-subscription matching ([`is_match`](crate::is_match): category tokens,
+//! - per-subscription matching ([`is_match`]: category tokens,
 //!   group/version/classifier, `enabled`, `interface=*`), maintained one entry per event: no
 //!   full rebuild, no sort;
 //! - subscriptions that ask the same query (same interface, categories, group, version,

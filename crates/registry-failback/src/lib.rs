@@ -29,7 +29,7 @@
 //! - recovery: on a new session every registration and subscription is restored at once, with
 //!   bounded concurrency (`recovery.concurrency`); a reconnect of the same session restores
 //!   nothing and wakes pending retries;
-//! - one delivery task per subscription: ordered, revision-guarded, latest-wins, panic-isolated,
+//! - one delivery per subscription (a drainer runs while lists are pending): ordered, revision-guarded, latest-wins, panic-isolated,
 //!   with empty protection and the source (live or cache) of each list;
 //! - a memory and disk cache of notified lists, used when a subscribe fails (including at
 //!   start-up with `check=false` and the backend down);
