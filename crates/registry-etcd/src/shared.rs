@@ -216,21 +216,32 @@ impl Inner {
         let mut from: Vec<u8> = prefix.as_bytes().to_vec();
         let mut revision = 0i64;
         let mut entries = Entries::new();
+        let mut page = READ_PAGE;
         loop {
             let mut options = GetOptions::new()
                 .with_range(end.clone())
                 .with_keys_only()
-                .with_limit(READ_PAGE);
+                .with_limit(page);
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let resp = errors::timed(
+            let resp = match errors::timed(
                 &self.label,
                 || format!("reading {prefix}"),
                 self.opts.timeout,
                 kv.get(from.clone(), Some(options)),
             )
-            .await?;
+            .await
+            {
+                Ok(resp) => resp,
+                // A page over the decoding limit (long keys, or a small
+                // `etcd.max-message-size`): the same page in halves.
+                Err((Error::TooLarge { .. }, _)) if page > 1 => {
+                    page /= 2;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
