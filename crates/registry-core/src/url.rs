@@ -235,7 +235,8 @@ impl UrlData {
     /// the parts; both give the same URL.
     fn canonical(buf: Box<str>) -> Option<UrlData> {
         let s: &str = &buf;
-        if s.len() > u32::MAX as usize / 2 {
+        // The full parser trims the input (Unicode white space, as `str::trim`).
+        if s.len() > u32::MAX as usize / 2 || s.trim().len() != s.len() {
             return None;
         }
         let at = |x: usize| u32::try_from(x).ok();
@@ -255,8 +256,8 @@ impl UrlData {
         // Blanks anywhere before the parameters, credentials, fragments and host lists are
         // left to the full parser.
         if head
-            .bytes()
-            .any(|c| c.is_ascii_whitespace() || matches!(c, b'@' | b'#' | b','))
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '@' | '#' | ','))
         {
             return None;
         }
@@ -1243,10 +1244,30 @@ mod tests {
             "10.0.0.1", "h", "", "[::1]", "a,b", "u:p@h", "::1", "H-x_y", " h",
         ]);
         let port = prop::sample::select(vec!["", ":20880", ":0", ":020", ":65536", ":", ":1"]);
-        let path =
-            prop::sample::select(vec!["", "/", "/com.foo.Bar", "/a b", "/x#y", "/a/b", "/p "]);
+        let path = prop::sample::select(vec![
+            "",
+            "/",
+            "/com.foo.Bar",
+            "/a b",
+            "/x#y",
+            "/a/b",
+            "/p ",
+            "/p\u{b}",
+            "/p\u{a0}",
+            "/\u{85}p",
+        ]);
         let key = prop::sample::select(vec!["a", "b", "interface", "", " a", "timestamp", "b="]);
-        let value = prop::sample::select(vec!["1", "", " x", "a=b", "*", "x#y", "v "]);
+        let value = prop::sample::select(vec![
+            "1",
+            "",
+            " x",
+            "a=b",
+            "*",
+            "x#y",
+            "v ",
+            "v\u{b}",
+            "\u{2003}v",
+        ]);
         let params = prop::collection::vec((key, value, any::<bool>()), 0..5);
         (
             protocol,
