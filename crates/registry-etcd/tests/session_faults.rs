@@ -169,13 +169,7 @@ async fn a_late_unregister_of_an_old_instance_keeps_the_new_instances_entry() {
 /// sentinels of group `g` and the services `services` only.
 async fn app_user(addr: &str, group: &str, services: &[&str]) {
     let mut rawc = raw(addr).await;
-    rawc.user_add("root", "rootpw", None)
-        .await
-        .expect("user add");
-    let _ = rawc.role_add("root").await;
-    rawc.user_grant_role("root", "root")
-        .await
-        .expect("grant role");
+    common::add_root(&mut rawc).await;
     rawc.user_add("app", "apppw", None).await.expect("user add");
     rawc.role_add("app").await.expect("role add");
     let mut prefixes = vec![format!("/.registry-leases/{group}/")];

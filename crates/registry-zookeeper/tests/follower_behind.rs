@@ -14,6 +14,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use registry_core::testkit::dubbo_provider;
 use registry_core::testkit::{Recorder, consumer, unique_service};
 use registry_core::{Registry, RegistryEvent, encode};
 use registry_test_servers::{Cluster, ClusterOptions, Kind, Proxy};

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use registry_core::testkit::dubbo_provider;
 use registry_core::testkit::{Recorder, consumer, unique_service};
 use registry_core::{Registry, Url, encode};
 use registry_zookeeper::ZookeeperRegistry;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use registry_core::testkit::dubbo_provider;
 use registry_core::testkit::{Recorder, consumer, provider, unique_service};
 use registry_core::{Registry, Url, decode, encode};
 use registry_test_servers::{Kind, shared_address};

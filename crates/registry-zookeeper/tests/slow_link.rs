@@ -11,6 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use registry_core::testkit::dubbo_provider;
 use registry_core::testkit::{Recorder, consumer, unique_service};
 use registry_core::{Registry, RegistryEvent, Url, encode};
 use registry_zookeeper::ZookeeperRegistry;

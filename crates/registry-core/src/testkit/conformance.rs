@@ -28,6 +28,23 @@ pub trait Harness: Send + Sync {
     }
 }
 
+/// A Dubbo-style provider URL of about 300 bytes, the `i`th of a large list (host
+/// `10.<i>` spread over three octets, `pid` 10000 + `i`).
+pub fn dubbo_provider(service: &str, i: u32) -> Url {
+    format!(
+        "dubbo://10.{}.{}.{}:20880/{service}?anyhost=true&application=large-list-provider\
+         &deprecated=false&dubbo=2.0.2&dynamic=true&generic=false&interface={service}\
+         &methods=sayHello,sayHelloAsync,sayGoodbye&pid={}&release=3.2.0&side=provider\
+         &timestamp=1700000000000",
+        (i >> 16) & 0xff,
+        (i >> 8) & 0xff,
+        i & 0xff,
+        10_000 + i
+    )
+    .parse()
+    .unwrap_or_else(|e| panic!("bad provider URL: {e}"))
+}
+
 /// A Dubbo-like provider URL of `service` on host `10.0.0.<n>`, with `extra` parameters
 /// (`"group=a&version=1.0"`).
 pub fn provider(service: &str, n: u8, extra: &str) -> Url {

@@ -235,9 +235,9 @@ impl Drop for OwnEtcd {
     }
 }
 
-/// Turns authentication on with the user `root` / `rootpw`.
-pub async fn enable_auth(address: &str) {
-    let mut rawc = raw(address).await;
+/// Adds the user `root` / `rootpw` with the `root` role (what etcd needs before its
+/// authentication can be turned on).
+pub async fn add_root(rawc: &mut etcd_client::Client) {
     rawc.user_add("root", "rootpw", None)
         .await
         .expect("user add");
@@ -245,5 +245,11 @@ pub async fn enable_auth(address: &str) {
     rawc.user_grant_role("root", "root")
         .await
         .expect("grant role");
+}
+
+/// Turns authentication on with the user `root` / `rootpw`.
+pub async fn enable_auth(address: &str) {
+    let mut rawc = raw(address).await;
+    add_root(&mut rawc).await;
     rawc.auth_enable().await.expect("auth enable");
 }

@@ -11,7 +11,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use registry_core::testkit::{Recorder, consumer, provider, unique_service};
+use registry_core::testkit::{
+    Recorder, consumer, dubbo_provider as big_provider, provider, unique_service,
+};
 use registry_core::url::PROVIDERS_CATEGORY;
 use registry_core::{Registry, RegistryManager, Url};
 use registry_test_servers::{Cluster, Proxy};
@@ -813,22 +815,6 @@ pub async fn late_unregister_after_restart_on_same_address(test: &str) {
     newer.destroy().await;
     scene.other.destroy().await;
     scene.b.destroy().await;
-}
-
-/// A Dubbo-style provider URL of about 300 bytes, the `i`th of a large list.
-fn big_provider(service: &str, i: u32) -> Url {
-    format!(
-        "dubbo://10.{}.{}.{}:20880/{service}?anyhost=true&application=large-list-provider\
-         &deprecated=false&dubbo=2.0.2&dynamic=true&generic=false&interface={service}\
-         &methods=sayHello,sayHelloAsync,sayGoodbye&pid={}&release=3.2.0&side=provider\
-         &timestamp=1700000000000",
-        (i >> 16) & 0xff,
-        (i >> 8) & 0xff,
-        i & 0xff,
-        10_000 + i
-    )
-    .parse()
-    .expect("a provider URL")
 }
 
 /// Writes the providers of a large list into the cluster: (a provider registry, the

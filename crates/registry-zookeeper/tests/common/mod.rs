@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use registry_core::{RegistryEvent, Url};
+use registry_core::RegistryEvent;
 use registry_zookeeper::zookeeper_client as zk;
 use tokio::sync::broadcast;
 
@@ -40,22 +40,6 @@ pub async fn raw_client(addr: &str) -> zk::Client {
         .connect(addr)
         .await
         .unwrap_or_else(|e| panic!("raw client to {addr}: {e}"))
-}
-
-/// A Dubbo-style provider URL of about 300 bytes.
-pub fn dubbo_provider(service: &str, i: u32) -> Url {
-    format!(
-        "dubbo://10.{}.{}.{}:20880/{service}?anyhost=true&application=large-list-provider\
-         &deprecated=false&dubbo=2.0.2&dynamic=true&generic=false&interface={service}\
-         &methods=sayHello,sayHelloAsync,sayGoodbye&pid={}&release=3.2.0&side=provider\
-         &timestamp=1700000000000",
-        (i >> 16) & 0xff,
-        (i >> 8) & 0xff,
-        i & 0xff,
-        10_000 + i
-    )
-    .parse()
-    .unwrap_or_else(|e| panic!("bad provider URL: {e}"))
 }
 
 /// Waits until `want` arrives; returns every event seen on the way (with `want` last).
