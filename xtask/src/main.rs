@@ -633,6 +633,43 @@ fn clippy(rest: &[String]) -> Result<(), String> {
 
 /// `cargo package --workspace`, excluding the members with `publish = false` (their path
 /// dependencies carry no version, so they cannot be packaged, and nobody installs them).
+/// Removes cargo's unpacked copies of this workspace's own packaged crates.
+///
+/// `cargo package --workspace` verifies each crate against the others through a local
+/// registry in `target/package/tmp-registry`, and cargo unpacks that registry's crates into
+/// `$CARGO_HOME/registry/src/-<hash of the registry's path>/<name>-<version>`. Cargo never
+/// unpacks a crate again once that directory exists (registry crates are immutable by
+/// version), so a second run at the same path with the same version number verifies against
+/// the sources of the first run: a module added since then is "not found". Local registries
+/// are the only sources whose directory name starts with `-` (no host name), and only this
+/// workspace's `<name>-<version>` directories are removed.
+fn forget_unpacked_workspace_crates(crates: &[String]) -> Result<(), String> {
+    let home = match env::var_os("CARGO_HOME") {
+        Some(h) => PathBuf::from(h),
+        None => match env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".cargo"),
+            None => return Ok(()),
+        },
+    };
+    let src = home.join("registry").join("src");
+    let Ok(sources) = std::fs::read_dir(&src) else {
+        return Ok(());
+    };
+    for source in sources.flatten() {
+        if !source.file_name().to_string_lossy().starts_with('-') {
+            continue;
+        }
+        for krate in crates {
+            let dir = source.path().join(krate);
+            if dir.is_dir() {
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| format!("cannot remove the stale copy {}: {e}", dir.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn package(rest: &[String]) -> Result<(), String> {
     let mut meta = cargo();
     meta.args(["metadata", "--no-deps", "--format-version", "1"]);
@@ -649,12 +686,19 @@ fn package(rest: &[String]) -> Result<(), String> {
         .map_err(|e| format!("cargo metadata printed no JSON: {e}"))?;
     let mut cmd = cargo();
     cmd.args(["package", "--workspace"]);
+    let mut published = Vec::new();
     for p in meta["packages"].as_array().into_iter().flatten() {
         let unpublished = p["publish"].as_array().is_some_and(|r| r.is_empty());
-        if unpublished && let Some(name) = p["name"].as_str() {
+        let (Some(name), Some(version)) = (p["name"].as_str(), p["version"].as_str()) else {
+            continue;
+        };
+        if unpublished {
             cmd.args(["--exclude", name]);
+        } else {
+            published.push(format!("{name}-{version}"));
         }
     }
+    forget_unpacked_workspace_crates(&published)?;
     // The verification builds use crates.io's etcd-client, which needs protoc like any user's
     // build: set PROTOC even when cargo() found a protoc on PATH, so the result is the same on
     // every machine.
