@@ -7,8 +7,9 @@
 //!   only after every member failed in a row): a hung member never gets a second request.
 //! - **Every step fits inside the lease.** Each step of (re-)establishing (connect,
 //!   authenticate, grant, renew, sentinel put, watch open) has a deadline of a sixth of the
-//!   *granted* TTL (at most `timeout`), and the keep-alive answer a third of it, so the loss
-//!   of a member is noticed and another one reached well before the lease expires.
+//!   *granted* TTL (at most `timeout`), and so does the answer to a keep-alive (at most one
+//!   renewal period, a third of the TTL), so the loss of a member is noticed and another one
+//!   reached well before the lease expires.
 //! - **Require leader.** Every request carries etcd's require-leader flag: a member cut off
 //!   from the majority refuses requests and ends the watch and keep-alive streams ("no
 //!   leader") instead of keeping them open and silent; HTTP/2 keep-alive pings notice a
