@@ -11,7 +11,7 @@ use common::{DEADLINE, EventLog, OwnEtcd, Proxy, lease_of, raw, raw_as, registry
 use etcd_client::{Permission, RoleRevokePermissionOptions};
 use registry_core::testkit::{Recorder, consumer, provider, unique_service, wait_until};
 use registry_core::url::PROVIDERS_CATEGORY;
-use registry_core::{RegistryEvent, Url, encode};
+use registry_core::{Error, RegistryEvent, RegistryManager, Url, encode};
 use registry_etcd as _;
 use registry_test_servers::{Kind, shared_address};
 
@@ -185,6 +185,47 @@ async fn app_user(addr: &str, group: &str, services: &[&str]) {
     rawc.auth_enable().await.expect("auth enable");
 }
 
+/// A user whose role may use only some prefixes under the root connects with the default
+/// check (`check=true`): the check's read of the root is refused with "permission denied",
+/// which says etcd answered and took the credentials. The user then works on its prefixes.
+/// A wrong password and missing credentials are still refused when connecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_allowed_only_some_prefixes_connects_with_the_check() {
+    let Some(etcd) = OwnEtcd::start("some_prefixes", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let s = unique_service("allowed");
+    let group = "part";
+    app_user(&addr, group, &[&s]).await;
+    let r = registry(&format!(
+        "etcd://app:apppw@{addr}?session=6000&group={group}"
+    ))
+    .await;
+    assert!(r.is_available(), "connected at once");
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, "category=providers"), rec.listener())
+        .await
+        .expect("subscribe on an allowed prefix");
+    let p = provider(&s, 1, "");
+    r.register(&p).await.expect("register on an allowed prefix");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p), DEADLINE)
+        .await;
+    for (what, url) in [
+        (
+            "wrong password",
+            format!("etcd://app:wrong@{addr}?group={group}"),
+        ),
+        ("no credentials", format!("etcd://{addr}?group={group}")),
+    ] {
+        match RegistryManager::new().get_registry(&url).await {
+            Err(e @ Error::AccessDenied { .. }) => eprintln!("{what}: {e}"),
+            other => panic!("{what}: expected AccessDenied, got {:?}", other.err()),
+        }
+    }
+    r.destroy().await;
+}
+
 /// Fault 10: the permission on one watched prefix is revoked, then the connection breaks
 /// (so every watch is created again on a new stream). etcd refuses that one watch; the other
 /// subscription keeps working, and the registry neither loops reconnecting nor
@@ -199,9 +240,8 @@ async fn a_refused_watch_disturbs_no_other_subscription_and_loops_nowhere() {
     let group = "perm";
     app_user(&addr, group, &[&a, &b]).await;
     let proxy = Proxy::start(&addr).await.expect("proxy");
-    // check=false: the app user may not read the whole root (the check's probe).
     let r = registry(&format!(
-        "etcd://app:apppw@{}?session=6000&group={group}&check=false",
+        "etcd://app:apppw@{}?session=6000&group={group}",
         proxy.address()
     ))
     .await;
