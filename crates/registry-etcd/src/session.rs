@@ -376,6 +376,13 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 continue;
             }
             Err(Step::Down(reason, Kind::TokenInvalid)) => Failure::Token { down: Some(reason) },
+            // With credentials, "user name is empty" says the request went without a token (a
+            // re-authentication that failed dropped it): authenticate again, paced.
+            Err(Step::Down(reason, Kind::Denied))
+                if inner.opts.user.is_some() && reason.contains("user name is empty") =>
+            {
+                Failure::Token { down: Some(reason) }
+            }
             Err(Step::Down(reason, kind)) => {
                 if kind == Kind::Denied && first_time(&mut flags.denied, &reason) {
                     // Retried for ever (check=false, or after etcd's users changed): say so
