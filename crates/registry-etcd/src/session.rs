@@ -412,29 +412,97 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 auth.schedule()
             }
         };
-        if !wait.is_zero() && sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, wait)).await {
+        // The lease stays renewed while waiting (keep-alives need no auth token, so also while
+        // authentication is paced), on the member the next attempt uses.
+        let renew_on = members.cache[members.current].clone();
+        if !wait.is_zero() && wait_renewing(&inner, &mut flags, renew_on, wait, &mut shutdown).await
+        {
             return;
         }
         check_expiry(&inner, &mut flags);
     }
 }
 
-/// Sleeps `d`; true when the registry shut down meanwhile.
-async fn sleep_or_shutdown(shutdown: &mut tokio::sync::watch::Receiver<bool>, d: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => *shutdown.borrow(),
-        _ = stopped(shutdown) => true,
+/// Waits `wait` before the next attempt (true when the registry shut down meanwhile), renewing
+/// the lease meanwhile on `clients` (when there are some): a wait can be long (authentication
+/// is paced up to [`AUTH_MAX`]), longer than the lease's TTL. When the lease goes unrenewed for
+/// its TTL all the same (the member does not answer), the loss is reported on time.
+async fn wait_renewing(
+    inner: &Arc<Inner>,
+    flags: &mut Flags,
+    clients: Option<Clients>,
+    wait: Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let end = Instant::now() + wait;
+    let lease = inner.lease.load(Ordering::Acquire);
+    let (tx, mut renewed) = mpsc::unbounded_channel();
+    let _renewer = clients.filter(|_| lease != 0).map(|c| {
+        AbortOnDrop(tokio::spawn(renew_while_waiting(inner.clone(), c, lease, tx)).abort_handle())
+    });
+    loop {
+        let reported = !flags.ever_up || flags.lost;
+        let expiry = flags.renewed + inner.ttl() + Duration::from_millis(5);
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => return *shutdown.borrow(),
+            _ = stopped(shutdown) => return true,
+            Some(()) = renewed.recv() => flags.renewed = Instant::now(),
+            _ = tokio::time::sleep_until(expiry), if !reported => check_expiry(inner, flags),
+        }
     }
 }
 
-/// The pause before the next attempt: `wait`, cut short so a lease that expires meanwhile is
-/// reported on time.
-fn pause(inner: &Inner, flags: &Flags, wait: Duration) -> Duration {
-    if !flags.ever_up || flags.lost {
-        return wait;
+/// Renews `lease` on `clients` every keep-alive period until aborted or the lease is gone;
+/// reports each renewal. A failure is logged and tried again at the next period.
+async fn renew_while_waiting(
+    inner: Arc<Inner>,
+    clients: Clients,
+    lease: i64,
+    renewed: mpsc::UnboundedSender<()>,
+) {
+    let (period, within) = (inner.keep_alive_period(), answer_timeout(&inner));
+    loop {
+        let mut lc = clients.lease.clone();
+        let opened = errors::timed(
+            &inner.label,
+            || format!("renewing lease {lease:x} at {}", clients.endpoint),
+            inner.step_timeout(),
+            lc.keep_alive(lease),
+        )
+        .await;
+        match opened {
+            Ok((mut keeper, mut stream)) => loop {
+                let answer = tokio::time::timeout(within, async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                })
+                .await;
+                match answer {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        tracing::debug!(registry = %inner.label, lease, "renewed the lease while waiting");
+                        let _ = renewed.send(());
+                    }
+                    // Gone: the next attempt finds out.
+                    Ok(Ok(Some(_))) => return,
+                    Ok(Err(e)) if errors::kind(&e) == Kind::LeaseNotFound => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(registry = %inner.label, lease, error = %e, "no renewal while waiting");
+                        break;
+                    }
+                    Ok(Ok(None)) | Err(_) => {
+                        tracing::debug!(registry = %inner.label, lease, "no keep-alive answer while waiting");
+                        break;
+                    }
+                }
+                tokio::time::sleep(period).await;
+            },
+            Err((_, Kind::LeaseNotFound)) => return,
+            Err((e, _)) => {
+                tracing::debug!(registry = %inner.label, lease, error = %e, "no renewal while waiting");
+            }
+        }
+        tokio::time::sleep(period).await;
     }
-    let left = inner.ttl().saturating_sub(flags.renewed.elapsed()) + Duration::from_millis(5);
-    wait.min(left)
 }
 
 /// Resolves when the registry shuts down.

@@ -226,6 +226,76 @@ async fn a_user_allowed_only_some_prefixes_connects_with_the_check() {
     r.destroy().await;
 }
 
+/// The auth token goes bad (the user's password is changed: etcd refuses every token of the
+/// older auth revision) and authenticating again fails (the registry has the old password)
+/// for 12 s, four lease TTLs, with a broken connection at the start: the registry's
+/// authentications are paced (1 s, 2 s, 4 s, 8 s apart), but keep-alives need no token and
+/// the lease is renewed while they wait. Once the password is back, the registry authenticates,
+/// its entry is still on its first lease, and it never reported `SessionLost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_renewed_while_authentication_waits() {
+    let Some(etcd) = OwnEtcd::start("renewed_while_auth_waits", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let s = unique_service("authwait");
+    let group = "authwait";
+    app_user(&addr, group, &[&s]).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    let r = registry(&format!(
+        "etcd://app:apppw@{}?session=6000&group={group}",
+        proxy.address()
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let p = provider(&s, 1, "");
+    r.register(&p).await.expect("register");
+    let key = entry_key(group, &s, &p);
+    let admin = || raw_as(&addr, Some(("root", "rootpw")));
+    let first = lease_of(&mut admin().await, &key).await.expect("the entry");
+    assert_ne!(first, 0, "the entry is on a lease");
+
+    admin()
+        .await
+        .user_change_password("app", "changed")
+        .await
+        .expect("change the password");
+    let cut = Instant::now();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.restore();
+    // The fault lasts 12 s (4 TTLs), measured from the cut.
+    while cut.elapsed() < Duration::from_secs(12) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = lease_of(&mut admin().await, &key).await;
+        assert_eq!(
+            now,
+            Some(first),
+            "{:?} after the cut, while authentication fails: the entry left its lease; events {:?}",
+            cut.elapsed(),
+            log.events()
+        );
+    }
+    admin()
+        .await
+        .user_change_password("app", "apppw")
+        .await
+        .expect("restore the password");
+    let p2 = provider(&s, 2, "");
+    wait_until("a register with the password back", DEADLINE, || async {
+        r.register(&p2).await.is_ok()
+    })
+    .await;
+    assert_eq!(lease_of(&mut admin().await, &key).await, Some(first));
+    let events = log.events();
+    eprintln!("authentication failing for 12 s: events {events:?}");
+    assert!(
+        !events.contains(&RegistryEvent::SessionLost),
+        "the lease was renewed: {events:?}"
+    );
+    r.destroy().await;
+}
+
 /// Fault 10: the permission on one watched prefix is revoked, then the connection breaks
 /// (so every watch is created again on a new stream). etcd refuses that one watch; the other
 /// subscription keeps working, and the registry neither loops reconnecting nor
