@@ -6,10 +6,10 @@
 //!   or a member does not answer, the session moves to the next member at once (backing off
 //!   only after every member failed in a row): a hung member never gets a second request.
 //! - **Every step fits inside the lease.** Each step of (re-)establishing (connect,
-//!   authenticate, grant, renew, sentinel put, watch open) has a deadline of a sixth of the
-//!   *granted* TTL (at most `timeout`), and so does the answer to a keep-alive (at most one
-//!   renewal period, a third of the TTL), so the loss of a member is noticed and another one
-//!   reached well before the lease expires.
+//!   authenticate, grant, renew, sentinel put, watch open, each watch's creation) has a
+//!   deadline of a sixth of the *granted* TTL (at most `timeout`), and so does the answer to a
+//!   keep-alive (at most one renewal period, a third of the TTL) or to a watch creation, so
+//!   the loss of a member is noticed and another one reached well before the lease expires.
 //! - **Require leader.** Every request carries etcd's require-leader flag: a member cut off
 //!   from the majority refuses requests and ends the watch and keep-alive streams ("no
 //!   leader") instead of keeping them open and silent; HTTP/2 keep-alive pings notice a
@@ -813,6 +813,13 @@ struct Live {
     /// The ids of the create requests sent and not yet answered, in order: etcd answers them
     /// in order, and a refusal may carry watch id -1 (etcd 3.5+).
     pending: VecDeque<i64>,
+    /// By when the oldest unanswered create request must be answered (`None`: none waits): a
+    /// step after it was sent or after the stream's last message, whichever is later (etcd
+    /// answers creates in order, and a stream that delivers is alive). A member that answers
+    /// none in time is left, like one that does not answer a keep-alive.
+    create_due: Option<Instant>,
+    /// The deadline of one step ([`Inner::step_timeout`]) when the connection was made.
+    step: Duration,
     _reader: AbortOnDrop,
     keeper: AbortOnDrop,
 }
@@ -842,25 +849,57 @@ impl Live {
             sentinel: s.sentinel,
             anchor: s.anchor,
             pending: VecDeque::new(),
+            create_due: None,
+            step: inner.step_timeout(),
             _reader: AbortOnDrop(reader.abort_handle()),
             keeper,
         }
     }
 
     async fn create_watch(&mut self, id: i64, prefix: String, from: i64) -> Result<(), String> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from)
+            .with_watch_id(id);
+        self.send_create(id, prefix, options).await
+    }
+
+    /// Sends a create request (within a step: the request channel is full when the member
+    /// takes nothing more) and expects its answer within a step ([`Live::create_due`]).
+    async fn send_create(
+        &mut self,
+        id: i64,
+        key: String,
+        options: WatchOptions,
+    ) -> Result<(), String> {
         self.pending.push_back(id);
-        self.watcher
-            .watch(
-                prefix,
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(from)
-                        .with_watch_id(id),
-                ),
-            )
-            .await
-            .map_err(|e| format!("creating watch {id}: {e}"))
+        self.create_due
+            .get_or_insert_with(|| Instant::now() + self.step);
+        match tokio::time::timeout(self.step, self.watcher.watch(key, Some(options))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("creating watch {id}: {e}")),
+            Err(_) => Err(format!(
+                "creating watch {id}: the request was not taken within {:?}",
+                self.step
+            )),
+        }
+    }
+
+    /// Cancels watch `id` (the request sent within a step).
+    async fn cancel(&mut self, id: i64) -> Result<(), String> {
+        match tokio::time::timeout(self.step, self.watcher.cancel_by_id(id)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("cancelling watch {id}: {e}")),
+            Err(_) => Err(format!(
+                "cancelling watch {id}: the request was not taken within {:?}",
+                self.step
+            )),
+        }
+    }
+
+    /// The watch stream delivered a message: the creates still unanswered get a new step.
+    fn stream_progress(&mut self) {
+        self.create_due = (!self.pending.is_empty()).then(|| Instant::now() + self.step);
     }
 
     /// The lease is gone (or its sentinel was deleted by hand, `revoke`), the connection is
@@ -921,17 +960,15 @@ impl Live {
             })?;
         let anchor = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
         let (key, options) = anchor_watch(inner, &sentinel, anchor);
-        self.pending.push_back(anchor);
-        self.watcher
-            .watch(key, Some(options))
+        self.step = inner.step_timeout();
+        self.send_create(anchor, key, options)
             .await
-            .map_err(|e| Exit::Down(format!("creating the anchor watch: {e}")))?;
+            .map_err(|e| Exit::Down(format!("the anchor watch: {e}")))?;
         let old_anchor = std::mem::replace(&mut self.anchor, anchor);
         self.sentinel = sentinel.map(|(k, _)| k);
-        self.watcher
-            .cancel_by_id(old_anchor)
+        self.cancel(old_anchor)
             .await
-            .map_err(|e| Exit::Down(format!("cancelling the old anchor watch: {e}")))?;
+            .map_err(|e| Exit::Down(format!("the old anchor watch: {e}")))?;
         tracing::info!(registry = %inner.label, lease, ttl = ?inner.ttl(), "granted a new lease on the same connection; the watches stay");
         flags.lost = false;
         inner.emit(RegistryEvent::NewSession);
@@ -1117,8 +1154,19 @@ async fn connected(
     reread_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
+        let create_due = live.create_due;
+        let unanswered = async {
+            match create_due {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let step = tokio::select! {
             _ = stopped(shutdown) => Err(Exit::Shutdown),
+            _ = unanswered => Err(Exit::Down(format!(
+                "etcd answered no watch creation for {:?}",
+                live.step
+            ))),
             m = live.keep_alive_rx.recv() => match m {
                 Some(KeepAlive::Renewed) => {
                     flags.renewed = Instant::now();
@@ -1130,7 +1178,7 @@ async fn connected(
                 None => Err(Exit::Down("the keep-alive task ended".to_owned())),
             },
             m = live.watch_rx.recv() => match m {
-                Some(Ok(Some(r))) => match on_watch_response(inner, reads, live, r) {
+                Some(Ok(Some(r))) => match on_watch_response(inner, reads, live, r).inspect(|_| live.stream_progress()) {
                     Ok(Seen::Nothing) => Ok(()),
                     Ok(Seen::SentinelDeleted) => live.replace_lease(inner, flags, true).await,
                     Ok(Seen::Refused(id, reason)) => on_refused(inner, live, generation, id, reason).await,
@@ -1150,8 +1198,8 @@ async fn connected(
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::Arm) => arm_all(inner, live, generation).await.map_err(Exit::Down),
                 Some(Cmd::Cancel(id, armed)) => {
-                    if armed == generation && let Err(e) = live.watcher.cancel_by_id(id).await {
-                        Err(Exit::Down(format!("cancelling watch {id}: {e}")))
+                    if armed == generation && let Err(e) = live.cancel(id).await {
+                        Err(Exit::Down(e))
                     } else {
                         Ok(())
                     }
