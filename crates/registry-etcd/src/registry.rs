@@ -319,6 +319,7 @@ impl Registry for EtcdRegistry {
                                 armed: 0,
                                 resyncing: false,
                                 refused: false,
+                                refusals: 0,
                                 users: 1,
                             },
                         );

@@ -28,10 +28,11 @@
 //!   up on a lease nobody renews. `destroy` stops this task before revoking the lease, so the
 //!   DELETE that revoke causes is never seen here.
 //! - Every watch of the registry is created on one watch stream with a watch id of our own, so
-//!   responses are routed by id. A watch etcd refuses (no permission on its prefix) is left
-//!   out of this stream (the periodic re-read retries it) and disturbs no other watch; only a
-//!   refusal that says the auth token is bad leads to authenticating again, paced by a
-//!   jittered, growing backoff.
+//!   responses are routed by id. A watch etcd refuses (no permission on its prefix) disturbs
+//!   no other watch: its prefix is read again after a jittered delay growing from 1 s to 60 s
+//!   (whether or not the periodic re-read is on) and the watch created again after that read,
+//!   until etcd accepts it; only a refusal that says the auth token is bad leads to
+//!   authenticating again, paced by a jittered, growing backoff.
 //! - A broken stream (server down, network) is `Disconnected`; the task then reconnects,
 //!   renews the same lease and re-creates every watch from its last revision + 1, and reports
 //!   `Reconnected` (or `NewSession` when the lease did not survive).
@@ -80,6 +81,18 @@ const AUTH_STABLE: Duration = Duration::from_secs(60);
 /// Delays of a failed resync read's retries.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Delays before trying a refused watch again (a missing permission is seldom granted within
+/// a second, and each try is a read and a create request).
+const REFUSED_MIN: Duration = Duration::from_secs(1);
+const REFUSED_MAX: Duration = Duration::from_secs(60);
+
+/// The delay before the `n`th try (from 1) of a backoff from `min` to `max`, jittered.
+fn nth_delay(min: Duration, max: Duration, n: u32) -> Duration {
+    jitter(
+        min.saturating_mul(1 << n.saturating_sub(1).min(16))
+            .min(max),
+    )
+}
 
 /// Between half and all of `d`, at random: a fleet that failed at once spreads its retries.
 fn jitter(d: Duration) -> Duration {
@@ -1059,6 +1072,8 @@ enum Purpose {
     Resync,
     /// The periodic re-read.
     Reread,
+    /// etcd refused the watch: read, then create it again.
+    Retry,
 }
 
 /// A read done off the session task.
@@ -1181,7 +1196,7 @@ async fn connected(
                 Some(Ok(Some(r))) => match on_watch_response(inner, reads, live, r).inspect(|_| live.stream_progress()) {
                     Ok(Seen::Nothing) => Ok(()),
                     Ok(Seen::SentinelDeleted) => live.replace_lease(inner, flags, true).await,
-                    Ok(Seen::Refused(id, reason)) => on_refused(inner, live, generation, id, reason).await,
+                    Ok(Seen::Refused(id, reason)) => on_refused(inner, reads, live, generation, id, reason).await,
                     Err(exit) => Err(exit),
                 },
                 Some(Ok(None)) | None => Err(Exit::Down("the watch stream ended".to_owned())),
@@ -1278,6 +1293,9 @@ fn on_watch_response(
             let which = if id == -1 { asked } else { Some(id) };
             return Ok(Seen::Refused(which, r.cancel_reason().to_owned()));
         }
+        if let Some(w) = lock(&inner.watches).get_mut(&id) {
+            w.refusals = 0;
+        }
     }
     if id == live.anchor {
         if r.canceled() {
@@ -1350,12 +1368,13 @@ fn on_watch_response(
 }
 
 /// etcd refused to create watch `id`. A bad token: authenticate again (paced) and open a new
-/// stream. Anything else (a missing permission on the prefix): that watch is left out of
-/// this stream, the others are not disturbed, and the periodic re-read retries it. etcd 3.4
-/// says "permission denied" for a bad token too: with credentials, one small read of the
-/// prefix tells the two apart.
+/// stream. Anything else (a missing permission on the prefix): the others are not disturbed,
+/// and that watch is tried again (its prefix read, then the watch created) after a jittered
+/// delay that grows with its refusals in a row. etcd 3.4 says "permission denied" for a bad
+/// token too: with credentials, one small read of the prefix tells the two apart.
 async fn on_refused(
     inner: &Arc<Inner>,
+    reads: &mut Reads,
     live: &mut Live,
     generation: u64,
     id: Option<i64>,
@@ -1389,17 +1408,27 @@ async fn on_refused(
             return Err(Exit::Reauthenticate);
         }
     }
-    if let Some(w) = lock(&inner.watches).get_mut(&id) {
-        w.refused = true;
-        w.armed = generation;
+    let mut watches = lock(&inner.watches);
+    let Some(w) = watches.get_mut(&id) else {
+        return Ok(()); // unsubscribed meanwhile
+    };
+    w.refused = true;
+    w.armed = generation;
+    w.refusals = w.refusals.saturating_add(1);
+    let delay = nth_delay(REFUSED_MIN, REFUSED_MAX, w.refusals);
+    if w.refusals == 1 {
+        tracing::error!(
+            registry = %inner.label,
+            id,
+            prefix,
+            reason,
+            retry_in = ?delay,
+            "etcd refused the watch of this prefix; its subscription gets no changes until etcd accepts it (tried again with a growing delay, up to {REFUSED_MAX:?})"
+        );
+    } else {
+        tracing::debug!(registry = %inner.label, id, prefix, reason, retry_in = ?delay, "etcd refused the watch of this prefix again");
     }
-    tracing::error!(
-        registry = %inner.label,
-        id,
-        prefix,
-        reason,
-        "etcd refused the watch of this prefix; its subscription is kept fresh by the periodic re-read only, which also tries the watch again"
-    );
+    reads.spawn(inner, id, w, Purpose::Retry, delay);
     Ok(())
 }
 
@@ -1434,6 +1463,16 @@ async fn on_read(
                     live.check_lease.notify_one();
                 }
                 match done.purpose {
+                    Purpose::Retry => {
+                        // Still not readable (or a passing failure): tried again later, if it
+                        // is still refused (a new stream may have created it meanwhile).
+                        if w.refused {
+                            w.refusals = w.refusals.saturating_add(1);
+                            let delay = nth_delay(REFUSED_MIN, REFUSED_MAX, w.refusals);
+                            tracing::debug!(registry = %inner.label, prefix = w.prefix, error = %e, retry_in = ?delay, "reading a refused watch's prefix failed; trying again later");
+                            reads.spawn(inner, done.id, w, Purpose::Retry, delay);
+                        }
+                    }
                     Purpose::Reread => {
                         // The other prefixes go on.
                         tracing::warn!(registry = %inner.label, prefix = w.prefix, error = %e, "periodic re-read of a prefix failed");
@@ -1458,11 +1497,7 @@ async fn on_read(
                         // watches are not disturbed.
                         let n = reads.retries.entry(done.id).or_insert(0);
                         *n = n.saturating_add(1);
-                        let delay = jitter(
-                            RETRY_MIN
-                                .saturating_mul(1 << (*n - 1).min(16))
-                                .min(RETRY_MAX),
-                        );
+                        let delay = nth_delay(RETRY_MIN, RETRY_MAX, *n);
                         tracing::warn!(registry = %inner.label, prefix = w.prefix, error = %e, retry_in = ?delay, "reading a cancelled watch's prefix failed; trying again later");
                         reads.spawn(inner, done.id, w, Purpose::Resync, delay);
                     }

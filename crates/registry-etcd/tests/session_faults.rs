@@ -406,6 +406,90 @@ async fn a_refused_watch_disturbs_no_other_subscription_and_loops_nowhere() {
     root.destroy().await;
 }
 
+/// A watch etcd refused (the permission on its prefix revoked, then a broken connection so
+/// that it is created again) is tried again with a jittered, growing delay, also with the
+/// periodic re-read off (`etcd.reread.period=0`): once the permission is granted again, the
+/// subscription gets the list and later changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_watch_is_tried_again_until_etcd_accepts_it() {
+    let Some(etcd) = OwnEtcd::start("refused_watch_retried", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let b = unique_service("regranted");
+    let group = "retry";
+    app_user(&addr, group, &[&b]).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    let r = registry(&format!(
+        "etcd://app:apppw@{}?session=6000&group={group}&etcd.reread.period=0",
+        proxy.address()
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let seen = Recorder::new();
+    r.subscribe(&consumer(&b, "category=providers"), seen.listener())
+        .await
+        .expect("subscribe");
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let put = |p: &Url| (entry_key(group, &b, p), p.to_full_string());
+    let p1 = provider(&b, 1, "");
+    let (k, v) = put(&p1);
+    admin.put(k, v, None).await.expect("put");
+    seen.wait_for_entries(&b, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
+        .await;
+
+    let prefix = format!("/{group}/{}/", encode(&b));
+    admin
+        .role_revoke_permission(
+            "app",
+            prefix.clone(),
+            Some(RoleRevokePermissionOptions::new().with_prefix()),
+        )
+        .await
+        .expect("revoke");
+    let cut = Instant::now();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
+        .await;
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let p2 = provider(&b, 2, "");
+    let (k, v) = put(&p2);
+    admin.put(k, v, None).await.expect("put");
+    // The watch was created again on the new stream and refused: the change does not arrive.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        seen.latest_entries(&b, PROVIDERS_CATEGORY),
+        Some(vec![p1.clone()]),
+        "precondition: etcd refused the watch after the revocation"
+    );
+    admin
+        .role_grant_permission("app", Permission::read_write(prefix).with_prefix())
+        .await
+        .expect("grant again");
+    let granted = Instant::now();
+    seen.wait_for_entries(&b, PROVIDERS_CATEGORY, &[p1.clone(), p2.clone()], DEADLINE)
+        .await;
+    let p3 = provider(&b, 3, "");
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let (k, v) = put(&p3);
+    admin.put(k, v, None).await.expect("put");
+    seen.wait_for_entries(
+        &b,
+        PROVIDERS_CATEGORY,
+        &[p1.clone(), p2.clone(), p3.clone()],
+        DEADLINE,
+    )
+    .await;
+    eprintln!(
+        "refused watch tried again: the list {:?} after the grant; events {:?}",
+        granted.elapsed(),
+        log.events()
+    );
+    r.destroy().await;
+}
+
 /// A reconnection does not authenticate again while the token is good (Authenticate costs
 /// etcd a bcrypt; a fleet reconnecting at once would stampede it): three breaks, no
 /// authentication. A token made bad by a restart of etcd still leads to one.
