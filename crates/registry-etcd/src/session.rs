@@ -1479,18 +1479,26 @@ async fn on_read(
                     }
                     Purpose::Resync if kind == Kind::TooLarge => {
                         // Resuming would replay what was too large, and reading is too large
-                        // too: this watch cannot work with the configured limit.
-                        tracing::error!(
-                            registry = %inner.label,
-                            prefix = w.prefix,
-                            error = %e,
-                            "this list is larger than the registry URL parameter `{}` allows; its subscription no longer receives changes",
-                            crate::options::MAX_MESSAGE_SIZE_KEY
-                        );
-                        if let Some(w) = watches.remove(&done.id) {
-                            inner.keeper.forget(&w.scope.to_keeper());
+                        // too (a single key over the limit: pages are halved down to one
+                        // key). The watch stays, and its subscriptions keep their last lists;
+                        // the prefix is read again with a growing delay, and the watch created
+                        // after a read that fits (once that key is gone).
+                        let n = reads.retries.entry(done.id).or_insert(0);
+                        *n = n.saturating_add(1);
+                        let delay = nth_delay(REFUSED_MIN, REFUSED_MAX, *n);
+                        if *n == 1 {
+                            tracing::error!(
+                                registry = %inner.label,
+                                prefix = w.prefix,
+                                error = %e,
+                                retry_in = ?delay,
+                                "a key of this prefix is larger than the registry URL parameter `{}` allows; its subscriptions keep their last lists and get no changes until the prefix can be read (tried again with a growing delay, up to {REFUSED_MAX:?})",
+                                crate::options::MAX_MESSAGE_SIZE_KEY
+                            );
+                        } else {
+                            tracing::debug!(registry = %inner.label, prefix = w.prefix, error = %e, retry_in = ?delay, "the prefix is still too large to read");
                         }
-                        reads.retries.remove(&done.id);
+                        reads.spawn(inner, done.id, w, Purpose::Resync, delay);
                     }
                     Purpose::Resync => {
                         // Only this watch waits: tried again later, the stream and the other

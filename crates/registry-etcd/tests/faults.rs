@@ -883,3 +883,69 @@ async fn an_oversized_watch_response_is_skipped_by_a_resync() {
         .await;
     r.destroy().await;
 }
+
+/// A key longer than `etcd.max-message-size` (its watch event is over the limit, and so is a
+/// read of one key): the registry cannot read that prefix, but keeps its watch and its
+/// subscription's last list, and reads the prefix again with a growing delay. Once the key is
+/// gone, the subscription gets the current list and later changes again (the watch used to
+/// be dropped for good while the subscription still needed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_the_size_limit_leaves_its_subscription_served_once_it_is_gone() {
+    let Some(server) = private_server("key_over_the_size_limit") else {
+        return;
+    };
+    let addr = server.address();
+    let s = unique_service("overlimit");
+    let r = registry(&format!(
+        "etcd://{addr}?etcd.max-message-size=4096&timeout=5000"
+    ))
+    .await;
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe");
+    let mut rawc = raw(&addr).await;
+    let p1 = provider(&s, 1, "");
+    rawc.put(entry_key(&s, &p1), p1.to_full_string(), None)
+        .await
+        .expect("put");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
+        .await;
+    let huge = provider(&s, 2, &format!("pad={}", "x".repeat(5000)));
+    rawc.put(entry_key(&s, &huge), huge.to_full_string(), None)
+        .await
+        .expect("put the huge entry");
+    // Let the registry meet it (the watch response over the limit, then the read).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        rec.latest_entries(&s, PROVIDERS_CATEGORY),
+        Some(vec![p1.clone()]),
+        "the subscription keeps its last list"
+    );
+    rawc.delete(entry_key(&s, &huge), None)
+        .await
+        .expect("delete the huge entry");
+    let gone = Instant::now();
+    let p3 = provider(&s, 3, "");
+    rawc.put(entry_key(&s, &p3), p3.to_full_string(), None)
+        .await
+        .expect("put");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &[p1.clone(), p3.clone()], DEADLINE)
+        .await;
+    eprintln!(
+        "key over the size limit: the subscription current {:?} after the key went",
+        gone.elapsed()
+    );
+    let p4 = provider(&s, 4, "");
+    rawc.put(entry_key(&s, &p4), p4.to_full_string(), None)
+        .await
+        .expect("put");
+    rec.wait_for_entries(
+        &s,
+        PROVIDERS_CATEGORY,
+        &[p1.clone(), p3.clone(), p4.clone()],
+        DEADLINE,
+    )
+    .await;
+    r.destroy().await;
+}
