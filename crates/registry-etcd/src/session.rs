@@ -1597,6 +1597,20 @@ mod tests {
     }
 
     #[test]
+    fn the_nth_delay_doubles_with_jitter_up_to_its_cap() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        for (n, cap) in [(1, 1), (2, 2), (3, 4), (6, 32), (7, 60), (40, 60)] {
+            let cap = Duration::from_secs(cap);
+            let d = nth_delay(min, max, n);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{n}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+    }
+
+    #[test]
     fn backoff_grows_with_jitter_up_to_its_cap() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         let mut caps = Vec::new();
