@@ -949,3 +949,63 @@ async fn a_key_over_the_size_limit_leaves_its_subscription_served_once_it_is_gon
     .await;
     r.destroy().await;
 }
+
+/// A list of 10,000 providers (~4.8 MB of keys) read over a 1 MB/s link with `session=6000`
+/// (steps and keep-alive answers due within 500 ms): list pages are sized for the link, so
+/// the keep-alive answers and the session's steps that wait behind a page still meet their
+/// deadlines. The session never takes the busy member for a lost one (no `Disconnected`,
+/// which it reported twice per such read with pages of 4,096 keys), and a change after the
+/// list arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_list_over_a_slow_link_costs_the_session_nothing() {
+    const N: u32 = 10_000;
+    let Some(server) = private_server("large_list_slow_link") else {
+        return;
+    };
+    let addr = server.address();
+    let s = unique_service("slowlink");
+    let mut rawc = raw(&addr).await;
+    let mut want: Vec<Url> = (0..N).map(|i| big_provider(&s, i)).collect();
+    for chunk in want.chunks(128) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|u| etcd_client::TxnOp::put(entry_key(&s, u), u.to_full_string(), None))
+            .collect();
+        rawc.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("txn");
+    }
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    proxy.limit(Some(1_000_000));
+    let r = registry(&format!("etcd://{}?session=6000", proxy.address())).await;
+    let log = EventLog::attach(&r);
+    let rec = Recorder::new();
+    let t = Instant::now();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe over the slow link");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &want, Duration::from_secs(60))
+        .await;
+    let first = t.elapsed();
+    let extra = big_provider(&s, N);
+    rawc.put(entry_key(&s, &extra), extra.to_full_string(), None)
+        .await
+        .expect("put");
+    want.push(extra);
+    let t = Instant::now();
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &want, DEADLINE)
+        .await;
+    eprintln!(
+        "slow link: the first list of {N} in {first:?} ({} bytes to the client), a change \
+         in {:?}; events {:?}",
+        proxy.forwarded().1,
+        t.elapsed(),
+        log.events()
+    );
+    assert!(
+        log.events().is_empty(),
+        "the session stayed on its member: {:?}",
+        log.events()
+    );
+    r.destroy().await;
+}
