@@ -19,9 +19,12 @@ use crate::session;
 use crate::shared::{Clients, Cmd, Inner, Sub, connect, grant, lock};
 use crate::watches::{Scope, WatchState};
 
-/// Connects to one member, grants the lease and checks that the root can be read (leases
-/// need no permission: missing or insufficient credentials fail here rather than on the first
-/// operation). Revokes the lease when the read fails.
+/// Connects to one member, grants the lease and reads one key under the root (leases need no
+/// permission: missing credentials fail here rather than on the first operation). A user
+/// whose role may read only some prefixes of the root gets "permission denied" for that read:
+/// the member answered and took the credentials, so that counts as reachable (the
+/// permissions of each prefix show on the operations that use it). Revokes the lease when the
+/// read fails.
 async fn open(
     inner: &Inner,
     endpoint: &str,
@@ -31,11 +34,22 @@ async fn open(
     let id = grant(inner, &clients, within).await?;
     let mut kv = clients.kv.clone();
     let root = paths::root_prefix(&inner.opts.root);
-    let probe = crate::shared::probe(&inner.label, &mut kv, &root, inner.opts.timeout).await;
-    if let Err(e) = probe {
-        let mut lease = clients.lease.clone();
-        let _ = tokio::time::timeout(within, lease.revoke(id)).await;
-        return Err(e);
+    match crate::shared::probe(&inner.label, &mut kv, &root, within).await {
+        Ok(()) => {}
+        Err((e, errors::Kind::Denied))
+            if inner.opts.user.is_some() && e.to_string().contains("permission denied") =>
+        {
+            tracing::debug!(
+                registry = %inner.label,
+                root,
+                "the user may not read the whole root; connected (each prefix's permissions show on its operations)"
+            );
+        }
+        Err(e) => {
+            let mut lease = clients.lease.clone();
+            let _ = tokio::time::timeout(within, lease.revoke(id)).await;
+            return Err(e);
+        }
     }
     Ok((clients, id))
 }
@@ -305,6 +319,7 @@ impl Registry for EtcdRegistry {
                                 armed: 0,
                                 resyncing: false,
                                 refused: false,
+                                refusals: 0,
                                 users: 1,
                             },
                         );

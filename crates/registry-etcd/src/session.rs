@@ -6,9 +6,10 @@
 //!   or a member does not answer, the session moves to the next member at once (backing off
 //!   only after every member failed in a row): a hung member never gets a second request.
 //! - **Every step fits inside the lease.** Each step of (re-)establishing (connect,
-//!   authenticate, grant, renew, sentinel put, watch open) has a deadline of a sixth of the
-//!   *granted* TTL (at most `timeout`), and the keep-alive answer a third of it, so the loss
-//!   of a member is noticed and another one reached well before the lease expires.
+//!   authenticate, grant, renew, sentinel put, watch open, each watch's creation) has a
+//!   deadline of a sixth of the *granted* TTL (at most `timeout`), and so does the answer to a
+//!   keep-alive (at most one renewal period, a third of the TTL) or to a watch creation, so
+//!   the loss of a member is noticed and another one reached well before the lease expires.
 //! - **Require leader.** Every request carries etcd's require-leader flag: a member cut off
 //!   from the majority refuses requests and ends the watch and keep-alive streams ("no
 //!   leader") instead of keeping them open and silent; HTTP/2 keep-alive pings notice a
@@ -27,10 +28,11 @@
 //!   up on a lease nobody renews. `destroy` stops this task before revoking the lease, so the
 //!   DELETE that revoke causes is never seen here.
 //! - Every watch of the registry is created on one watch stream with a watch id of our own, so
-//!   responses are routed by id. A watch etcd refuses (no permission on its prefix) is left
-//!   out of this stream (the periodic re-read retries it) and disturbs no other watch; only a
-//!   refusal that says the auth token is bad leads to authenticating again, paced by a
-//!   jittered, growing backoff.
+//!   responses are routed by id. A watch etcd refuses (no permission on its prefix) disturbs
+//!   no other watch: its prefix is read again after a jittered delay growing from 1 s to 60 s
+//!   (whether or not the periodic re-read is on) and the watch created again after that read,
+//!   until etcd accepts it; only a refusal that says the auth token is bad leads to
+//!   authenticating again, paced by a jittered, growing backoff.
 //! - A broken stream (server down, network) is `Disconnected`; the task then reconnects,
 //!   renews the same lease and re-creates every watch from its last revision + 1, and reports
 //!   `Reconnected` (or `NewSession` when the lease did not survive).
@@ -79,6 +81,18 @@ const AUTH_STABLE: Duration = Duration::from_secs(60);
 /// Delays of a failed resync read's retries.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Delays before trying a refused watch again (a missing permission is seldom granted within
+/// a second, and each try is a read and a create request).
+const REFUSED_MIN: Duration = Duration::from_secs(1);
+const REFUSED_MAX: Duration = Duration::from_secs(60);
+
+/// The delay before the `n`th try (from 1) of a backoff from `min` to `max`, jittered.
+fn nth_delay(min: Duration, max: Duration, n: u32) -> Duration {
+    jitter(
+        min.saturating_mul(1 << n.saturating_sub(1).min(16))
+            .min(max),
+    )
+}
 
 /// Between half and all of `d`, at random: a fleet that failed at once spreads its retries.
 fn jitter(d: Duration) -> Duration {
@@ -375,6 +389,13 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 continue;
             }
             Err(Step::Down(reason, Kind::TokenInvalid)) => Failure::Token { down: Some(reason) },
+            // With credentials, "user name is empty" says the request went without a token (a
+            // re-authentication that failed dropped it): authenticate again, paced.
+            Err(Step::Down(reason, Kind::Denied))
+                if inner.opts.user.is_some() && reason.contains("user name is empty") =>
+            {
+                Failure::Token { down: Some(reason) }
+            }
             Err(Step::Down(reason, kind)) => {
                 if kind == Kind::Denied && first_time(&mut flags.denied, &reason) {
                     // Retried for ever (check=false, or after etcd's users changed): say so
@@ -404,29 +425,97 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                 auth.schedule()
             }
         };
-        if !wait.is_zero() && sleep_or_shutdown(&mut shutdown, pause(&inner, &flags, wait)).await {
+        // The lease stays renewed while waiting (keep-alives need no auth token, so also while
+        // authentication is paced), on the member the next attempt uses.
+        let renew_on = members.cache[members.current].clone();
+        if !wait.is_zero() && wait_renewing(&inner, &mut flags, renew_on, wait, &mut shutdown).await
+        {
             return;
         }
         check_expiry(&inner, &mut flags);
     }
 }
 
-/// Sleeps `d`; true when the registry shut down meanwhile.
-async fn sleep_or_shutdown(shutdown: &mut tokio::sync::watch::Receiver<bool>, d: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => *shutdown.borrow(),
-        _ = stopped(shutdown) => true,
+/// Waits `wait` before the next attempt (true when the registry shut down meanwhile), renewing
+/// the lease meanwhile on `clients` (when there are some): a wait can be long (authentication
+/// is paced up to [`AUTH_MAX`]), longer than the lease's TTL. When the lease goes unrenewed for
+/// its TTL all the same (the member does not answer), the loss is reported on time.
+async fn wait_renewing(
+    inner: &Arc<Inner>,
+    flags: &mut Flags,
+    clients: Option<Clients>,
+    wait: Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let end = Instant::now() + wait;
+    let lease = inner.lease.load(Ordering::Acquire);
+    let (tx, mut renewed) = mpsc::unbounded_channel();
+    let _renewer = clients.filter(|_| lease != 0).map(|c| {
+        AbortOnDrop(tokio::spawn(renew_while_waiting(inner.clone(), c, lease, tx)).abort_handle())
+    });
+    loop {
+        let reported = !flags.ever_up || flags.lost;
+        let expiry = flags.renewed + inner.ttl() + Duration::from_millis(5);
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => return *shutdown.borrow(),
+            _ = stopped(shutdown) => return true,
+            Some(()) = renewed.recv() => flags.renewed = Instant::now(),
+            _ = tokio::time::sleep_until(expiry), if !reported => check_expiry(inner, flags),
+        }
     }
 }
 
-/// The pause before the next attempt: `wait`, cut short so a lease that expires meanwhile is
-/// reported on time.
-fn pause(inner: &Inner, flags: &Flags, wait: Duration) -> Duration {
-    if !flags.ever_up || flags.lost {
-        return wait;
+/// Renews `lease` on `clients` every keep-alive period until aborted or the lease is gone;
+/// reports each renewal. A failure is logged and tried again at the next period.
+async fn renew_while_waiting(
+    inner: Arc<Inner>,
+    clients: Clients,
+    lease: i64,
+    renewed: mpsc::UnboundedSender<()>,
+) {
+    let (period, within) = (inner.keep_alive_period(), answer_timeout(&inner));
+    loop {
+        let mut lc = clients.lease.clone();
+        let opened = errors::timed(
+            &inner.label,
+            || format!("renewing lease {lease:x} at {}", clients.endpoint),
+            inner.step_timeout(),
+            lc.keep_alive(lease),
+        )
+        .await;
+        match opened {
+            Ok((mut keeper, mut stream)) => loop {
+                let answer = tokio::time::timeout(within, async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                })
+                .await;
+                match answer {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        tracing::debug!(registry = %inner.label, lease, "renewed the lease while waiting");
+                        let _ = renewed.send(());
+                    }
+                    // Gone: the next attempt finds out.
+                    Ok(Ok(Some(_))) => return,
+                    Ok(Err(e)) if errors::kind(&e) == Kind::LeaseNotFound => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(registry = %inner.label, lease, error = %e, "no renewal while waiting");
+                        break;
+                    }
+                    Ok(Ok(None)) | Err(_) => {
+                        tracing::debug!(registry = %inner.label, lease, "no keep-alive answer while waiting");
+                        break;
+                    }
+                }
+                tokio::time::sleep(period).await;
+            },
+            Err((_, Kind::LeaseNotFound)) => return,
+            Err((e, _)) => {
+                tracing::debug!(registry = %inner.label, lease, error = %e, "no renewal while waiting");
+            }
+        }
+        tokio::time::sleep(period).await;
     }
-    let left = inner.ttl().saturating_sub(flags.renewed.elapsed()) + Duration::from_millis(5);
-    wait.min(left)
 }
 
 /// Resolves when the registry shuts down.
@@ -737,6 +826,13 @@ struct Live {
     /// The ids of the create requests sent and not yet answered, in order: etcd answers them
     /// in order, and a refusal may carry watch id -1 (etcd 3.5+).
     pending: VecDeque<i64>,
+    /// By when the oldest unanswered create request must be answered (`None`: none waits): a
+    /// step after it was sent or after the stream's last message, whichever is later (etcd
+    /// answers creates in order, and a stream that delivers is alive). A member that answers
+    /// none in time is left, like one that does not answer a keep-alive.
+    create_due: Option<Instant>,
+    /// The deadline of one step ([`Inner::step_timeout`]) when the connection was made.
+    step: Duration,
     _reader: AbortOnDrop,
     keeper: AbortOnDrop,
 }
@@ -766,25 +862,57 @@ impl Live {
             sentinel: s.sentinel,
             anchor: s.anchor,
             pending: VecDeque::new(),
+            create_due: None,
+            step: inner.step_timeout(),
             _reader: AbortOnDrop(reader.abort_handle()),
             keeper,
         }
     }
 
     async fn create_watch(&mut self, id: i64, prefix: String, from: i64) -> Result<(), String> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from)
+            .with_watch_id(id);
+        self.send_create(id, prefix, options).await
+    }
+
+    /// Sends a create request (within a step: the request channel is full when the member
+    /// takes nothing more) and expects its answer within a step ([`Live::create_due`]).
+    async fn send_create(
+        &mut self,
+        id: i64,
+        key: String,
+        options: WatchOptions,
+    ) -> Result<(), String> {
         self.pending.push_back(id);
-        self.watcher
-            .watch(
-                prefix,
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(from)
-                        .with_watch_id(id),
-                ),
-            )
-            .await
-            .map_err(|e| format!("creating watch {id}: {e}"))
+        self.create_due
+            .get_or_insert_with(|| Instant::now() + self.step);
+        match tokio::time::timeout(self.step, self.watcher.watch(key, Some(options))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("creating watch {id}: {e}")),
+            Err(_) => Err(format!(
+                "creating watch {id}: the request was not taken within {:?}",
+                self.step
+            )),
+        }
+    }
+
+    /// Cancels watch `id` (the request sent within a step).
+    async fn cancel(&mut self, id: i64) -> Result<(), String> {
+        match tokio::time::timeout(self.step, self.watcher.cancel_by_id(id)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("cancelling watch {id}: {e}")),
+            Err(_) => Err(format!(
+                "cancelling watch {id}: the request was not taken within {:?}",
+                self.step
+            )),
+        }
+    }
+
+    /// The watch stream delivered a message: the creates still unanswered get a new step.
+    fn stream_progress(&mut self) {
+        self.create_due = (!self.pending.is_empty()).then(|| Instant::now() + self.step);
     }
 
     /// The lease is gone (or its sentinel was deleted by hand, `revoke`), the connection is
@@ -845,17 +973,15 @@ impl Live {
             })?;
         let anchor = inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
         let (key, options) = anchor_watch(inner, &sentinel, anchor);
-        self.pending.push_back(anchor);
-        self.watcher
-            .watch(key, Some(options))
+        self.step = inner.step_timeout();
+        self.send_create(anchor, key, options)
             .await
-            .map_err(|e| Exit::Down(format!("creating the anchor watch: {e}")))?;
+            .map_err(|e| Exit::Down(format!("the anchor watch: {e}")))?;
         let old_anchor = std::mem::replace(&mut self.anchor, anchor);
         self.sentinel = sentinel.map(|(k, _)| k);
-        self.watcher
-            .cancel_by_id(old_anchor)
+        self.cancel(old_anchor)
             .await
-            .map_err(|e| Exit::Down(format!("cancelling the old anchor watch: {e}")))?;
+            .map_err(|e| Exit::Down(format!("the old anchor watch: {e}")))?;
         tracing::info!(registry = %inner.label, lease, ttl = ?inner.ttl(), "granted a new lease on the same connection; the watches stay");
         flags.lost = false;
         inner.emit(RegistryEvent::NewSession);
@@ -946,6 +1072,8 @@ enum Purpose {
     Resync,
     /// The periodic re-read.
     Reread,
+    /// etcd refused the watch: read, then create it again.
+    Retry,
 }
 
 /// A read done off the session task.
@@ -1041,8 +1169,19 @@ async fn connected(
     reread_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
+        let create_due = live.create_due;
+        let unanswered = async {
+            match create_due {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let step = tokio::select! {
             _ = stopped(shutdown) => Err(Exit::Shutdown),
+            _ = unanswered => Err(Exit::Down(format!(
+                "etcd answered no watch creation for {:?}",
+                live.step
+            ))),
             m = live.keep_alive_rx.recv() => match m {
                 Some(KeepAlive::Renewed) => {
                     flags.renewed = Instant::now();
@@ -1054,10 +1193,10 @@ async fn connected(
                 None => Err(Exit::Down("the keep-alive task ended".to_owned())),
             },
             m = live.watch_rx.recv() => match m {
-                Some(Ok(Some(r))) => match on_watch_response(inner, reads, live, r) {
+                Some(Ok(Some(r))) => match on_watch_response(inner, reads, live, r).inspect(|_| live.stream_progress()) {
                     Ok(Seen::Nothing) => Ok(()),
                     Ok(Seen::SentinelDeleted) => live.replace_lease(inner, flags, true).await,
-                    Ok(Seen::Refused(id, reason)) => on_refused(inner, live, generation, id, reason).await,
+                    Ok(Seen::Refused(id, reason)) => on_refused(inner, reads, live, generation, id, reason).await,
                     Err(exit) => Err(exit),
                 },
                 Some(Ok(None)) | None => Err(Exit::Down("the watch stream ended".to_owned())),
@@ -1074,8 +1213,8 @@ async fn connected(
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::Arm) => arm_all(inner, live, generation).await.map_err(Exit::Down),
                 Some(Cmd::Cancel(id, armed)) => {
-                    if armed == generation && let Err(e) = live.watcher.cancel_by_id(id).await {
-                        Err(Exit::Down(format!("cancelling watch {id}: {e}")))
+                    if armed == generation && let Err(e) = live.cancel(id).await {
+                        Err(Exit::Down(e))
                     } else {
                         Ok(())
                     }
@@ -1154,6 +1293,9 @@ fn on_watch_response(
             let which = if id == -1 { asked } else { Some(id) };
             return Ok(Seen::Refused(which, r.cancel_reason().to_owned()));
         }
+        if let Some(w) = lock(&inner.watches).get_mut(&id) {
+            w.refusals = 0;
+        }
     }
     if id == live.anchor {
         if r.canceled() {
@@ -1226,12 +1368,13 @@ fn on_watch_response(
 }
 
 /// etcd refused to create watch `id`. A bad token: authenticate again (paced) and open a new
-/// stream. Anything else (a missing permission on the prefix): that watch is left out of
-/// this stream, the others are not disturbed, and the periodic re-read retries it. etcd 3.4
-/// says "permission denied" for a bad token too: with credentials, one small read of the
-/// prefix tells the two apart.
+/// stream. Anything else (a missing permission on the prefix): the others are not disturbed,
+/// and that watch is tried again (its prefix read, then the watch created) after a jittered
+/// delay that grows with its refusals in a row. etcd 3.4 says "permission denied" for a bad
+/// token too: with credentials, one small read of the prefix tells the two apart.
 async fn on_refused(
     inner: &Arc<Inner>,
+    reads: &mut Reads,
     live: &mut Live,
     generation: u64,
     id: Option<i64>,
@@ -1265,17 +1408,27 @@ async fn on_refused(
             return Err(Exit::Reauthenticate);
         }
     }
-    if let Some(w) = lock(&inner.watches).get_mut(&id) {
-        w.refused = true;
-        w.armed = generation;
+    let mut watches = lock(&inner.watches);
+    let Some(w) = watches.get_mut(&id) else {
+        return Ok(()); // unsubscribed meanwhile
+    };
+    w.refused = true;
+    w.armed = generation;
+    w.refusals = w.refusals.saturating_add(1);
+    let delay = nth_delay(REFUSED_MIN, REFUSED_MAX, w.refusals);
+    if w.refusals == 1 {
+        tracing::error!(
+            registry = %inner.label,
+            id,
+            prefix,
+            reason,
+            retry_in = ?delay,
+            "etcd refused the watch of this prefix; its subscription gets no changes until etcd accepts it (tried again with a growing delay, up to {REFUSED_MAX:?})"
+        );
+    } else {
+        tracing::debug!(registry = %inner.label, id, prefix, reason, retry_in = ?delay, "etcd refused the watch of this prefix again");
     }
-    tracing::error!(
-        registry = %inner.label,
-        id,
-        prefix,
-        reason,
-        "etcd refused the watch of this prefix; its subscription is kept fresh by the periodic re-read only, which also tries the watch again"
-    );
+    reads.spawn(inner, id, w, Purpose::Retry, delay);
     Ok(())
 }
 
@@ -1310,35 +1463,49 @@ async fn on_read(
                     live.check_lease.notify_one();
                 }
                 match done.purpose {
+                    Purpose::Retry => {
+                        // Still not readable (or a passing failure): tried again later, if it
+                        // is still refused (a new stream may have created it meanwhile).
+                        if w.refused {
+                            w.refusals = w.refusals.saturating_add(1);
+                            let delay = nth_delay(REFUSED_MIN, REFUSED_MAX, w.refusals);
+                            tracing::debug!(registry = %inner.label, prefix = w.prefix, error = %e, retry_in = ?delay, "reading a refused watch's prefix failed; trying again later");
+                            reads.spawn(inner, done.id, w, Purpose::Retry, delay);
+                        }
+                    }
                     Purpose::Reread => {
                         // The other prefixes go on.
                         tracing::warn!(registry = %inner.label, prefix = w.prefix, error = %e, "periodic re-read of a prefix failed");
                     }
                     Purpose::Resync if kind == Kind::TooLarge => {
                         // Resuming would replay what was too large, and reading is too large
-                        // too: this watch cannot work with the configured limit.
-                        tracing::error!(
-                            registry = %inner.label,
-                            prefix = w.prefix,
-                            error = %e,
-                            "this list is larger than the registry URL parameter `{}` allows; its subscription no longer receives changes",
-                            crate::options::MAX_MESSAGE_SIZE_KEY
-                        );
-                        if let Some(w) = watches.remove(&done.id) {
-                            inner.keeper.forget(&w.scope.to_keeper());
+                        // too (a single key over the limit: pages are halved down to one
+                        // key). The watch stays, and its subscriptions keep their last lists;
+                        // the prefix is read again with a growing delay, and the watch created
+                        // after a read that fits (once that key is gone).
+                        let n = reads.retries.entry(done.id).or_insert(0);
+                        *n = n.saturating_add(1);
+                        let delay = nth_delay(REFUSED_MIN, REFUSED_MAX, *n);
+                        if *n == 1 {
+                            tracing::error!(
+                                registry = %inner.label,
+                                prefix = w.prefix,
+                                error = %e,
+                                retry_in = ?delay,
+                                "a key of this prefix is larger than the registry URL parameter `{}` allows; its subscriptions keep their last lists and get no changes until the prefix can be read (tried again with a growing delay, up to {REFUSED_MAX:?})",
+                                crate::options::MAX_MESSAGE_SIZE_KEY
+                            );
+                        } else {
+                            tracing::debug!(registry = %inner.label, prefix = w.prefix, error = %e, retry_in = ?delay, "the prefix is still too large to read");
                         }
-                        reads.retries.remove(&done.id);
+                        reads.spawn(inner, done.id, w, Purpose::Resync, delay);
                     }
                     Purpose::Resync => {
                         // Only this watch waits: tried again later, the stream and the other
                         // watches are not disturbed.
                         let n = reads.retries.entry(done.id).or_insert(0);
                         *n = n.saturating_add(1);
-                        let delay = jitter(
-                            RETRY_MIN
-                                .saturating_mul(1 << (*n - 1).min(16))
-                                .min(RETRY_MAX),
-                        );
+                        let delay = nth_delay(RETRY_MIN, RETRY_MAX, *n);
                         tracing::warn!(registry = %inner.label, prefix = w.prefix, error = %e, retry_in = ?delay, "reading a cancelled watch's prefix failed; trying again later");
                         reads.spawn(inner, done.id, w, Purpose::Resync, delay);
                     }
@@ -1425,6 +1592,20 @@ mod tests {
             assert!(
                 inner.keep_alive_period() + answer <= ttl * 2 / 3 + Duration::from_millis(2),
                 "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_nth_delay_doubles_with_jitter_up_to_its_cap() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        for (n, cap) in [(1, 1), (2, 2), (3, 4), (6, 32), (7, 60), (40, 60)] {
+            let cap = Duration::from_secs(cap);
+            let d = nth_delay(min, max, n);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{n}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
             );
         }
     }

@@ -136,6 +136,12 @@ impl Inner {
         (self.ttl() / 3).max(Duration::from_millis(100))
     }
 
+    /// How long one page of a list read should take: half a step, so that what waits behind
+    /// a page on a slow link (a keep-alive answer, a step) still meets its deadline.
+    pub fn page_time(&self) -> Duration {
+        self.step_timeout() / 2
+    }
+
     /// The deadline of one step of (re-)establishing the session (connect, authenticate,
     /// grant, renew, sentinel put, watch open): a sixth of the granted TTL, at most the
     /// request timeout. A member that does not answer within it is left for the next one, so
@@ -202,9 +208,13 @@ impl Inner {
     }
 
     /// A range read of `prefix`: the parsed entries (service, category, URL) and the read's
-    /// revision. Read in pages of [`READ_PAGE`] keys, all at the revision of the first, each
-    /// page bounded by `timeout` on its own: a large list on a slow link is read as long as it
-    /// makes progress, and a stalled read still fails within one `timeout`.
+    /// revision. Read in pages, all at the revision of the first, each page bounded by
+    /// `timeout` on its own: a large list on a slow link is read as long as it makes progress,
+    /// and a stalled read still fails within one `timeout`. Pages start at [`FIRST_PAGE`] keys
+    /// and double up to [`READ_PAGE`] while they come back within a quarter of
+    /// [`Self::page_time`]; a slower page makes the next one smaller so that it would take
+    /// about that time. Only one page is in flight, so on a slow link a keep-alive answer or a
+    /// step of the session waits behind at most one page, well within its deadline.
     pub async fn read(
         &self,
         clients: &Clients,
@@ -216,7 +226,8 @@ impl Inner {
         let mut from: Vec<u8> = prefix.as_bytes().to_vec();
         let mut revision = 0i64;
         let mut entries = Entries::new();
-        let mut page = READ_PAGE;
+        let mut page = FIRST_PAGE;
+        let target = self.page_time();
         loop {
             let mut options = GetOptions::new()
                 .with_range(end.clone())
@@ -225,6 +236,7 @@ impl Inner {
             if revision > 0 {
                 options = options.with_revision(revision);
             }
+            let sent = tokio::time::Instant::now();
             let resp = match errors::timed(
                 &self.label,
                 || format!("reading {prefix}"),
@@ -242,6 +254,7 @@ impl Inner {
                 }
                 Err(e) => return Err(e),
             };
+            page = next_page(page, sent.elapsed(), target);
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -289,10 +302,29 @@ pub(crate) async fn probe(
     .map(|_| ())
 }
 
-/// Keys per page of a list read (keys only: ~1.6 MB of Dubbo keys, so `timeout` bounds a page
-/// on links down to ~0.3 MB/s). Not smaller: etcd counts the keys left in the range for every
-/// page, so a read costs O(keys x pages).
+/// The most keys per page of a list read (keys only: ~2 MB of Dubbo keys, so `timeout` bounds
+/// a page on links down to ~0.4 MB/s). Not more pages than needed: etcd counts the keys left
+/// in the range for every page, so a read costs O(keys x pages).
 const READ_PAGE: i64 = 4096;
+/// The first page of a list read: small, so that a slow link is found out before a page that
+/// takes seconds (a fast link doubles it up to [`READ_PAGE`] in a few round trips).
+const FIRST_PAGE: i64 = 256;
+/// The fewest keys per page when pages are made smaller for a slow link.
+const MIN_PAGE: i64 = 64;
+
+/// The size of the next page after one of `page` keys took `took`, for pages of about
+/// `target` each: doubled (up to [`READ_PAGE`]) when it took under a quarter of `target`,
+/// scaled down (not under [`MIN_PAGE`]) when it took longer than `target`.
+fn next_page(page: i64, took: Duration, target: Duration) -> i64 {
+    if took > target {
+        let scaled = page as f64 * target.as_secs_f64() / took.as_secs_f64();
+        (scaled as i64).clamp(MIN_PAGE.min(page), page)
+    } else if took < target / 4 {
+        (page * 2).min(READ_PAGE)
+    } else {
+        page
+    }
+}
 
 /// The end of the range of keys starting with `prefix` (etcd's rule: the prefix with its last
 /// byte below 0xff incremented; every key when there is none).
@@ -409,7 +441,24 @@ pub(crate) async fn grant(
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{FIRST_PAGE, MIN_PAGE, READ_PAGE, next_page, prefix_end};
+    use std::time::Duration;
+
+    #[test]
+    fn pages_grow_on_a_fast_link_and_shrink_on_a_slow_one() {
+        let target = Duration::from_millis(250);
+        let fast = Duration::from_millis(10);
+        let mut page = FIRST_PAGE;
+        for _ in 0..10 {
+            page = next_page(page, fast, target);
+        }
+        assert_eq!(page, READ_PAGE);
+        // 4096 keys in 2 s (a 1 MB/s link): about 250 ms worth next.
+        assert_eq!(next_page(4096, Duration::from_secs(2), target), 512);
+        assert_eq!(next_page(512, Duration::from_millis(200), target), 512);
+        assert_eq!(next_page(100, Duration::from_secs(10), target), MIN_PAGE);
+        assert_eq!(next_page(10, Duration::from_secs(10), target), 10);
+    }
 
     #[test]
     fn the_range_of_a_prefix_ends_after_its_last_key() {

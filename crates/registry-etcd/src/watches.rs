@@ -45,9 +45,12 @@ pub(crate) struct WatchState {
     /// Cancelled by the server; its prefix is being read again, after which it is created
     /// again.
     pub resyncing: bool,
-    /// etcd refused to create it (no permission on its prefix): not created again on this
-    /// stream; the periodic re-read retries it (and creates it once the prefix can be read).
+    /// etcd refused to create it (no permission on its prefix): its prefix is read again
+    /// after a jittered, growing delay, and the watch created again after that read.
     pub refused: bool,
+    /// Refusals in a row (creations refused, or retry reads failed): the delay before the
+    /// next try grows with it; 0 once etcd created the watch.
+    pub refusals: u32,
     /// How many subscriptions need it; at 0 it is cancelled.
     pub users: usize,
 }

@@ -883,3 +883,129 @@ async fn an_oversized_watch_response_is_skipped_by_a_resync() {
         .await;
     r.destroy().await;
 }
+
+/// A key longer than `etcd.max-message-size` (its watch event is over the limit, and so is a
+/// read of one key): the registry cannot read that prefix, but keeps its watch and its
+/// subscription's last list, and reads the prefix again with a growing delay. Once the key is
+/// gone, the subscription gets the current list and later changes again (the watch used to
+/// be dropped for good while the subscription still needed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_the_size_limit_leaves_its_subscription_served_once_it_is_gone() {
+    let Some(server) = private_server("key_over_the_size_limit") else {
+        return;
+    };
+    let addr = server.address();
+    let s = unique_service("overlimit");
+    let r = registry(&format!(
+        "etcd://{addr}?etcd.max-message-size=4096&timeout=5000"
+    ))
+    .await;
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe");
+    let mut rawc = raw(&addr).await;
+    let p1 = provider(&s, 1, "");
+    rawc.put(entry_key(&s, &p1), p1.to_full_string(), None)
+        .await
+        .expect("put");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
+        .await;
+    let huge = provider(&s, 2, &format!("pad={}", "x".repeat(5000)));
+    rawc.put(entry_key(&s, &huge), huge.to_full_string(), None)
+        .await
+        .expect("put the huge entry");
+    // Let the registry meet it (the watch response over the limit, then the read).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        rec.latest_entries(&s, PROVIDERS_CATEGORY),
+        Some(vec![p1.clone()]),
+        "the subscription keeps its last list"
+    );
+    rawc.delete(entry_key(&s, &huge), None)
+        .await
+        .expect("delete the huge entry");
+    let gone = Instant::now();
+    let p3 = provider(&s, 3, "");
+    rawc.put(entry_key(&s, &p3), p3.to_full_string(), None)
+        .await
+        .expect("put");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &[p1.clone(), p3.clone()], DEADLINE)
+        .await;
+    eprintln!(
+        "key over the size limit: the subscription current {:?} after the key went",
+        gone.elapsed()
+    );
+    let p4 = provider(&s, 4, "");
+    rawc.put(entry_key(&s, &p4), p4.to_full_string(), None)
+        .await
+        .expect("put");
+    rec.wait_for_entries(
+        &s,
+        PROVIDERS_CATEGORY,
+        &[p1.clone(), p3.clone(), p4.clone()],
+        DEADLINE,
+    )
+    .await;
+    r.destroy().await;
+}
+
+/// A list of 10,000 providers (~4.8 MB of keys) read over a 1 MB/s link with `session=6000`
+/// (steps and keep-alive answers due within 500 ms): list pages are sized for the link, so
+/// the keep-alive answers and the session's steps that wait behind a page still meet their
+/// deadlines. The session never takes the busy member for a lost one (no `Disconnected`,
+/// which it reported twice per such read with pages of 4,096 keys), and a change after the
+/// list arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_list_over_a_slow_link_costs_the_session_nothing() {
+    const N: u32 = 10_000;
+    let Some(server) = private_server("large_list_slow_link") else {
+        return;
+    };
+    let addr = server.address();
+    let s = unique_service("slowlink");
+    let mut rawc = raw(&addr).await;
+    let mut want: Vec<Url> = (0..N).map(|i| big_provider(&s, i)).collect();
+    for chunk in want.chunks(128) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|u| etcd_client::TxnOp::put(entry_key(&s, u), u.to_full_string(), None))
+            .collect();
+        rawc.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("txn");
+    }
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    proxy.limit(Some(1_000_000));
+    let r = registry(&format!("etcd://{}?session=6000", proxy.address())).await;
+    let log = EventLog::attach(&r);
+    let rec = Recorder::new();
+    let t = Instant::now();
+    r.subscribe(&consumer(&s, ""), rec.listener())
+        .await
+        .expect("subscribe over the slow link");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &want, Duration::from_secs(60))
+        .await;
+    let first = t.elapsed();
+    let extra = big_provider(&s, N);
+    rawc.put(entry_key(&s, &extra), extra.to_full_string(), None)
+        .await
+        .expect("put");
+    want.push(extra);
+    let t = Instant::now();
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, &want, DEADLINE)
+        .await;
+    eprintln!(
+        "slow link: the first list of {N} in {first:?} ({} bytes to the client), a change \
+         in {:?}; events {:?}",
+        proxy.forwarded().1,
+        t.elapsed(),
+        log.events()
+    );
+    assert!(
+        log.events().is_empty(),
+        "the session stayed on its member: {:?}",
+        log.events()
+    );
+    r.destroy().await;
+}

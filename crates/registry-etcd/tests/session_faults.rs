@@ -11,7 +11,7 @@ use common::{DEADLINE, EventLog, OwnEtcd, Proxy, lease_of, raw, raw_as, registry
 use etcd_client::{Permission, RoleRevokePermissionOptions};
 use registry_core::testkit::{Recorder, consumer, provider, unique_service, wait_until};
 use registry_core::url::PROVIDERS_CATEGORY;
-use registry_core::{RegistryEvent, Url, encode};
+use registry_core::{Error, RegistryEvent, RegistryManager, Url, encode};
 use registry_etcd as _;
 use registry_test_servers::{Kind, shared_address};
 
@@ -185,6 +185,117 @@ async fn app_user(addr: &str, group: &str, services: &[&str]) {
     rawc.auth_enable().await.expect("auth enable");
 }
 
+/// A user whose role may use only some prefixes under the root connects with the default
+/// check (`check=true`): the check's read of the root is refused with "permission denied",
+/// which says etcd answered and took the credentials. The user then works on its prefixes.
+/// A wrong password and missing credentials are still refused when connecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_allowed_only_some_prefixes_connects_with_the_check() {
+    let Some(etcd) = OwnEtcd::start("some_prefixes", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let s = unique_service("allowed");
+    let group = "part";
+    app_user(&addr, group, &[&s]).await;
+    let r = registry(&format!(
+        "etcd://app:apppw@{addr}?session=6000&group={group}"
+    ))
+    .await;
+    assert!(r.is_available(), "connected at once");
+    let rec = Recorder::new();
+    r.subscribe(&consumer(&s, "category=providers"), rec.listener())
+        .await
+        .expect("subscribe on an allowed prefix");
+    let p = provider(&s, 1, "");
+    r.register(&p).await.expect("register on an allowed prefix");
+    rec.wait_for_entries(&s, PROVIDERS_CATEGORY, std::slice::from_ref(&p), DEADLINE)
+        .await;
+    for (what, url) in [
+        (
+            "wrong password",
+            format!("etcd://app:wrong@{addr}?group={group}"),
+        ),
+        ("no credentials", format!("etcd://{addr}?group={group}")),
+    ] {
+        match RegistryManager::new().get_registry(&url).await {
+            Err(e @ Error::AccessDenied { .. }) => eprintln!("{what}: {e}"),
+            other => panic!("{what}: expected AccessDenied, got {:?}", other.err()),
+        }
+    }
+    r.destroy().await;
+}
+
+/// The auth token goes bad (the user's password is changed: etcd refuses every token of the
+/// older auth revision) and authenticating again fails (the registry has the old password)
+/// for 12 s, four lease TTLs, with a broken connection at the start: the registry's
+/// authentications are paced (1 s, 2 s, 4 s, 8 s apart), but keep-alives need no token and
+/// the lease is renewed while they wait. Once the password is back, the registry authenticates,
+/// its entry is still on its first lease, and it never reported `SessionLost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_renewed_while_authentication_waits() {
+    let Some(etcd) = OwnEtcd::start("renewed_while_auth_waits", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let s = unique_service("authwait");
+    let group = "authwait";
+    app_user(&addr, group, &[&s]).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    let r = registry(&format!(
+        "etcd://app:apppw@{}?session=6000&group={group}",
+        proxy.address()
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let p = provider(&s, 1, "");
+    r.register(&p).await.expect("register");
+    let key = entry_key(group, &s, &p);
+    let admin = || raw_as(&addr, Some(("root", "rootpw")));
+    let first = lease_of(&mut admin().await, &key).await.expect("the entry");
+    assert_ne!(first, 0, "the entry is on a lease");
+
+    admin()
+        .await
+        .user_change_password("app", "changed")
+        .await
+        .expect("change the password");
+    let cut = Instant::now();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.restore();
+    // The fault lasts 12 s (4 TTLs), measured from the cut.
+    while cut.elapsed() < Duration::from_secs(12) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = lease_of(&mut admin().await, &key).await;
+        assert_eq!(
+            now,
+            Some(first),
+            "{:?} after the cut, while authentication fails: the entry left its lease; events {:?}",
+            cut.elapsed(),
+            log.events()
+        );
+    }
+    admin()
+        .await
+        .user_change_password("app", "apppw")
+        .await
+        .expect("restore the password");
+    let p2 = provider(&s, 2, "");
+    wait_until("a register with the password back", DEADLINE, || async {
+        r.register(&p2).await.is_ok()
+    })
+    .await;
+    assert_eq!(lease_of(&mut admin().await, &key).await, Some(first));
+    let events = log.events();
+    eprintln!("authentication failing for 12 s: events {events:?}");
+    assert!(
+        !events.contains(&RegistryEvent::SessionLost),
+        "the lease was renewed: {events:?}"
+    );
+    r.destroy().await;
+}
+
 /// Fault 10: the permission on one watched prefix is revoked, then the connection breaks
 /// (so every watch is created again on a new stream). etcd refuses that one watch; the other
 /// subscription keeps working, and the registry neither loops reconnecting nor
@@ -199,9 +310,8 @@ async fn a_refused_watch_disturbs_no_other_subscription_and_loops_nowhere() {
     let group = "perm";
     app_user(&addr, group, &[&a, &b]).await;
     let proxy = Proxy::start(&addr).await.expect("proxy");
-    // check=false: the app user may not read the whole root (the check's probe).
     let r = registry(&format!(
-        "etcd://app:apppw@{}?session=6000&group={group}&check=false",
+        "etcd://app:apppw@{}?session=6000&group={group}",
         proxy.address()
     ))
     .await;
@@ -294,6 +404,90 @@ async fn a_refused_watch_disturbs_no_other_subscription_and_loops_nowhere() {
     assert_eq!(disconnects, 1, "only the cut: {:?}", log.events());
     r.destroy().await;
     root.destroy().await;
+}
+
+/// A watch etcd refused (the permission on its prefix revoked, then a broken connection so
+/// that it is created again) is tried again with a jittered, growing delay, also with the
+/// periodic re-read off (`etcd.reread.period=0`): once the permission is granted again, the
+/// subscription gets the list and later changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_watch_is_tried_again_until_etcd_accepts_it() {
+    let Some(etcd) = OwnEtcd::start("refused_watch_retried", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let b = unique_service("regranted");
+    let group = "retry";
+    app_user(&addr, group, &[&b]).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    let r = registry(&format!(
+        "etcd://app:apppw@{}?session=6000&group={group}&etcd.reread.period=0",
+        proxy.address()
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let seen = Recorder::new();
+    r.subscribe(&consumer(&b, "category=providers"), seen.listener())
+        .await
+        .expect("subscribe");
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let put = |p: &Url| (entry_key(group, &b, p), p.to_full_string());
+    let p1 = provider(&b, 1, "");
+    let (k, v) = put(&p1);
+    admin.put(k, v, None).await.expect("put");
+    seen.wait_for_entries(&b, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
+        .await;
+
+    let prefix = format!("/{group}/{}/", encode(&b));
+    admin
+        .role_revoke_permission(
+            "app",
+            prefix.clone(),
+            Some(RoleRevokePermissionOptions::new().with_prefix()),
+        )
+        .await
+        .expect("revoke");
+    let cut = Instant::now();
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
+        .await;
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let p2 = provider(&b, 2, "");
+    let (k, v) = put(&p2);
+    admin.put(k, v, None).await.expect("put");
+    // The watch was created again on the new stream and refused: the change does not arrive.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        seen.latest_entries(&b, PROVIDERS_CATEGORY),
+        Some(vec![p1.clone()]),
+        "precondition: etcd refused the watch after the revocation"
+    );
+    admin
+        .role_grant_permission("app", Permission::read_write(prefix).with_prefix())
+        .await
+        .expect("grant again");
+    let granted = Instant::now();
+    seen.wait_for_entries(&b, PROVIDERS_CATEGORY, &[p1.clone(), p2.clone()], DEADLINE)
+        .await;
+    let p3 = provider(&b, 3, "");
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let (k, v) = put(&p3);
+    admin.put(k, v, None).await.expect("put");
+    seen.wait_for_entries(
+        &b,
+        PROVIDERS_CATEGORY,
+        &[p1.clone(), p2.clone(), p3.clone()],
+        DEADLINE,
+    )
+    .await;
+    eprintln!(
+        "refused watch tried again: the list {:?} after the grant; events {:?}",
+        granted.elapsed(),
+        log.events()
+    );
+    r.destroy().await;
 }
 
 /// A reconnection does not authenticate again while the token is good (Authenticate costs

@@ -345,12 +345,39 @@ pub async fn permission_revoked_on_one_prefix(test: &str) {
     check_targets(test, &times);
 }
 
+/// The lease of the live registry whose URL is `registry`: the lease of its sentinel (under
+/// the default lease prefix, the registry's identity as value), the newest one when there
+/// are several.
+async fn registry_lease(raw: &mut Client, registry: &Url) -> i64 {
+    let label = registry.to_identity_string_redacted();
+    let prefix = format!("{}/", registry_etcd::DEFAULT_LEASE_PREFIX);
+    let resp = raw
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("list the lease sentinels");
+    let mut found: Vec<(i64, i64)> = resp
+        .kvs()
+        .iter()
+        .filter(|kv| kv.value() == label.as_bytes() && kv.lease() != 0)
+        .map(|kv| (kv.create_revision(), kv.lease()))
+        .collect();
+    found.sort_unstable();
+    while let Some((_, lease)) = found.pop() {
+        if ttl(raw, lease).await > 0 {
+            return lease;
+        }
+    }
+    panic!("no live lease sentinel of {label} under {prefix}")
+}
+
 /// A [`super::matrix::Populate`] for etcd: registering 10,000 providers one call each takes
 /// 90-120 s on a 3-member cluster here, so a raw client writes them in Dubbo's layout
-/// (`/dubbo/<service>/providers/<url>`, the URL as value), 128 to a transaction, on a lease
-/// of its own that outlives the test by a few minutes.
+/// (`/dubbo/<service>/providers/<url>`, the URL as value), 128 to a transaction, on the
+/// provider registry's own lease (found through its lease sentinel): the registry owns them
+/// as if it had registered them, so its `unregister` deletes them (it deletes only entries
+/// on its lease) and its `destroy` takes them away.
 pub fn put_all(
-    _registry: Arc<dyn Registry>,
+    registry: Arc<dyn Registry>,
     members: Vec<String>,
     urls: Vec<Url>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -359,7 +386,7 @@ pub fn put_all(
         let mut raw = Client::connect(endpoints, None)
             .await
             .expect("a raw etcd client");
-        let lease = raw.lease_grant(300, None).await.expect("a lease").id();
+        let lease = registry_lease(&mut raw, registry.url()).await;
         let mut txns = tokio::task::JoinSet::new();
         for chunk in urls.chunks(128) {
             let ops: Vec<TxnOp> = chunk
