@@ -25,7 +25,9 @@
 //!   every backend call is bounded by `timeout`;
 //! - a retry queue with one pending task per key that applies the current intent, exponential
 //!   backoff from about 100 ms to `retry.period` with full jitter, `retry.times` (-1: never give
-//!   up), and exhausted tasks that leave the queue;
+//!   up), and exhausted tasks that leave the queue; after a call whose outcome is unknown, the
+//!   task confirms the intent (applies it again, at most `retry.period` apart) until a late
+//!   write can no longer land, and a new failure of the key wakes it from any wait;
 //! - recovery: on a new session every registration and subscription is restored at once, with
 //!   bounded concurrency (`recovery.concurrency`); a reconnect of the same session restores
 //!   nothing and wakes pending retries;
@@ -343,8 +345,8 @@ impl<R: Registry> FailbackRegistry<R> {
     }
 
     /// How many intents are not in place and being retried (for tests and health checks).
-    /// A task that only applies an intent once more, after a failed call that might still
-    /// take effect late, is not counted.
+    /// A task that only confirms an intent in place (applies it again now and then, after a
+    /// failed call that might still take effect late) is not counted.
     pub fn pending_retries(&self) -> usize {
         lock(&self.shared.state)
             .tasks
@@ -650,7 +652,7 @@ impl<R: Registry> Shared<R> {
             return;
         }
         st.given_up.remove(key);
-        // A task waiting to apply the intent once more after a possibly late request keeps
+        // A task confirming the intent (a possibly late request may still land) keeps
         // going; it ends by itself.
         match st.tasks.get_mut(key) {
             Some(p) if p.late_until.is_some() || p.confirming => p.confirming = true,
@@ -797,7 +799,7 @@ impl<R: Registry> Shared<R> {
         st.given_up.remove(&key);
         metrics::record_retry(&self.scheme, Self::operation(&st, &key));
         // A failed call may still have been applied, or may be applied late (a request sent
-        // before a time-out, a lost reply): the intent is applied once more after that could
+        // before a time-out, a lost reply): the intent is confirmed until that could no longer
         // have happened.
         let late = error
             .is_retryable()
@@ -953,11 +955,9 @@ async fn retry_loop<R: Registry>(
             if p.confirming {
                 // The intent is in place; a write of an earlier call may still land until
                 // `late_until`: confirm it again soon, and once more when that has passed.
-                let left = p
-                    .late_until
-                    .map_or(Duration::ZERO, |u| {
-                        u.saturating_duration_since(TokioInstant::now())
-                    });
+                let left = p.late_until.map_or(Duration::ZERO, |u| {
+                    u.saturating_duration_since(TokioInstant::now())
+                });
                 let wait = confirm_wait(confirms + 1, s.config.retry_base, s.config.retry_period)
                     .min(left);
                 (wait, s.config.retry_base, true)
@@ -1031,6 +1031,14 @@ async fn retry_loop<R: Registry>(
                             p.confirming = true;
                             confirms = 0;
                         }
+                        tracing::debug!(
+                            registry = %s.label(),
+                            intent = key.kind(),
+                            url = %key.url().to_identity_string_redacted(),
+                            confirms,
+                            late_window_left_ms = until.saturating_duration_since(TokioInstant::now()).as_millis() as u64,
+                            "intent in place; confirming it while a write of unknown outcome may still land"
+                        );
                     }
                     _ => {
                         let was_confirming = p.confirming;
@@ -1080,9 +1088,7 @@ async fn retry_loop<R: Registry>(
                     p.attempt = attempt;
                     p.last_error = e.to_string();
                     p.confirming = false;
-                    p.late_until = p
-                        .late_until
-                        .max(Some(TokioInstant::now() + s.late_grace()));
+                    p.late_until = p.late_until.max(Some(TokioInstant::now() + s.late_grace()));
                 }
             }
         }

@@ -83,7 +83,11 @@ mod tests {
             let c = backoff_ceiling(n, b, p);
             for _ in 0..50 {
                 let w = confirm_wait(n, b, p);
-                assert!(w >= c / 2 && w <= c, "pass {n}: {w:?} outside [{:?}, {c:?}]", c / 2);
+                assert!(
+                    w >= c / 2 && w <= c,
+                    "pass {n}: {w:?} outside [{:?}, {c:?}]",
+                    c / 2
+                );
             }
         }
         assert!(confirm_wait(u32::MAX, b, p) <= p);

@@ -89,7 +89,11 @@ fn plan(seed: u64) -> Plan {
                 .map(|_| match rng.random_range(0..10) {
                     0..=6 => {
                         let register = rng.random_bool(0.5);
-                        let op = if register { Op::Register } else { Op::Unregister };
+                        let op = if register {
+                            Op::Register
+                        } else {
+                            Op::Unregister
+                        };
                         // No hangs: a hung call times out after 15 s, a fault the wrapper
                         // cannot date (the model test has them). Delays stay short, so a
                         // delayed retry still lands inside the bound.
