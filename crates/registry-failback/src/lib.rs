@@ -185,8 +185,8 @@ struct Pending {
     /// The intent is in place; the task only confirms it (applies it again) until
     /// `late_until` has passed.
     confirming: bool,
-    /// Wakes the task when the key's call failed again or its intent changed, whatever it
-    /// is waiting for (a backoff or a confirmation pass): it starts over from a short wait.
+    /// Wakes the task when a call of the key failed again, whatever it is waiting for (a
+    /// backoff or a confirmation pass): it starts over from a short wait.
     wake: Arc<tokio::sync::Notify>,
 }
 
@@ -925,8 +925,7 @@ fn same_form(a: &Url, b: &Url) -> bool {
 /// effect (`late_until`), the task then confirms the intent: it applies it again after
 /// short, growing waits (at most `retry.period` apart, sooner when the backend comes back)
 /// until such a late write can no longer land, and once more after that. A new failure of
-/// the key or a change of its intent wakes it from any wait. The task holds the registry
-/// weakly.
+/// the key wakes it from any wait. The task holds the registry weakly.
 async fn retry_loop<R: Registry>(
     weak: Weak<Shared<R>>,
     mut kick: tokio::sync::watch::Receiver<u64>,
@@ -1000,7 +999,7 @@ async fn retry_loop<R: Registry>(
                 let window = base.min(Duration::from_millis(500));
                 tokio::time::sleep(backoff(1, window, window)).await;
             }
-            // The key failed again, or its intent changed: start over from a short wait.
+            // The key failed again: start over from a short wait.
             () = wake.notified() => continue,
         }
         if !confirming {
@@ -1010,10 +1009,10 @@ async fn retry_loop<R: Registry>(
         let started = TokioInstant::now();
         let result = s.reconcile(&key).await;
         let mut st = lock(&s.state);
-        if !st
+        if st
             .tasks
             .get(&key)
-            .is_some_and(|p| p.generation == generation)
+            .is_none_or(|p| p.generation != generation)
         {
             return;
         }
