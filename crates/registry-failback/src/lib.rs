@@ -25,7 +25,9 @@
 //!   every backend call is bounded by `timeout`;
 //! - a retry queue with one pending task per key that applies the current intent, exponential
 //!   backoff from about 100 ms to `retry.period` with full jitter, `retry.times` (-1: never give
-//!   up), and exhausted tasks that leave the queue;
+//!   up), and exhausted tasks that leave the queue; after a call whose outcome is unknown, the
+//!   task confirms the intent (applies it again, at most `retry.period` apart) until a late
+//!   write can no longer land, and a new failure of the key wakes it from any wait;
 //! - recovery: on a new session every registration and subscription is restored at once, with
 //!   bounded concurrency (`recovery.concurrency`); a reconnect of the same session restores
 //!   nothing and wakes pending retries;
@@ -65,9 +67,10 @@ use registry_core::{
 };
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
+use tokio::time::Instant as TokioInstant;
 
 use cache::Cache;
-use retry::{TaskKey, backoff};
+use retry::{TaskKey, backoff, confirm_wait};
 
 type SubKey = (Url, usize);
 
@@ -176,12 +179,15 @@ struct Pending {
     /// The intent changed after the task started: its `retry.times` budget starts again.
     reset: bool,
     /// A call of this key failed in a way that may still take effect (a time-out, a lost
-    /// reply): once the key succeeds its intent is applied once more after this instant.
-    late_until: Option<Instant>,
-    /// The intent is in place; the task only applies it once more after `late_until`.
+    /// reply): until this instant such a write may still land, so the task keeps applying
+    /// the intent now and then, and once more after it.
+    late_until: Option<TokioInstant>,
+    /// The intent is in place; the task only confirms it (applies it again) until
+    /// `late_until` has passed.
     confirming: bool,
-    /// When the once-more application of a confirming task is due.
-    confirm_at: Option<Instant>,
+    /// Wakes the task when a call of the key failed again, whatever it is waiting for (a
+    /// backoff or a confirmation pass): it starts over from a short wait.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -339,8 +345,8 @@ impl<R: Registry> FailbackRegistry<R> {
     }
 
     /// How many intents are not in place and being retried (for tests and health checks).
-    /// A task that only applies an intent once more, after a failed call that might still
-    /// take effect late, is not counted.
+    /// A task that only confirms an intent in place (applies it again now and then, after a
+    /// failed call that might still take effect late) is not counted.
     pub fn pending_retries(&self) -> usize {
         lock(&self.shared.state)
             .tasks
@@ -408,7 +414,8 @@ impl<R: Registry> Shared<R> {
     }
 
     /// How long after a failed call that may still take effect (a time-out, a lost reply)
-    /// the intent is applied once more.
+    /// such a late write may still land: until then the intent is confirmed now and then
+    /// (at most `retry.period` apart), and once more after it.
     fn late_grace(&self) -> Duration {
         self.call_bound() * 2
     }
@@ -645,7 +652,7 @@ impl<R: Registry> Shared<R> {
             return;
         }
         st.given_up.remove(key);
-        // A task waiting to apply the intent once more after a possibly late request keeps
+        // A task confirming the intent (a possibly late request may still land) keeps
         // going; it ends by itself.
         match st.tasks.get_mut(key) {
             Some(p) if p.late_until.is_some() || p.confirming => p.confirming = true,
@@ -792,18 +799,19 @@ impl<R: Registry> Shared<R> {
         st.given_up.remove(&key);
         metrics::record_retry(&self.scheme, Self::operation(&st, &key));
         // A failed call may still have been applied, or may be applied late (a request sent
-        // before a time-out, a lost reply): the intent is applied once more after that could
+        // before a time-out, a lost reply): the intent is confirmed until that could no longer
         // have happened.
         let late = error
             .is_retryable()
-            .then(|| Instant::now() + self.late_grace());
+            .then(|| TokioInstant::now() + self.late_grace());
         if let Some(p) = st.tasks.get_mut(&key) {
             p.last_error = error.to_string();
             p.reset = true;
             p.confirming = false;
-            if late.is_some() {
-                p.late_until = late;
-            }
+            p.late_until = p.late_until.max(late);
+            // Whatever the task waits for (a backoff, a confirmation pass far off), the key
+            // failed again: it tries again soon.
+            p.wake.notify_one();
             return;
         }
         tracing::warn!(
@@ -814,9 +822,11 @@ impl<R: Registry> Shared<R> {
             "failed; retrying in the background"
         );
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let wake = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(retry_loop(
             Arc::downgrade(self),
             self.kick.subscribe(),
+            wake.clone(),
             key.clone(),
             generation,
         ));
@@ -831,7 +841,7 @@ impl<R: Registry> Shared<R> {
                 reset: false,
                 late_until: late,
                 confirming: false,
-                confirm_at: None,
+                wake,
             },
         );
     }
@@ -911,34 +921,48 @@ fn same_form(a: &Url, b: &Url) -> bool {
 /// The life of one pending retry: wait (backoff with full jitter; when the backend is back,
 /// a short jittered wait), bring the key to its current intent, and repeat until that
 /// succeeds for the intent current afterwards, the intent is gone, it is cancelled, or
-/// `retry.times` is exhausted. The task holds the registry weakly.
+/// `retry.times` is exhausted. When a call of the key failed in a way that may still take
+/// effect (`late_until`), the task then confirms the intent: it applies it again after
+/// short, growing waits (at most `retry.period` apart, sooner when the backend comes back)
+/// until such a late write can no longer land, and once more after that. A new failure of
+/// the key wakes it from any wait. The task holds the registry weakly.
 async fn retry_loop<R: Registry>(
     weak: Weak<Shared<R>>,
     mut kick: tokio::sync::watch::Receiver<u64>,
+    wake: Arc<tokio::sync::Notify>,
     key: TaskKey,
     generation: u64,
 ) {
     let mut attempt: u32 = 0;
+    // Confirmation passes since the intent was last put in place.
+    let mut confirms: u32 = 0;
     loop {
-        let (delay, base) = {
+        let (delay, base, confirming) = {
             let Some(s) = weak.upgrade() else { return };
-            {
-                let mut st = lock(&s.state);
-                if let Some(p) = st.tasks.get_mut(&key)
-                    && p.generation == generation
-                    && std::mem::take(&mut p.reset)
-                {
-                    attempt = 0;
-                }
+            let mut st = lock(&s.state);
+            let Some(p) = st
+                .tasks
+                .get_mut(&key)
+                .filter(|p| p.generation == generation)
+            else {
+                return;
+            };
+            if std::mem::take(&mut p.reset) {
+                attempt = 0;
+                confirms = 0;
             }
-            if let Some(max) = s.config.retry_times
-                && attempt >= max
-            {
-                let mut st = lock(&s.state);
-                if st
-                    .tasks
-                    .get(&key)
-                    .is_some_and(|p| p.generation == generation)
+            if p.confirming {
+                // The intent is in place; a write of an earlier call may still land until
+                // `late_until`: confirm it again soon, and once more when that has passed.
+                let left = p.late_until.map_or(Duration::ZERO, |u| {
+                    u.saturating_duration_since(TokioInstant::now())
+                });
+                let wait = confirm_wait(confirms + 1, s.config.retry_base, s.config.retry_period)
+                    .min(left);
+                (wait, s.config.retry_base, true)
+            } else {
+                if let Some(max) = s.config.retry_times
+                    && attempt >= max
                 {
                     let p = st
                         .tasks
@@ -955,18 +979,12 @@ async fn retry_loop<R: Registry>(
                     );
                     metrics::record_give_up(&s.scheme, Shared::<R>::operation(&st, &key));
                     st.given_up.insert(key.clone(), (attempt, p));
+                    return;
                 }
-                return;
+                let delay = backoff(attempt + 1, s.config.retry_base, s.config.retry_period);
+                p.next_attempt_at = Some(SystemTime::now() + delay);
+                (delay, s.config.retry_base, false)
             }
-            let delay = backoff(attempt + 1, s.config.retry_base, s.config.retry_period);
-            let mut st = lock(&s.state);
-            match st.tasks.get_mut(&key) {
-                Some(p) if p.generation == generation => {
-                    p.next_attempt_at = Some(SystemTime::now() + delay);
-                }
-                _ => return,
-            }
-            (delay, s.config.retry_base)
         };
         let woken = async {
             if kick.changed().await.is_err() {
@@ -981,32 +999,51 @@ async fn retry_loop<R: Registry>(
                 let window = base.min(Duration::from_millis(500));
                 tokio::time::sleep(backoff(1, window, window)).await;
             }
+            // The key failed again: start over from a short wait.
+            () = wake.notified() => continue,
         }
-        attempt += 1;
+        if !confirming {
+            attempt += 1;
+        }
         let Some(s) = weak.upgrade() else { return };
+        let started = TokioInstant::now();
         let result = s.reconcile(&key).await;
-        let late = {
-            let mut st = lock(&s.state);
-            let current = st
-                .tasks
-                .get(&key)
-                .is_some_and(|p| p.generation == generation);
-            if !current {
-                return;
-            }
-            match result {
-                Ok(applied) if Shared::<R>::is_settled(&st, &key, applied) => {
-                    let late = st.tasks.get_mut(&key).and_then(|p| {
-                        let until = p.late_until.take();
-                        p.confirming = until.is_some();
-                        p.confirm_at = until;
-                        until
-                    });
-                    match late {
-                        Some(until) => Some(until),
-                        None => {
-                            st.tasks.remove(&key);
-                            Shared::<R>::forget_if_done(&mut st, &key);
+        let mut st = lock(&s.state);
+        if st
+            .tasks
+            .get(&key)
+            .is_none_or(|p| p.generation != generation)
+        {
+            return;
+        }
+        match result {
+            Ok(applied) if Shared::<R>::is_settled(&st, &key, applied) => {
+                let Some(p) = st.tasks.get_mut(&key) else {
+                    return;
+                };
+                match p.late_until {
+                    // A late write may still land after this application: confirm again.
+                    Some(until) if started < until => {
+                        if p.confirming {
+                            confirms += 1;
+                        } else {
+                            p.confirming = true;
+                            confirms = 0;
+                        }
+                        tracing::debug!(
+                            registry = %s.label(),
+                            intent = key.kind(),
+                            url = %key.url().to_identity_string_redacted(),
+                            confirms,
+                            late_window_left_ms = until.saturating_duration_since(TokioInstant::now()).as_millis() as u64,
+                            "intent in place; confirming it while a write of unknown outcome may still land"
+                        );
+                    }
+                    _ => {
+                        let was_confirming = p.confirming;
+                        st.tasks.remove(&key);
+                        Shared::<R>::forget_if_done(&mut st, &key);
+                        if !was_confirming {
                             tracing::info!(
                                 registry = %s.label(),
                                 intent = key.kind(),
@@ -1014,55 +1051,45 @@ async fn retry_loop<R: Registry>(
                                 attempts = attempt,
                                 "retry succeeded"
                             );
-                            return;
                         }
+                        return;
                     }
-                }
-                Ok(_) => {
-                    // The intent changed while this attempt ran: apply the new one.
-                    attempt = attempt.saturating_sub(1);
-                    None
-                }
-                Err(e) if !e.is_retryable() => {
-                    st.tasks.remove(&key);
-                    tracing::error!(
-                        registry = %s.label(),
-                        intent = key.kind(),
-                        url = %key.url().to_identity_string_redacted(),
-                        error = %e,
-                        "giving up: the error is not one that retrying can fix"
-                    );
-                    metrics::record_give_up(&s.scheme, Shared::<R>::operation(&st, &key));
-                    st.given_up.insert(key.clone(), (attempt, e.to_string()));
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(
-                        registry = %s.label(),
-                        intent = key.kind(),
-                        url = %key.url().to_identity_string_redacted(),
-                        attempt,
-                        error = %e,
-                        "retry failed"
-                    );
-                    metrics::record_retry(&s.scheme, Shared::<R>::operation(&st, &key));
-                    if let Some(p) = st.tasks.get_mut(&key) {
-                        p.attempt = attempt;
-                        p.last_error = e.to_string();
-                        p.confirming = false;
-                        p.late_until = Some(Instant::now() + s.late_grace());
-                    }
-                    None
                 }
             }
-        };
-        drop(s);
-        if let Some(until) = late {
-            // A timed-out request may still land: apply the intent once more after it could
-            // have, then settle.
-            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
-            attempt = attempt.saturating_sub(1);
-            continue;
+            Ok(_) => {
+                // The intent changed while this attempt ran: apply the new one.
+                attempt = attempt.saturating_sub(1);
+            }
+            Err(e) if !e.is_retryable() => {
+                st.tasks.remove(&key);
+                tracing::error!(
+                    registry = %s.label(),
+                    intent = key.kind(),
+                    url = %key.url().to_identity_string_redacted(),
+                    error = %e,
+                    "giving up: the error is not one that retrying can fix"
+                );
+                metrics::record_give_up(&s.scheme, Shared::<R>::operation(&st, &key));
+                st.given_up.insert(key.clone(), (attempt, e.to_string()));
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(
+                    registry = %s.label(),
+                    intent = key.kind(),
+                    url = %key.url().to_identity_string_redacted(),
+                    attempt,
+                    error = %e,
+                    "retry failed"
+                );
+                metrics::record_retry(&s.scheme, Shared::<R>::operation(&st, &key));
+                if let Some(p) = st.tasks.get_mut(&key) {
+                    p.attempt = attempt;
+                    p.last_error = e.to_string();
+                    p.confirming = false;
+                    p.late_until = p.late_until.max(Some(TokioInstant::now() + s.late_grace()));
+                }
+            }
         }
     }
 }
@@ -1428,10 +1455,10 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
             st.destroyed = true;
             s.destroyed.store(true, Ordering::Release);
             // When a failed write of a key may still land (see `late_until`).
-            let mut late: HashMap<Url, Instant> = HashMap::new();
+            let mut late: HashMap<Url, TokioInstant> = HashMap::new();
             for (key, p) in st.tasks.drain() {
                 p.abort.abort();
-                if let (TaskKey::Reg(id), Some(at)) = (key, p.late_until.or(p.confirm_at)) {
+                if let (TaskKey::Reg(id), Some(at)) = (key, p.late_until) {
                     late.insert(id, at);
                 }
             }
@@ -1453,8 +1480,8 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 {
                     // A failed write of this URL may still land: remove it after that could
                     // have happened (waiting no longer than one `timeout`).
-                    let until = (*at).min(Instant::now() + s.call_timeout);
-                    tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                    let until = (*at).min(TokioInstant::now() + s.call_timeout);
+                    tokio::time::sleep_until(until).await;
                 }
                 let _turn = s.key_lock(&TaskKey::Reg(id.clone())).lock().await;
                 let mut gone: Vec<&Url> = r.old.iter().collect();

@@ -51,6 +51,17 @@ pub(crate) fn backoff(attempt: u32, base: Duration, period: Duration) -> Duratio
     Duration::from_nanos(rand::random_range(0..=nanos))
 }
 
+/// The wait before confirmation pass `n` (1-based) of an intent whose earlier write may
+/// still land: between half and all of the ceiling of retry `n`, so passes come soon after
+/// the intent is in place, then at most `period` apart, and a fleet does not make them in
+/// step.
+pub(crate) fn confirm_wait(n: u32, base: Duration, period: Duration) -> Duration {
+    let ceiling = backoff_ceiling(n, base, period);
+    let half = ceiling / 2;
+    let nanos = u64::try_from((ceiling - half).as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(rand::random_range(0..=nanos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +74,23 @@ mod tests {
             .collect();
         assert_eq!(c, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         assert_eq!(backoff_ceiling(u32::MAX, b, p), p);
+    }
+
+    #[test]
+    fn confirmation_waits_stay_between_half_and_all_of_the_ceiling() {
+        let (b, p) = (Duration::from_millis(100), Duration::from_millis(5000));
+        for n in 1..=10 {
+            let c = backoff_ceiling(n, b, p);
+            for _ in 0..50 {
+                let w = confirm_wait(n, b, p);
+                assert!(
+                    w >= c / 2 && w <= c,
+                    "pass {n}: {w:?} outside [{:?}, {c:?}]",
+                    c / 2
+                );
+            }
+        }
+        assert!(confirm_wait(u32::MAX, b, p) <= p);
     }
 
     #[test]

@@ -73,10 +73,12 @@ async fn failed_operations_are_retried_until_they_work() {
         holds(&inner, &s, std::slice::from_ref(&p1))
     })
     .await;
-    assert_eq!(
-        faulty.calls(Op::Register),
-        1 + 4,
-        "one success before, then 3 failures and 1 success"
+    // One success before, then 3 failures and a success; a failed call may still land, so
+    // the intent is then confirmed (applied again) a few times.
+    let calls = faulty.calls(Op::Register);
+    assert!(
+        calls >= 5,
+        "one success before, then 3 failures and 1 success: {calls} calls"
     );
     wait_until("a healthy status", DEADLINE, || {
         let ok = fb.status().is_healthy();

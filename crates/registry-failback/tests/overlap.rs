@@ -381,8 +381,8 @@ async fn a_second_unsubscribe_returns_only_when_the_listener_is_closed() {
     first.await.unwrap().unwrap();
 }
 
-// Review: a write whose request was sent before it failed can land later; the layer applies
-// the intent once more after that could have happened.
+// Review: a write whose request was sent before it failed can land later; the layer confirms
+// the intent until that could no longer happen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_register_that_lands_late_is_undone() {
     let (fb, faulty, inspect) = setup("timeout=300&retry.period=100");

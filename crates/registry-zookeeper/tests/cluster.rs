@@ -68,11 +68,6 @@ async fn follower_behind_never_goes_back() {
 /// Fault 7: write applied, reply lost (register, then unregister): the layer converges to
 /// the intent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "over the target: an unregister whose replies were lost converges 21.4 s after the \
-            replies flow again (target 10 s; check=true and check=false alike, 1 run): the \
-            owner-checked unregister reads the node before it deletes, so nothing is applied \
-            while replies are lost, and the layer's retry lands only ~21 s later (registers \
-            converge in 9-153 ms)"]
 async fn reply_lost() {
     common::init_tracing();
     matrix::reply_lost("zookeeper cluster reply_lost").await;

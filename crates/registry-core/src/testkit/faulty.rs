@@ -32,6 +32,8 @@ pub enum Op {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
     Through,
+    /// Went through after a [`Fault::Hang`]: it lands late.
+    Hung,
     Lose,
     Late(Duration),
 }
@@ -76,6 +78,7 @@ pub struct FaultyRegistry {
     down: AtomicBool,
     events: broadcast::Sender<RegistryEvent>,
     passed: Mutex<Passed>,
+    last_fault: Arc<Mutex<Option<tokio::time::Instant>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,6 +99,7 @@ impl FaultyRegistry {
             returned: Mutex::default(),
             down: AtomicBool::new(false),
             passed: Mutex::default(),
+            last_fault: Arc::default(),
         });
         let weak: Weak<FaultyRegistry> = Arc::downgrade(&me);
         let mut rx = me.inner.events();
@@ -164,6 +168,17 @@ impl FaultyRegistry {
             .filter(|(o, _)| *o == op)
             .map(|(_, t)| *t)
             .collect()
+    }
+
+    /// When a fault last took effect (tokio's clock, so a paused clock counts): a call
+    /// returned an error the wrapper made (injected, or disconnected), or a write it held back
+    /// ([`Fault::ApplyLate`], [`Fault::Hang`]) reached the wrapped registry.
+    pub fn last_fault_at(&self) -> Option<tokio::time::Instant> {
+        *lock(&self.last_fault)
+    }
+
+    fn note_fault(&self) {
+        *lock(&self.last_fault) = Some(tokio::time::Instant::now());
     }
 
     /// Emits an event to whoever listens to [`Registry::events`].
@@ -238,6 +253,7 @@ impl FaultyRegistry {
     async fn enter(&self, op: Op) -> Result<Pass> {
         let result = self.enter_inner(op).await;
         if result.is_err() {
+            self.note_fault();
             self.mark_returned(op);
         }
         result
@@ -270,7 +286,7 @@ impl FaultyRegistry {
             }
             Some(Fault::Hang) => {
                 self.release.notified().await;
-                Ok(Pass::Through)
+                Ok(Pass::Hung)
             }
         }
     }
@@ -279,13 +295,16 @@ impl FaultyRegistry {
     /// registry `d` from now; the caller gets the error returned.
     fn apply_late(&self, op: Op, url: &Url, d: Duration) -> Error {
         let (inner, url) = (self.inner.clone(), url.clone());
+        let last_fault = self.last_fault.clone();
         tokio::spawn(async move {
             tokio::time::sleep(d).await;
             let _ = match op {
                 Op::Unregister => inner.unregister(&url).await,
                 _ => inner.register(&url).await,
             };
+            *lock(&last_fault) = Some(tokio::time::Instant::now());
         });
+        self.note_fault();
         self.mark_returned(op);
         self.injected(op)
     }
@@ -299,10 +318,16 @@ impl FaultyRegistry {
     /// The outcome of a call that reached the wrapped registry.
     fn leave<T>(&self, op: Op, pass: Pass, value: T) -> Result<T> {
         self.mark_returned(op);
-        if pass != Pass::Through {
-            Err(self.injected(op))
-        } else {
-            Ok(value)
+        match pass {
+            Pass::Through => Ok(value),
+            Pass::Hung => {
+                self.note_fault();
+                Ok(value)
+            }
+            Pass::Lose | Pass::Late(_) => {
+                self.note_fault();
+                Err(self.injected(op))
+            }
         }
     }
 }
