@@ -1,8 +1,8 @@
 //! The task behind each watch, one per watched path and session, and the one retry
 //! mechanism every such task runs ([`run`]): a *list* task per category path
 //! ([`Job::List`]: a persistent recursive watch whose events and reads feed the keeper) and a *root* task while an `interface=*` subscription exists ([`Job::Root`]: a
-//! persistent watch on the root, the services listed again on every event and attached to
-//! the wildcard subscriptions).
+//! persistent watch on the root, the services listed again on every event, new ones attached
+//! to the wildcard subscriptions and gone ones detached).
 //!
 //! A task arms its watch and reads when asked ([`Cmd`]); a failed attempt is tried again
 //! with backoff until it succeeds, the watch is dropped (its command channel closes) or the
@@ -34,6 +34,10 @@ pub(crate) trait RootHost: Send + Sync {
         service: &str,
     ) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>;
 
+    /// Takes the wildcard subscription `sub` off the services no longer under the root
+    /// (`listed`: the services listed, sorted); see `Inner::detach_gone`.
+    fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String]);
+
     /// Every service listed is attached to every wildcard subscription: their lists can go
     /// out.
     fn all_attached(&self);
@@ -54,7 +58,7 @@ pub(crate) enum Job {
     /// A category path: its events and reads feed the keeper; read again when asked.
     List(Arc<Watch>),
     /// The root, for `interface=*` subscriptions: every event (a service added or removed)
-    /// lists the services again; new ones are attached through `host`.
+    /// lists the services again; new ones are attached through `host`, gone ones detached.
     Root {
         root: Arc<RootWatch>,
         host: Arc<dyn RootHost>,
@@ -487,8 +491,9 @@ async fn reread_watch(
     (result, batch.last().is_some_and(is_terminal))
 }
 
-/// Lists the services under the root and attaches the ones not attached yet to every
-/// wildcard subscription (each service's categories read in order).
+/// Lists the services under the root, detaches the ones gone from every wildcard
+/// subscription and attaches the ones not attached yet (each service's categories read in
+/// order).
 async fn relist(
     root: &RootWatch,
     host: &dyn RootHost,
@@ -527,6 +532,7 @@ async fn relist(
     };
     let mut jobs = Vec::new();
     for sub in &subs {
+        host.detach_gone(sub, &services);
         for svc in &services {
             if !lock(&sub.attached).0.contains(svc) {
                 let Some(job) = host.attach(sub, svc) else {
