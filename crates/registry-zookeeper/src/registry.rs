@@ -852,12 +852,29 @@ impl Registry for ZookeeperRegistry {
             }
             return Err(e);
         }
-        {
+        let ready = {
             // Every scope it needs is read: the keeper gives it its first lists now.
             let mut id = lock(&sub.id);
             if id.is_none() && sub.active.load(Ordering::Acquire) {
                 *id = Some(inner.keeper.subscribe(url, sub.delivery.clone()));
             }
+            !sub.active.load(Ordering::Acquire) || id.is_some_and(|id| inner.keeper.is_ready(id))
+        };
+        if !ready {
+            // A read the keeper did not take is answered with an error (see the tasks
+            // module), so this is not expected; but returning now would break the promise
+            // that the first lists were delivered.
+            tracing::warn!(registry = %inner.cfg.label, subscription = %url.to_redacted_string(), "a subscribe's reads were answered but its first lists are not ready; failing it");
+            if !existing {
+                inner.remove_sub(&key).await;
+            }
+            return Err(Error::Unavailable {
+                registry: inner.cfg.label.clone(),
+                reason: format!(
+                    "the first lists of {} were not read on the current session; try again",
+                    url.to_redacted_string()
+                ),
+            });
         }
         sub.delivery.flush_handle().await;
         Ok(())
@@ -968,5 +985,68 @@ impl Registry for ZookeeperRegistry {
 
     fn events(&self) -> broadcast::Receiver<RegistryEvent> {
         self.inner.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use registry_test_servers::{Kind, shared_address};
+
+    use super::*;
+
+    /// A listing of the root by the task of an older session, after a newer task took the
+    /// root over: `Scope::Root` is not marked loaded, and the task must not answer that the
+    /// services were listed (an `interface=*` subscribe would return without its lists).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_a_newer_task_took_over_is_not_reported_as_listed() {
+        let Some(addr) = shared_address(Kind::Zookeeper, "a_listing_a_newer_task_took_over") else {
+            return;
+        };
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let url = format!(
+            "zookeeper://{addr}?group=zk-superseded-root-{}-{:x}",
+            std::process::id(),
+            t & 0xffff_ffff
+        );
+        let registry = ZookeeperRegistry::new(url.parse().expect("url"))
+            .await
+            .expect("registry");
+        let inner = registry.inner.clone();
+        let session = inner.current().expect("a session");
+        let root = Arc::new(RootWatch {
+            data: Mutex::new(RootData {
+                // A task of the next generation feeds the root now.
+                generation: session.generation + 1,
+                listed: false,
+                subs: Vec::new(),
+            }),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let old = tokio::spawn(tasks::run(
+            Job::Root {
+                root,
+                host: Arc::new(Host(Arc::downgrade(&inner))),
+            },
+            Arc::downgrade(&session.client),
+            session.generation,
+            rx,
+            inner.ctx(),
+        ));
+        let said = answer("test", &inner.cfg.root, send_cmd(Some(tx), false, false)).await;
+        assert!(
+            said.is_err(),
+            "the old task said the services were listed (root loaded: {})",
+            inner.keeper.is_loaded(&Scope::Root)
+        );
+        assert!(!inner.keeper.is_loaded(&Scope::Root));
+        tokio::time::timeout(Duration::from_secs(5), old)
+            .await
+            .expect("the old task ended")
+            .expect("the old task did not panic");
+        drop(session);
+        registry.destroy().await;
     }
 }
