@@ -51,7 +51,7 @@
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::delivery::Delivery;
@@ -126,6 +126,11 @@ pub struct KeeperStats {
     pub subscriptions: usize,
     /// Scopes read at least once and not forgotten.
     pub loaded_scopes: usize,
+    /// (service, category) pairs held: the ones with entries, and empty ones a subscription
+    /// names (an `interface=*` subscription names none).
+    pub topics: usize,
+    /// Services the `interface=*` subscriptions were told about, summed over them.
+    pub told: usize,
 }
 
 /// A URL compared, hashed and ordered by its full string: two entries are the same entry only
@@ -253,7 +258,17 @@ struct State {
     /// The highest store revision applied to each (service, category), for stores that
     /// number their changes (see [`ListKeeper::change`]).
     marks: HashMap<TopicKey, u64>,
+    /// The marks of the last [`RETIRED_MARKS`] (service, category) pairs dropped because
+    /// nothing was left in them (with the sequence number of their entry in `retired_order`):
+    /// a read taken before the last removal and fed after it must still not bring the entries
+    /// back. Bounded, so churned service names do not grow the keeper.
+    retired: HashMap<TopicKey, (u64, u64)>,
+    retired_order: VecDeque<(TopicKey, u64)>,
+    retired_seq: u64,
 }
+
+/// How many marks of dropped (service, category) pairs are kept (see `State::retired`).
+const RETIRED_MARKS: usize = 1024;
 
 /// The lists of one registry's subscriptions; see the module documentation. Cloning gives
 /// another handle on the same keeper.
@@ -388,9 +403,8 @@ impl ListKeeper {
             for key in keys {
                 let new = fresh.remove(&key).unwrap_or_default();
                 if st
-                    .marks
-                    .get(&key)
-                    .is_some_and(|m| revision > 0 && *m > revision)
+                    .mark_of(&key)
+                    .is_some_and(|m| revision > 0 && m > revision)
                 {
                     // Changed after this read was taken (another watch covering it was
                     // faster): what is held is newer.
@@ -436,6 +450,7 @@ impl ListKeeper {
         st.topics.retain(|_, cats| !cats.is_empty());
         for key in &dropped {
             st.marks.remove(key);
+            st.retired.remove(key);
         }
         for q in st.queries.values_mut() {
             for key in &dropped {
@@ -493,8 +508,15 @@ impl ListKeeper {
         let sub = st.subs.remove(&id)?;
         if let Some(q) = st.queries.get_mut(&sub.query) {
             q.subs.retain(|s| *s != id);
-            if q.subs.is_empty() {
-                st.queries.remove(&sub.query);
+            if q.subs.is_empty()
+                && let Some(q) = st.queries.remove(&sub.query)
+                && !q.wildcard
+            {
+                // Empty (service, category) pairs only this query named go too.
+                let service = q.repr.service_interface();
+                for c in &q.categories {
+                    st.drop_if_empty(service, c);
+                }
             }
         }
         Some(sub.delivery)
@@ -577,6 +599,8 @@ impl ListKeeper {
             views: st.queries.values().map(|q| q.views.len()).sum(),
             subscriptions: st.subs.len(),
             loaded_scopes: st.loaded.len(),
+            topics: st.topics.values().map(BTreeMap::len).sum(),
+            told: st.subs.values().map(|s| s.known.len()).sum(),
         }
     }
 }
@@ -586,18 +610,44 @@ impl State {
     fn is_older(&self, service: &str, category: &str, revision: u64) -> bool {
         revision > 0
             && self
-                .marks
-                .get(&(service.to_owned(), category.to_owned()))
-                .is_some_and(|m| *m > revision)
+                .mark_of(&(service.to_owned(), category.to_owned()))
+                .is_some_and(|m| m > revision)
+    }
+
+    /// The highest revision applied to (service, category), kept or retired.
+    fn mark_of(&self, key: &TopicKey) -> Option<u64> {
+        self.marks
+            .get(key)
+            .or_else(|| self.retired.get(key).map(|(m, _)| m))
+            .copied()
     }
 
     fn mark(&mut self, service: &str, category: &str, revision: u64) {
         if revision > 0 {
-            let m = self
-                .marks
-                .entry((service.to_owned(), category.to_owned()))
-                .or_default();
+            let key = (service.to_owned(), category.to_owned());
+            let retired = self.retired.remove(&key).map_or(0, |(m, _)| m);
+            let m = self.marks.entry(key).or_insert(retired);
             *m = (*m).max(revision);
+        }
+    }
+
+    /// Moves the mark of a dropped (service, category) to the bounded retired marks.
+    fn retire_mark(&mut self, key: TopicKey) {
+        let Some(m) = self.marks.remove(&key) else {
+            return;
+        };
+        self.retired_seq += 1;
+        let seq = self.retired_seq;
+        self.retired.insert(key.clone(), (m, seq));
+        self.retired_order.push_back((key, seq));
+        while self.retired_order.len() > RETIRED_MARKS {
+            let Some((old, seq)) = self.retired_order.pop_front() else {
+                break;
+            };
+            // Only when it was not retired again (or revived) since.
+            if self.retired.get(&old).is_some_and(|(_, s)| *s == seq) {
+                self.retired.remove(&old);
+            }
         }
     }
 
@@ -664,7 +714,13 @@ impl State {
         if q.wildcard
             && let Some(sub) = self.subs.get_mut(&id)
         {
-            sub.known.extend(services.iter().cloned());
+            // Services with nothing left are told so below, and are then no longer known.
+            let topics = &self.topics;
+            sub.known = services
+                .iter()
+                .filter(|s| topics.contains_key(*s))
+                .cloned()
+                .collect();
         }
         for s in &services {
             for c in &categories {
@@ -797,21 +853,49 @@ impl State {
         true
     }
 
-    /// Drops an empty (service, category) no subscription watches, so removed services do not
-    /// stay behind.
+    /// Drops an empty (service, category) no subscription names (`interface=*` ones name no
+    /// service), with what is kept beside it: the matched sets of `interface=*` queries and,
+    /// once the service has nothing left, its place among the services their ready
+    /// subscriptions were told about (they were told its lists are empty). So removed services
+    /// do not stay behind, whatever the number of names that come and go.
     fn drop_if_empty(&mut self, service: &str, category: &str) {
         let empty = self
             .topics
             .get(service)
             .and_then(|c| c.get(category))
             .is_some_and(BTreeSet::is_empty);
-        if !empty || self.queries.values().any(|q| q.watches(service, category)) {
+        if !empty
+            || self
+                .queries
+                .values()
+                .any(|q| !q.wildcard && q.watches(service, category))
+        {
             return;
         }
+        let mut gone = false;
         if let Some(cats) = self.topics.get_mut(service) {
             cats.remove(category);
             if cats.is_empty() {
                 self.topics.remove(service);
+                gone = true;
+            }
+        }
+        self.retire_mark((service.to_owned(), category.to_owned()));
+        for q in self.queries.values_mut().filter(|q| q.wildcard) {
+            q.views.remove(&(service.to_owned(), category.to_owned()));
+            if gone {
+                // A query's matched sets are of its own categories.
+                for c in &q.categories {
+                    q.views.remove(&(service.to_owned(), c.clone()));
+                }
+            }
+        }
+        if gone {
+            let queries = &self.queries;
+            for sub in self.subs.values_mut() {
+                if sub.ready && queries.get(&sub.query).is_some_and(|q| q.wildcard) {
+                    sub.known.remove(service);
+                }
             }
         }
     }

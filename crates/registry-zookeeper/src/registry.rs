@@ -7,8 +7,9 @@
 //!   feeds created/deleted events and full reads of the path to the registry's
 //!   [`ListKeeper`] (which pushes the lists to the subscriptions' [`Delivery`]s; no
 //!   listener runs here), and answers re-read requests;
-//! - one *root task* while an `interface=*` subscription exists: it lists the services and
-//!   attaches new ones to the wildcard subscriptions;
+//! - one *root task* while an `interface=*` subscription exists: it lists the services,
+//!   attaches new ones to the wildcard subscriptions and detaches the ones gone (their
+//!   watches dropped when no other subscription needs them);
 //! - one *monitor* per session: it turns session states into [`RegistryEvent`]s, re-reads
 //!   every watched path after a reconnect, and starts a new session when one expires;
 //! - a *connector* while there is no session (`check=false` start, or after an expiry).
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use registry_core::delivery::{Delivery, DeliveryOptions};
-use registry_core::keeper::{ListKeeper, Scope};
+use registry_core::keeper::{KeeperStats, ListKeeper, Scope};
 use registry_core::url::ANY_VALUE;
 use registry_core::{
     Error, NotifyListener, Registry, RegistryEvent, Result, Url, decode, is_match, listener_id,
@@ -61,6 +62,12 @@ impl RootHost for Host {
     ) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>> {
         let inner = self.0.upgrade()?;
         Some(Box::pin(inner.attach_service(sub, service, false)))
+    }
+
+    fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String]) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.detach_gone(sub, listed);
+        }
     }
 
     fn all_attached(&self) {
@@ -359,6 +366,70 @@ impl Inner {
             })
     }
 
+    /// Takes `sub` off the watch of `path`; drops the watch when nobody needs it any more
+    /// (and its scope from the keeper, emptied first with `clear`: the path is known to be
+    /// gone, and no other scope may cover it, `Scope::Root` being loaded).
+    fn leave_watch(&self, st: &mut State, sub: &Sub, path: String, clear: bool) {
+        let empty = match st.watches.get_mut(&path) {
+            Some(e) => {
+                e.users.retain(|k| *k != sub.key);
+                e.users.is_empty()
+            }
+            None => false,
+        };
+        let Some(e) = empty.then(|| st.watches.remove(&path)).flatten() else {
+            return;
+        };
+        // Its ending task feeds nothing more.
+        lock(&e.watch.data).generation = RETIRED;
+        {
+            let _feed = lock(&self.feed);
+            if clear {
+                self.keeper.replace(&e.watch.scope, [], 0);
+            }
+            self.keeper.forget(&e.watch.scope);
+        }
+        if let Some(t) = e.task {
+            // Dropping the sender ends the task, which drops the watcher.
+            st.retiring.retain(|_, h| !h.is_finished());
+            st.retiring.insert(path, t.handle);
+        }
+    }
+
+    /// Takes the `interface=*` subscription `sub` off the watches of the services that are no
+    /// longer under the root (`listed`: the services listed, sorted), so a service that goes
+    /// leaves no watch, task or state behind. Its lists are emptied first (the service node
+    /// is gone, so are its entries, whether or not their deletes were seen).
+    pub(crate) fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String]) {
+        let is_listed = |s: &str| listed.binary_search_by(|l| l.as_str().cmp(s)).is_ok();
+        let mut st = lock(&self.state);
+        let gone: Vec<String> = {
+            let mut attached = lock(&sub.attached);
+            attached.0.retain(|s| is_listed(s));
+            let (gone, kept) = std::mem::take(&mut attached.1).into_iter().partition(|p| {
+                st.watches
+                    .get(p)
+                    .is_some_and(|e| !is_listed(&e.watch.service))
+            });
+            attached.1 = kept;
+            gone
+        };
+        if gone.is_empty() {
+            return;
+        }
+        tracing::debug!(registry = %self.cfg.label, paths = ?gone, "services gone from the root: their watches are dropped");
+        for path in gone {
+            self.leave_watch(&mut st, sub, path, true);
+        }
+    }
+
+    /// The number of paths watched (category paths, and the root while an `interface=*`
+    /// subscription exists).
+    pub(crate) fn watch_count(&self) -> usize {
+        let st = lock(&self.state);
+        st.watches.len() + usize::from(st.root.is_some())
+    }
+
     /// Takes `sub` off every watch; drops the watches nobody needs any more (and their
     /// scopes from the keeper).
     fn detach(&self, sub: &Arc<Sub>) {
@@ -366,27 +437,7 @@ impl Inner {
         sub.active.store(false, Ordering::Release);
         let paths = std::mem::take(&mut lock(&sub.attached).1);
         for path in paths {
-            let empty = match st.watches.get_mut(&path) {
-                Some(e) => {
-                    e.users.retain(|k| *k != sub.key);
-                    e.users.is_empty()
-                }
-                None => false,
-            };
-            let Some(e) = empty.then(|| st.watches.remove(&path)).flatten() else {
-                continue;
-            };
-            // Its ending task feeds nothing more.
-            lock(&e.watch.data).generation = RETIRED;
-            {
-                let _feed = lock(&self.feed);
-                self.keeper.forget(&e.watch.scope);
-            }
-            if let Some(t) = e.task {
-                // Dropping the sender ends the task, which drops the watcher.
-                st.retiring.retain(|_, h| !h.is_finished());
-                st.retiring.insert(path, t.handle);
-            }
+            self.leave_watch(&mut st, sub, path, false);
         }
         if sub.wildcard {
             let empty = st.root.as_ref().is_some_and(|r| {
@@ -561,6 +612,18 @@ impl ZookeeperRegistry {
             inner.spawn_connector();
         }
         Ok(ZookeeperRegistry { inner })
+    }
+
+    /// What the registry's list keeper holds (entries, subscriptions, scopes read, ...), for
+    /// metrics and tests.
+    pub fn keeper_stats(&self) -> KeeperStats {
+        self.inner.keeper.stats()
+    }
+
+    /// The number of paths this registry watches: one per category path a subscription needs
+    /// (shared), and the root while an `interface=*` subscription exists.
+    pub fn watch_count(&self) -> usize {
+        self.inner.watch_count()
     }
 
     /// The current session's id and password (inside [`zk::SessionInfo`]), or `None` when
@@ -789,12 +852,29 @@ impl Registry for ZookeeperRegistry {
             }
             return Err(e);
         }
-        {
+        let ready = {
             // Every scope it needs is read: the keeper gives it its first lists now.
             let mut id = lock(&sub.id);
             if id.is_none() && sub.active.load(Ordering::Acquire) {
                 *id = Some(inner.keeper.subscribe(url, sub.delivery.clone()));
             }
+            !sub.active.load(Ordering::Acquire) || id.is_some_and(|id| inner.keeper.is_ready(id))
+        };
+        if !ready {
+            // A read the keeper did not take is answered with an error (see the tasks
+            // module), so this is not expected; but returning now would break the promise
+            // that the first lists were delivered.
+            tracing::warn!(registry = %inner.cfg.label, subscription = %url.to_redacted_string(), "a subscribe's reads were answered but its first lists are not ready; failing it");
+            if !existing {
+                inner.remove_sub(&key).await;
+            }
+            return Err(Error::Unavailable {
+                registry: inner.cfg.label.clone(),
+                reason: format!(
+                    "the first lists of {} were not read on the current session; try again",
+                    url.to_redacted_string()
+                ),
+            });
         }
         sub.delivery.flush_handle().await;
         Ok(())
@@ -905,5 +985,68 @@ impl Registry for ZookeeperRegistry {
 
     fn events(&self) -> broadcast::Receiver<RegistryEvent> {
         self.inner.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use registry_test_servers::{Kind, shared_address};
+
+    use super::*;
+
+    /// A listing of the root by the task of an older session, after a newer task took the
+    /// root over: `Scope::Root` is not marked loaded, and the task must not answer that the
+    /// services were listed (an `interface=*` subscribe would return without its lists).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_a_newer_task_took_over_is_not_reported_as_listed() {
+        let Some(addr) = shared_address(Kind::Zookeeper, "a_listing_a_newer_task_took_over") else {
+            return;
+        };
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let url = format!(
+            "zookeeper://{addr}?group=zk-superseded-root-{}-{:x}",
+            std::process::id(),
+            t & 0xffff_ffff
+        );
+        let registry = ZookeeperRegistry::new(url.parse().expect("url"))
+            .await
+            .expect("registry");
+        let inner = registry.inner.clone();
+        let session = inner.current().expect("a session");
+        let root = Arc::new(RootWatch {
+            data: Mutex::new(RootData {
+                // A task of the next generation feeds the root now.
+                generation: session.generation + 1,
+                listed: false,
+                subs: Vec::new(),
+            }),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let old = tokio::spawn(tasks::run(
+            Job::Root {
+                root,
+                host: Arc::new(Host(Arc::downgrade(&inner))),
+            },
+            Arc::downgrade(&session.client),
+            session.generation,
+            rx,
+            inner.ctx(),
+        ));
+        let said = answer("test", &inner.cfg.root, send_cmd(Some(tx), false, false)).await;
+        assert!(
+            said.is_err(),
+            "the old task said the services were listed (root loaded: {})",
+            inner.keeper.is_loaded(&Scope::Root)
+        );
+        assert!(!inner.keeper.is_loaded(&Scope::Root));
+        tokio::time::timeout(Duration::from_secs(5), old)
+            .await
+            .expect("the old task ended")
+            .expect("the old task did not panic");
+        drop(session);
+        registry.destroy().await;
     }
 }

@@ -1,8 +1,8 @@
 //! The task behind each watch, one per watched path and session, and the one retry
 //! mechanism every such task runs ([`run`]): a *list* task per category path
 //! ([`Job::List`]: a persistent recursive watch whose events and reads feed the keeper) and a *root* task while an `interface=*` subscription exists ([`Job::Root`]: a
-//! persistent watch on the root, the services listed again on every event and attached to
-//! the wildcard subscriptions).
+//! persistent watch on the root, the services listed again on every event, new ones attached
+//! to the wildcard subscriptions and gone ones detached).
 //!
 //! A task arms its watch and reads when asked ([`Cmd`]); a failed attempt is tried again
 //! with backoff until it succeeds, the watch is dropped (its command channel closes) or the
@@ -22,7 +22,7 @@ use zookeeper_client as zk;
 
 use crate::errors::{Fail, copy_error};
 use crate::session::{Ctx, lock};
-use crate::watches::{RootWatch, Sub, Watch};
+use crate::watches::{RETIRED, RootWatch, Sub, Watch};
 
 /// What the root task needs of the registry.
 pub(crate) trait RootHost: Send + Sync {
@@ -33,6 +33,10 @@ pub(crate) trait RootHost: Send + Sync {
         sub: &Arc<Sub>,
         service: &str,
     ) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>;
+
+    /// Takes the wildcard subscription `sub` off the services no longer under the root
+    /// (`listed`: the services listed, sorted); see `Inner::detach_gone`.
+    fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String]);
 
     /// Every service listed is attached to every wildcard subscription: their lists can go
     /// out.
@@ -54,7 +58,7 @@ pub(crate) enum Job {
     /// A category path: its events and reads feed the keeper; read again when asked.
     List(Arc<Watch>),
     /// The root, for `interface=*` subscriptions: every event (a service added or removed)
-    /// lists the services again; new ones are attached through `host`.
+    /// lists the services again; new ones are attached through `host`, gone ones detached.
     Root {
         root: Arc<RootWatch>,
         host: Arc<dyn RootHost>,
@@ -94,6 +98,14 @@ impl Job {
         }
     }
 
+    /// Whether the watch was dropped (nobody needs it any more).
+    fn retired(&self) -> bool {
+        match self {
+            Job::List(w) => lock(&w.data).generation == RETIRED,
+            Job::Root { root, .. } => lock(&root.data).generation == RETIRED,
+        }
+    }
+
     /// Whether this list was read before (by an earlier session's task, or before a
     /// reconnect): a new read must then not go back in time (see [`Ctx::read_children`]).
     fn read_before(&self) -> bool {
@@ -116,9 +128,11 @@ impl Job {
     ) -> (Result<()>, bool) {
         match self {
             Job::List(w) => reread_watch(w, client, watcher, ctx, ask).await,
-            Job::Root { root, host } => {
-                (relist(root, host.as_ref(), client, ctx, ask).await, false)
-            }
+            Job::Root { root, host } => match relist(root, host.as_ref(), client, ctx, ask).await {
+                Ok(Listed::Superseded) => (Ok(()), true),
+                Ok(Listed::Attached) => (Ok(()), false),
+                Err(e) => (Err(e), false),
+            },
         }
     }
 }
@@ -226,8 +240,11 @@ async fn arm(
 enum Attempt {
     Done,
     Failed(Error),
-    /// The session ended: the task stops (a task of the next session takes over).
+    /// The session ended, or the read was not taken because a task of a newer session feeds
+    /// the path: the task stops, and nobody waiting is told the list was read.
     SessionEnded,
+    /// The read was not taken because the watch was dropped: the task stops.
+    Dropped,
 }
 
 /// Why a watch or root task stopped.
@@ -368,6 +385,7 @@ pub(crate) async fn run(
                     pending.failed(&e);
                 }
                 Attempt::SessionEnded => break 'task End::Session,
+                Attempt::Dropped => break 'task End::Dropped,
             }
         }
         tokio::select! {
@@ -443,6 +461,7 @@ async fn attempt(
     };
     let (result, end) = job.read(client, w, ctx, ask).await;
     match result {
+        _ if end && job.retired() => Attempt::Dropped,
         _ if end => Attempt::SessionEnded,
         Ok(()) => Attempt::Done,
         Err(_) if client.state().is_terminated() => Attempt::SessionEnded,
@@ -470,32 +489,42 @@ async fn reread_watch(
     // (they are all queued by the time the reply is seen).
     let mut batch = Vec::new();
     drain(watcher, &mut batch);
-    let result = match read {
-        Ok((names, stat)) => {
-            watch.replace(ask.generation, Some((names, stat.pzxid)), &batch);
-            Ok(())
-        }
-        Err(Fail::Zk(zk::Error::NoNode)) => {
-            watch.replace(ask.generation, None, &batch);
-            Ok(())
-        }
+    let taken = match read {
+        Ok((names, stat)) => watch.replace(ask.generation, Some((names, stat.pzxid)), &batch),
+        Err(Fail::Zk(zk::Error::NoNode)) => watch.replace(ask.generation, None, &batch),
         Err(f) => {
             watch.apply_batch(ask.generation, &batch);
-            Err(ctx.error("list children of", &watch.path, f))
+            return (
+                Err(ctx.error("list children of", &watch.path, f)),
+                batch.last().is_some_and(is_terminal),
+            );
         }
     };
-    (result, batch.last().is_some_and(is_terminal))
+    if !taken {
+        tracing::debug!(registry = %ctx.label, path = %watch.path, "read not taken: a newer session's task feeds this path, or the watch was dropped");
+    }
+    (Ok(()), !taken || batch.last().is_some_and(is_terminal))
 }
 
-/// Lists the services under the root and attaches the ones not attached yet to every
-/// wildcard subscription (each service's categories read in order).
+/// What a listing of the root came to.
+enum Listed {
+    /// Every service listed is attached to every wildcard subscription.
+    Attached,
+    /// A task of a newer session feeds the root (or the root watch was dropped): nothing
+    /// may be reported as listed.
+    Superseded,
+}
+
+/// Lists the services under the root, detaches the ones gone from every wildcard
+/// subscription and attaches the ones not attached yet (each service's categories read in
+/// order).
 async fn relist(
     root: &RootWatch,
     host: &dyn RootHost,
     client: &zk::Client,
     ctx: &Ctx,
     ask: &Ask,
-) -> Result<()> {
+) -> Result<Listed> {
     // Service names are short: the size is asked only when the listing may have grown
     // unseen, or a listing failed.
     let known = (!ask.unsure).then_some(0);
@@ -520,18 +549,19 @@ async fn relist(
     let subs = {
         let mut data = lock(&root.data);
         if data.generation != ask.generation {
-            return Ok(());
+            return Ok(Listed::Superseded);
         }
         data.listed = true;
         data.subs.clone()
     };
     let mut jobs = Vec::new();
     for sub in &subs {
+        host.detach_gone(sub, &services);
         for svc in &services {
             if !lock(&sub.attached).0.contains(svc) {
                 let Some(job) = host.attach(sub, svc) else {
                     // The registry is gone.
-                    return Ok(());
+                    return Ok(Listed::Superseded);
                 };
                 jobs.push(job);
             }
@@ -546,10 +576,14 @@ async fn relist(
     match first_error {
         Some(e) => Err(e),
         None => {
-            if lock(&root.data).generation == ask.generation {
-                host.all_attached();
+            // Checked and marked under the root's lock, so a new session's task cannot take
+            // over in between.
+            let data = lock(&root.data);
+            if data.generation != ask.generation {
+                return Ok(Listed::Superseded);
             }
-            Ok(())
+            host.all_attached();
+            Ok(Listed::Attached)
         }
     }
 }
@@ -593,4 +627,121 @@ pub(crate) async fn after(previous: Option<JoinHandle<()>>, task: impl Future<Ou
         let _ = p.await;
     }
     task.await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use registry_core::keeper::{ListKeeper, Scope};
+    use registry_core::{Url, encode};
+    use registry_test_servers::{Kind, shared_address};
+    use tokio::sync::{Semaphore, watch};
+
+    use super::*;
+    use crate::session::READ_UNITS;
+    use crate::watches::WatchData;
+
+    fn ctx(closing: watch::Receiver<bool>) -> Ctx {
+        Ctx {
+            label: "zookeeper://test".to_owned(),
+            root: "/".to_owned(),
+            timeout: Duration::from_secs(5),
+            permits: Arc::new(Semaphore::new(READ_UNITS as usize)),
+            closing,
+        }
+    }
+
+    /// A read by the task of an older session, after a new session's task took the path
+    /// over (the window in which a subscribe used to return before its first list): the
+    /// keeper does not take it, and the task must not answer that the list was read. The
+    /// new session's task then reads it, and says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_a_newer_task_took_over_is_not_reported_as_read() {
+        let Some(addr) = shared_address(Kind::Zookeeper, "a_read_a_newer_task_took_over") else {
+            return;
+        };
+        let client = Arc::new(
+            zk::Client::connector()
+                .with_session_timeout(Duration::from_secs(10))
+                .connect(&addr)
+                .await
+                .expect("connect"),
+        );
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = format!(
+            "/zk-superseded-{}-{:x}/com.foo.S/providers",
+            std::process::id(),
+            t & 0xffff_ffff
+        );
+        let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        client.mkdir(&path, &options).await.expect("mkdir");
+        let entry: Url = "dubbo://10.0.0.1:20880/com.foo.S".parse().expect("url");
+        let node = format!("{path}/{}", encode(&entry.to_full_string()));
+        let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+        client.create(&node, &[], &ephemeral).await.expect("create");
+
+        let keeper = ListKeeper::new("test");
+        let scope = Scope::category("com.foo.S", "providers");
+        let w = Arc::new(Watch {
+            path: path.clone(),
+            service: "com.foo.S".to_owned(),
+            category: "providers".to_owned(),
+            scope: scope.clone(),
+            keeper: keeper.clone(),
+            feed: Arc::new(Mutex::new(())),
+            // A task of generation 2 feeds the path now.
+            data: Mutex::new(WatchData {
+                generation: 2,
+                primed: false,
+                ready: false,
+                read_once: false,
+                bytes: 0,
+            }),
+        });
+        let (_closing, closing) = watch::channel(false);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let old = tokio::spawn(run(
+            Job::List(w.clone()),
+            Arc::downgrade(&client),
+            1,
+            rx,
+            ctx(closing.clone()),
+        ));
+        let said = answer("test", &path, send_cmd(Some(tx.clone()), false, false)).await;
+        assert!(
+            said.is_err(),
+            "the old task said the list was read, yet the keeper did not take it (loaded: {})",
+            keeper.is_loaded(&scope)
+        );
+        assert!(!keeper.is_loaded(&scope));
+        // It stopped: a newer task owns the path.
+        tokio::time::timeout(Duration::from_secs(5), old)
+            .await
+            .expect("the old task ended")
+            .expect("the old task did not panic");
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let new = tokio::spawn(run(
+            Job::List(w.clone()),
+            Arc::downgrade(&client),
+            2,
+            rx,
+            ctx(closing),
+        ));
+        answer("test", &path, send_cmd(Some(tx.clone()), false, false))
+            .await
+            .expect("the new task read the list");
+        assert!(keeper.is_loaded(&scope));
+        assert_eq!(
+            keeper.entries(&scope),
+            vec![("com.foo.S".to_owned(), "providers".to_owned(), entry)]
+        );
+        drop(tx);
+        let _ = new.await;
+        let _ = client.delete(&node, None).await;
+    }
 }

@@ -139,15 +139,19 @@ impl Watch {
     }
 
     /// Feeds a read (`None`: the node does not exist) and the events that arrived with it.
+    /// Returns whether the keeper took it: not when the task of `generation` no longer feeds
+    /// this path (a new session's task took over, or the watch was dropped), in which case
+    /// nobody may be told the list was read.
+    #[must_use]
     pub(crate) fn replace(
         &self,
         generation: u64,
         read: Option<(Vec<String>, i64)>,
         batch: &[zk::WatchedEvent],
-    ) {
+    ) -> bool {
         let mut data = lock(&self.data);
         if data.generation != generation {
-            return;
+            return false;
         }
         let (names, pzxid) = read.unwrap_or_default();
         data.bytes = names.iter().map(|n| n.len() as u64 + 4).sum();
@@ -166,6 +170,7 @@ impl Watch {
         self.feed(&mut data, batch);
         data.primed = true;
         data.read_once = true;
+        true
     }
 }
 

@@ -319,10 +319,32 @@ pub fn run_keeper_ops(ops: &[KeeperOp]) -> Result<(), String> {
             .check(&subs, &keeper)
             .map_err(|e| format!("after step {step} ({op_text}): {e}"))?;
         let held: usize = model.topics.values().map(BTreeSet::len).sum();
-        if keeper.stats().entries != held {
+        let stats = keeper.stats();
+        if stats.entries != held {
             return Err(format!(
                 "after step {step}: the keeper holds {} entries, the model {held}",
-                keeper.stats().entries
+                stats.entries
+            ));
+        }
+        // Nothing is kept for a (service, category) that holds no entry, unless a live
+        // subscription names it (an `interface=*` one names none).
+        let mut allowed: BTreeSet<(String, String)> = model
+            .topics
+            .iter()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|((s, c), _)| (SERVICES[*s].to_owned(), CATEGORIES[*c].to_owned()))
+            .collect();
+        for sub in subs.iter().filter(|s| s.url.service_interface() != "*") {
+            for c in sub.url.categories() {
+                allowed.insert((sub.url.service_interface().to_owned(), c));
+            }
+        }
+        if stats.topics > allowed.len() {
+            return Err(format!(
+                "after step {step}: the keeper keeps {} (service, category) pairs, at most {} \
+                 hold entries or are named by a subscription: {allowed:?}",
+                stats.topics,
+                allowed.len()
             ));
         }
     }
