@@ -34,13 +34,25 @@ type Key = (String, String);
 /// The lists of one delivery, one per (service, category): a plain vector while there are
 /// few (most subscriptions have one to four categories: no hashing, no spare buckets), a map
 /// beyond [`FEW`] (`interface=*` subscriptions of many services).
+///
+/// Beyond [`FEW`], the lists last delivered empty are kept only for the [`KEPT_EMPTY`] most
+/// recent (service, category) pairs: an `interface=*` subscription is told an empty list for
+/// every service that leaves, and would otherwise hold one for every service name it ever saw.
+/// A pair forgotten that way is treated as never delivered (what matters of it, that it holds
+/// nothing, is what a listener assumes of a service it was never told about; the keeper,
+/// upstream, still ignores older reads of it).
 #[derive(Default)]
 struct Lists {
     few: Vec<Tagged>,
     many: HashMap<Key, Tagged>,
+    /// The pairs of `many` delivered empty, oldest first (a pair may appear more than once,
+    /// and may hold a non-empty list by now: both are checked when it is taken off).
+    empties: VecDeque<Key>,
 }
 
 const FEW: usize = 16;
+/// How many pairs delivered empty a delivery of many pairs keeps (see [`Lists`]).
+const KEPT_EMPTY: usize = 256;
 
 impl Lists {
     fn get(&self, service: &str, category: &str) -> Option<&Tagged> {
@@ -65,21 +77,40 @@ impl Lists {
     }
 
     fn insert(&mut self, t: Tagged) {
+        if !self.many.is_empty() {
+            self.insert_many(t);
+            return;
+        }
         if let Some(slot) = self.get_mut(&t.n.service, &t.n.category) {
             *slot = t;
             return;
         }
-        if self.many.is_empty() && self.few.len() < FEW {
+        if self.few.len() < FEW {
             self.few.reserve_exact(1);
             self.few.push(t);
             return;
         }
-        for old in self.few.drain(..) {
-            self.many
-                .insert((old.n.service.clone(), old.n.category.clone()), old);
+        for old in std::mem::take(&mut self.few) {
+            self.insert_many(old);
         }
-        self.many
-            .insert((t.n.service.clone(), t.n.category.clone()), t);
+        self.insert_many(t);
+    }
+
+    fn insert_many(&mut self, t: Tagged) {
+        let key = (t.n.service.clone(), t.n.category.clone());
+        if t.n.is_empty() {
+            self.empties.push_back(key.clone());
+        }
+        self.many.insert(key, t);
+        while self.empties.len() > KEPT_EMPTY {
+            let Some(old) = self.empties.pop_front() else {
+                break;
+            };
+            // Only if it is still empty and this is its latest place in the queue.
+            if self.many.get(&old).is_some_and(|t| t.n.is_empty()) && !self.empties.contains(&old) {
+                self.many.remove(&old);
+            }
+        }
     }
 
     fn values(&self) -> impl Iterator<Item = &Tagged> {

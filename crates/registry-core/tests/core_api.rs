@@ -220,6 +220,64 @@ async fn delivery_drops_stale_and_coalesces_for_a_slow_listener() {
     assert_eq!(seen.lock().unwrap().last(), Some(&50));
 }
 
+/// An `interface=*` subscription is told about every service that comes and goes: its
+/// delivery keeps the lists of the services that hold entries, and only a bounded number of
+/// those that went empty, however many names churn through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_keeps_a_bounded_number_of_empty_lists() {
+    let rec = Recorder::new();
+    let d = Delivery::spawn(rec.listener(), DeliveryOptions::default());
+    let list = |service: &str, rev: u64, entries: bool| {
+        let urls = if entries {
+            vec![provider(service, 1, "")]
+        } else {
+            vec![url(&format!("empty://h/{service}?category=providers"))]
+        };
+        Notification::new(service, "providers", urls, rev, Source::Live)
+    };
+    // Ten services that stay.
+    for i in 0..10 {
+        d.push(list(&format!("Stay{i}"), 1, true));
+    }
+    // 5,000 that appear, and leave.
+    for i in 0..5_000u64 {
+        let s = format!("Churn{i}");
+        d.push(list(&s, 2 * i + 1, true));
+        d.push(list(&s, 2 * i + 2, false));
+    }
+    d.flush().await;
+    let held = d.last_delivered();
+    assert!(
+        held.len() <= 10 + 256,
+        "{} lists held after 5,000 services came and went",
+        held.len()
+    );
+    for i in 0..10 {
+        let s = format!("Stay{i}");
+        let n = d
+            .last_delivered_for(&s, "providers")
+            .expect("a staying service's list");
+        assert_eq!(n.entries().count(), 1, "{s} keeps its entry");
+    }
+    // The latest services to leave are still known as empty: a repeat is not news.
+    let before = rec.all().len();
+    d.push(list("Churn4999", 10_000, false));
+    d.flush().await;
+    assert_eq!(
+        rec.all().len(),
+        before,
+        "a repeated empty list of a recent service is not news"
+    );
+    // A service that comes back is delivered again.
+    d.push(list("Churn0", 20_000, true));
+    d.flush().await;
+    assert_eq!(
+        d.last_delivered_for("Churn0", "providers")
+            .map(|n| n.entries().count()),
+        Some(1)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_takes_live_after_cache_and_skips_repeats() {
     let rec = Recorder::new();

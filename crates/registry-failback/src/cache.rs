@@ -184,7 +184,12 @@ impl Cache {
 
     /// Records a live list of the subscription with service key `key`. A list read from the
     /// file is always replaced; a live one only by a list of the same or a newer revision.
-    pub(crate) fn update(&self, key: &str, n: &Notification) {
+    ///
+    /// With `forget_empty` (an `interface=*` subscription, told about every service that
+    /// comes and goes), an empty list removes the service's list instead, here and in the
+    /// file, so neither grows with every service name ever seen: a service the cache does not
+    /// name is one with no entries, which is what the empty list said.
+    pub(crate) fn update(&self, key: &str, n: &Notification, forget_empty: bool) {
         if n.source != Source::Live {
             return;
         }
@@ -202,7 +207,11 @@ impl Cache {
             {
                 return;
             }
-            m.insert(slot, list);
+            if forget_empty && n.is_empty() {
+                m.remove(&slot);
+            } else {
+                m.insert(slot, list);
+            }
             if self.file.is_some() {
                 st.dirty
                     .insert((key.to_owned(), n.service.clone(), n.category.clone()));
@@ -302,11 +311,16 @@ impl Cache {
             let (taken, lists) = {
                 let mut st = lock(&state);
                 let taken = std::mem::take(&mut st.dirty);
-                let lists: Vec<(ListKey, Held)> = taken
+                // A changed list no longer held was forgotten (`update`): `None` removes it
+                // from the file.
+                let lists: Vec<(ListKey, Option<Held>)> = taken
                     .iter()
-                    .filter_map(|k| {
-                        let h = st.lists.get(&k.0)?.get(&(k.1.clone(), k.2.clone()))?;
-                        Some((k.clone(), h.clone()))
+                    .map(|k| {
+                        let h = st
+                            .lists
+                            .get(&k.0)
+                            .and_then(|m| m.get(&(k.1.clone(), k.2.clone())));
+                        (k.clone(), h.cloned())
                     })
                     .collect();
                 (taken, lists)
@@ -406,12 +420,12 @@ fn open_lock_file(path: &Path) -> std::io::Result<File> {
 }
 
 /// Under the file's lock: reads the file, puts `lists` in it (replacing the same lists,
-/// keeping every other) and replaces it durably.
+/// removing those given as `None`, keeping every other) and replaces it durably.
 fn write_merged(
     path: &Path,
     label: &str,
     identity: &str,
-    lists: Vec<(ListKey, Held)>,
+    lists: Vec<(ListKey, Option<Held>)>,
     w: &mut WriterState,
 ) -> Result<(), String> {
     let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -465,6 +479,15 @@ fn write_merged(
     label.clone_into(&mut file.registry);
     identity.clone_into(&mut file.identity);
     for ((key, service, category), held) in lists {
+        let Some(held) = held else {
+            if let Some(saved) = file.services.get_mut(&key) {
+                saved.retain(|l| l.service != service || l.category != category);
+                if saved.is_empty() {
+                    file.services.remove(&key);
+                }
+            }
+            continue;
+        };
         let list = CachedList {
             service,
             category,

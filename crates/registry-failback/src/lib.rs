@@ -88,6 +88,8 @@ struct Forward {
     delivery: Arc<Delivery>,
     cache: Arc<Cache>,
     service_key: String,
+    /// An `interface=*` subscription: the cache forgets the services it is told are empty.
+    wildcard: bool,
 }
 
 impl Forward {
@@ -106,7 +108,7 @@ impl NotifyListener for Forward {
         let active = self.active.read().unwrap_or_else(|p| p.into_inner());
         if *active {
             *lock(&self.pushed_at) = Some(Instant::now());
-            self.cache.update(&self.service_key, &n);
+            self.cache.update(&self.service_key, &n, self.wildcard);
             self.delivery.push(n);
         }
     }
@@ -1262,6 +1264,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                         delivery: delivery.clone(),
                         cache: s.cache.clone(),
                         service_key: url.service_key(),
+                        wildcard: url.service_interface() == registry_core::url::ANY_VALUE,
                     });
                     let raw_listener: Arc<dyn NotifyListener> = forward.clone();
                     let sub = Arc::new(Sub {

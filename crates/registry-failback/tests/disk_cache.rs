@@ -422,3 +422,77 @@ async fn a_writer_killed_during_a_save_leaves_the_previous_file() {
         "strays removed"
     );
 }
+
+/// An `interface=*` subscription is told about every service that comes and goes: the cache
+/// file keeps the lists of the services that hold entries, and forgets those that leave, so
+/// it does not grow with every service name ever seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_subscription_cache_forgets_services_that_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = in_dir(dir.path(), "memory://cache-wildcard", "");
+    let file = file_of(&url);
+    let fb = FailbackRegistry::new(Arc::new(MemoryRegistry::new(url.clone()))).unwrap();
+    let rec = Recorder::new();
+    let stay_service = unique_service("Stay");
+    let stay = provider(&stay_service, 1, "");
+    // Registered through another registry of the same store, which outlives `fb` (whose
+    // destroy unregisters what it registered).
+    let other = MemoryRegistry::new(url.clone());
+    other.register(&stay).await.unwrap();
+    fb.subscribe(&consumer("*", ""), rec.listener())
+        .await
+        .unwrap();
+    // The services of the wildcard subscription's lists in the file.
+    let names = |f: &Path| -> Option<Vec<String>> {
+        let f = read_cache_file(f).ok()??;
+        Some(
+            f.services
+                .get("*")?
+                .iter()
+                .map(|l| l.service.clone())
+                .collect(),
+        )
+    };
+    let churned: Vec<String> = (0..40).map(|_| unique_service("Churn")).collect();
+    for s in &churned {
+        let p = provider(s, 1, "");
+        fb.register(&p).await.unwrap();
+        rec.wait_for_entries(s, "providers", std::slice::from_ref(&p), DEADLINE)
+            .await;
+        wait_until("the cache file to hold the new service", DEADLINE, || {
+            let ok = names(&file).is_some_and(|n| n.contains(s));
+            async move { ok }
+        })
+        .await;
+        fb.unregister(&p).await.unwrap();
+        rec.wait_for_entries(s, "providers", &[], DEADLINE).await;
+    }
+    wait_until(
+        "the cache file to forget the services that left",
+        DEADLINE,
+        || {
+            let held = names(&file).unwrap_or_default();
+            let ok = held.iter().all(|s| !churned.contains(s)) && held.contains(&stay_service);
+            async move { ok }
+        },
+    )
+    .await;
+    fb.destroy().await;
+    // A cold start is told the service that stayed, and none of those that left.
+    let faulty = FaultyRegistry::new(Arc::new(MemoryRegistry::new(
+        format!("{}&check=false&retry.period=60000", url.to_full_string())
+            .parse()
+            .unwrap(),
+    )));
+    faulty.disconnect();
+    let fb = FailbackRegistry::new(faulty.clone()).unwrap();
+    let rec = Recorder::new();
+    fb.subscribe(&consumer("*", "pid=99"), rec.listener())
+        .await
+        .unwrap();
+    let told: Vec<String> = rec.all().iter().map(|n| n.service.clone()).collect();
+    assert!(told.contains(&stay_service), "told {told:?}");
+    assert!(told.iter().all(|s| !churned.contains(s)), "told {told:?}");
+    fb.destroy().await;
+    other.destroy().await;
+}
