@@ -102,14 +102,39 @@ impl Lists {
             self.empties.push_back(key.clone());
         }
         self.many.insert(key, t);
+        self.trim_empties();
+    }
+
+    /// Lets go of the oldest pairs delivered empty beyond [`KEPT_EMPTY`].
+    fn trim_empties(&mut self) {
         while self.empties.len() > KEPT_EMPTY {
             let Some(old) = self.empties.pop_front() else {
                 break;
             };
-            // Only if it is still empty and this is its latest place in the queue.
-            if self.many.get(&old).is_some_and(|t| t.n.is_empty()) && !self.empties.contains(&old) {
+            // Only if it is still empty (or kept by empty protection) and this is its latest
+            // place in the queue.
+            if self
+                .many
+                .get(&old)
+                .is_some_and(|t| t.n.is_empty() || t.protected)
+                && !self.empties.contains(&old)
+            {
                 self.many.remove(&old);
             }
+        }
+    }
+
+    /// Empty protection kept the list of (`service`, `category`) instead of an empty one: it
+    /// ages out like a list delivered empty (the service left).
+    fn protect(&mut self, service: &str, category: &str) {
+        let Some(t) = self.get_mut(service, category).filter(|t| !t.protected) else {
+            return;
+        };
+        t.protected = true;
+        if !self.many.is_empty() {
+            let key = (service.to_owned(), category.to_owned());
+            self.empties.push_back(key);
+            self.trim_empties();
         }
     }
 
@@ -132,6 +157,9 @@ pub struct DeliveryOptions {
 struct Tagged {
     n: Notification,
     epoch: u64,
+    /// Kept in place of an empty `providers` list by empty protection (in `Lists`, it ages out
+    /// like a list delivered empty).
+    protected: bool,
 }
 
 struct State {
@@ -261,7 +289,11 @@ impl Delivery {
                 return;
             }
             st.enqueued += 1;
-            let new = Tagged { n, epoch: st.epoch };
+            let new = Tagged {
+                n,
+                epoch: st.epoch,
+                protected: false,
+            };
             let at = st
                 .pending
                 .iter()
@@ -298,7 +330,14 @@ impl Delivery {
                 return;
             }
             st.enqueued += 1;
-            (Tagged { n, epoch: st.epoch }, st.enqueued)
+            (
+                Tagged {
+                    n,
+                    epoch: st.epoch,
+                    protected: false,
+                },
+                st.enqueued,
+            )
         };
         if admit(&self.inner, &t) {
             let listener = &self.inner.listener;
@@ -602,6 +641,7 @@ fn admit(inner: &Inner, t: &Tagged) -> bool {
                 service = %n.service,
                 "empty protection: kept the previous providers list instead of an empty one"
             );
+            st.last.protect(&n.service, &n.category);
             return false;
         }
     }

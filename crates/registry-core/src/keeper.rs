@@ -265,6 +265,12 @@ struct State {
     retired: HashMap<TopicKey, (u64, u64)>,
     retired_order: VecDeque<(TopicKey, u64)>,
     retired_seq: u64,
+    /// The store numbers every change in one sequence and a read carries the revision it was
+    /// taken at (etcd), see [`ListKeeper::with_global_revisions`].
+    global_revisions: bool,
+    /// With `global_revisions`: the highest mark let go of from `retired`; a pair with no
+    /// mark takes it as its mark.
+    evicted_floor: u64,
 }
 
 /// How many marks of dropped (service, category) pairs are kept (see `State::retired`).
@@ -309,6 +315,19 @@ impl ListKeeper {
                 order: Mutex::new(()),
             }),
         }
+    }
+
+    /// An empty keeper for a store whose revisions are one sequence for the whole store,
+    /// where a read carries the revision it was taken at (etcd's header revision; not
+    /// ZooKeeper, whose `pzxid` of a list that did not change for long is old whatever the
+    /// time of the read). The marks of dropped pairs are kept for the last 1,024 pairs only;
+    /// with this, a read older than the highest mark let go of is ignored for every pair
+    /// without a mark, so a read taken before a removal and fed after more than 1,024 other
+    /// pairs were dropped still cannot bring entries back.
+    pub fn with_global_revisions(label: impl Into<String>) -> ListKeeper {
+        let keeper = ListKeeper::new(label);
+        lock(&keeper.inner.state).global_revisions = true;
+        keeper
     }
 
     /// Runs `f` on the state, then pushes the lists it collected, in the order the changes
@@ -620,6 +639,7 @@ impl State {
             .get(key)
             .or_else(|| self.retired.get(key).map(|(m, _)| m))
             .copied()
+            .or((self.global_revisions && self.evicted_floor > 0).then_some(self.evicted_floor))
     }
 
     fn mark(&mut self, service: &str, category: &str, revision: u64) {
@@ -645,8 +665,10 @@ impl State {
                 break;
             };
             // Only when it was not retired again (or revived) since.
-            if self.retired.get(&old).is_some_and(|(_, s)| *s == seq) {
-                self.retired.remove(&old);
+            if self.retired.get(&old).is_some_and(|(_, s)| *s == seq)
+                && let Some((m, _)) = self.retired.remove(&old)
+            {
+                self.evicted_floor = self.evicted_floor.max(m);
             }
         }
     }

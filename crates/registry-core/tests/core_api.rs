@@ -278,6 +278,49 @@ async fn delivery_keeps_a_bounded_number_of_empty_lists() {
     );
 }
 
+/// With empty protection, the list kept in place of an empty one of a service that left
+/// ages out like an empty list: the delivery stays bounded however many names churn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_with_empty_protection_keeps_a_bounded_number_of_kept_lists() {
+    let rec = Recorder::new();
+    let d = Delivery::spawn(
+        rec.listener(),
+        DeliveryOptions {
+            empty_protection: true,
+            label: "protected".into(),
+        },
+    );
+    for i in 0..3_000u64 {
+        let s = format!("Churn{i}");
+        d.push(Notification::new(
+            s.as_str(),
+            "providers",
+            vec![provider(&s, 1, "")],
+            2 * i + 1,
+            Source::Live,
+        ));
+        // Delivered before it goes (else the two coalesce, and the empty one is news).
+        d.flush().await;
+        d.push(Notification::new(
+            s.as_str(),
+            "providers",
+            vec![url(&format!("empty://h/{s}?category=providers"))],
+            2 * i + 2,
+            Source::Live,
+        ));
+    }
+    d.flush().await;
+    let held = d.last_delivered();
+    assert!(held.len() <= 256 + 16, "{} lists held", held.len());
+    // The most recent service that left still has its list kept by the protection.
+    let last = d
+        .last_delivered_for("Churn2999", "providers")
+        .expect("kept");
+    assert_eq!(last.entries().count(), 1);
+    // No listener call was an empty providers list.
+    assert!(rec.all().iter().all(|n| !n.is_empty()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_takes_live_after_cache_and_skips_repeats() {
     let rec = Recorder::new();

@@ -167,3 +167,57 @@ fn churned_service_names_do_not_grow_the_keeper() {
         .collect();
     assert_eq!(again, [("providers", 1, false)]);
 }
+
+/// With revisions that number the whole store (etcd), a read of a dropped pair taken before
+/// its removal and fed after more than 1,024 other pairs were dropped (its own mark let go
+/// of) still does not bring the entry back; a later read, and a new pair, are taken.
+#[test]
+fn an_old_read_of_a_long_dropped_pair_is_ignored_with_global_revisions() {
+    use std::sync::Arc;
+
+    use registry_core::Url;
+    use registry_core::delivery::{Delivery, DeliveryOptions};
+    use registry_core::keeper::{ListKeeper, Scope};
+    use registry_core::testkit::Recorder;
+
+    let keeper = ListKeeper::with_global_revisions("global");
+    keeper.replace(&Scope::Root, [], 1);
+    let rec = Recorder::new();
+    let all: Url = "consumer://10.9.9.9/*?category=providers".parse().unwrap();
+    keeper.subscribe(
+        &all,
+        Arc::new(Delivery::inline(rec.listener(), DeliveryOptions::default())),
+    );
+    let entry = |i: usize| -> Url {
+        format!("dubbo://10.0.0.1:1/com.churn.S{i}")
+            .parse()
+            .unwrap()
+    };
+    let mut rev = 1;
+    for i in 0..1100 {
+        let service = format!("com.churn.S{i}");
+        rev += 1;
+        keeper.put(&service, "providers", entry(i), rev);
+        rev += 1;
+        keeper.remove(&service, "providers", &entry(i), rev);
+    }
+    // S0 was put at 2 and removed at 3; a read of it taken at 2 arrives now.
+    let scope = Scope::category("com.churn.S0", "providers");
+    keeper.replace(
+        &scope,
+        [("com.churn.S0".into(), "providers".into(), entry(0))],
+        2,
+    );
+    assert_eq!(keeper.stats().entries, 0, "{:?}", keeper.stats());
+    // A read taken now holds it again: taken.
+    keeper.replace(
+        &scope,
+        [("com.churn.S0".into(), "providers".into(), entry(0))],
+        rev + 1,
+    );
+    assert_eq!(keeper.stats().entries, 1, "{:?}", keeper.stats());
+    // A service never seen before, first heard of at a new revision: taken.
+    let fresh: Url = "dubbo://10.0.0.1:1/com.fresh.F".parse().unwrap();
+    keeper.put("com.fresh.F", "providers", fresh, rev + 2);
+    assert_eq!(keeper.stats().entries, 2, "{:?}", keeper.stats());
+}

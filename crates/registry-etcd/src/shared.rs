@@ -95,7 +95,7 @@ impl Inner {
     pub fn new(url: Url, opts: Options, cmds: mpsc::UnboundedSender<Cmd>, first: i64) -> Inner {
         let label = url.to_identity_string_redacted();
         Inner {
-            keeper: ListKeeper::new(label.clone()),
+            keeper: ListKeeper::with_global_revisions(label.clone()),
             label,
             url,
             clients: RwLock::new(None),

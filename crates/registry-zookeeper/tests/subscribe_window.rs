@@ -55,6 +55,10 @@ async fn subscribe_once(
             outcomes.ok.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => {
+            assert!(
+                e.is_retryable(),
+                "a subscribe failing in a session change fails with an error the reliability layer retries: {e}"
+            );
             tracing::debug!(error = %e, "subscribe failed in the window");
             outcomes.failed.fetch_add(1, Ordering::Relaxed);
             // No session yet: try again in a moment rather than spin.
