@@ -64,9 +64,9 @@ impl RootHost for Host {
         Some(Box::pin(inner.attach_service(sub, service, false)))
     }
 
-    fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String]) {
+    fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String], generation: u64) {
         if let Some(inner) = self.0.upgrade() {
-            inner.detach_gone(sub, listed);
+            inner.detach_gone(sub, listed, generation);
         }
     }
 
@@ -400,9 +400,18 @@ impl Inner {
     /// longer under the root (`listed`: the services listed, sorted), so a service that goes
     /// leaves no watch, task or state behind. Its lists are emptied first (the service node
     /// is gone, so are its entries, whether or not their deletes were seen).
-    pub(crate) fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String]) {
+    pub(crate) fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String], generation: u64) {
         let is_listed = |s: &str| listed.binary_search_by(|l| l.as_str().cmp(s)).is_ok();
         let mut st = lock(&self.state);
+        // The listing is still the current root task's (checked under the state lock, then
+        // the root's, the lock order): an older task's listing must not take services off.
+        if st
+            .root
+            .as_ref()
+            .is_none_or(|r| lock(&r.root.data).generation != generation)
+        {
+            return;
+        }
         let gone: Vec<String> = {
             let mut attached = lock(&sub.attached);
             attached.0.retain(|s| is_listed(s));

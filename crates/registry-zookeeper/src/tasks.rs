@@ -35,8 +35,9 @@ pub(crate) trait RootHost: Send + Sync {
     ) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>;
 
     /// Takes the wildcard subscription `sub` off the services no longer under the root
-    /// (`listed`: the services listed, sorted); see `Inner::detach_gone`.
-    fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String]);
+    /// (`listed`: the services listed, sorted, by the root task of `generation`; nothing is
+    /// done when another task took the root over since); see `Inner::detach_gone`.
+    fn detach_gone(&self, sub: &Arc<Sub>, listed: &[String], generation: u64);
 
     /// Every service listed is attached to every wildcard subscription: their lists can go
     /// out.
@@ -556,7 +557,7 @@ async fn relist(
     };
     let mut jobs = Vec::new();
     for sub in &subs {
-        host.detach_gone(sub, &services);
+        host.detach_gone(sub, &services, ask.generation);
         for svc in &services {
             if !lock(&sub.attached).0.contains(svc) {
                 let Some(job) = host.attach(sub, svc) else {
