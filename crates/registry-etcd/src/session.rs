@@ -49,7 +49,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -833,6 +833,11 @@ struct Live {
     create_due: Option<Instant>,
     /// The deadline of one step ([`Inner::step_timeout`]) when the connection was made.
     step: Duration,
+    /// When the reader task took the stream's last message off the stream, in milliseconds
+    /// after `started` (0: none yet): the stream's progress, also while the session task is
+    /// busy elsewhere and that message waits in `watch_rx`.
+    last_message: Arc<AtomicU64>,
+    started: Instant,
     _reader: AbortOnDrop,
     keeper: AbortOnDrop,
 }
@@ -841,9 +846,14 @@ impl Live {
     fn start(inner: &Arc<Inner>, s: Streams) -> Live {
         let (watch_tx, watch_rx) = mpsc::unbounded_channel();
         let mut watch = s.watch;
+        let started = Instant::now();
+        let last_message = Arc::new(AtomicU64::new(0));
+        let last = last_message.clone();
         let reader = tokio::spawn(async move {
             loop {
                 let m = watch.message().await;
+                let at = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                last.store(at.max(1), Ordering::Release);
                 let end = !matches!(m, Ok(Some(_)));
                 if watch_tx.send(m).is_err() || end {
                     return;
@@ -864,6 +874,8 @@ impl Live {
             pending: VecDeque::new(),
             create_due: None,
             step: inner.step_timeout(),
+            last_message,
+            started,
             _reader: AbortOnDrop(reader.abort_handle()),
             keeper,
         }
@@ -913,6 +925,32 @@ impl Live {
     /// The watch stream delivered a message: the creates still unanswered get a new step.
     fn stream_progress(&mut self) {
         self.create_due = (!self.pending.is_empty()).then(|| Instant::now() + self.step);
+    }
+
+    /// The deadline of the unanswered creates passed as the session task saw it: whether it
+    /// really did. The stream may have delivered since (its messages, the answers perhaps
+    /// among them, wait in `watch_rx` while the session task was busy elsewhere): the
+    /// deadline counts from the stream's last message, so it is pushed back and the waiting
+    /// messages are handled first. `false`: nothing came for a step, the member is left.
+    fn creates_overdue(&mut self) -> bool {
+        if self.pending.is_empty() {
+            self.create_due = None;
+            return false;
+        }
+        let now = Instant::now();
+        if !self.watch_rx.is_empty() {
+            self.create_due = Some(now + self.step);
+            return false;
+        }
+        let last = self.last_message.load(Ordering::Acquire);
+        if last > 0 {
+            let due = self.started + Duration::from_millis(last) + self.step;
+            if due > now {
+                self.create_due = Some(due);
+                return false;
+            }
+        }
+        true
     }
 
     /// The lease is gone (or its sentinel was deleted by hand, `revoke`), the connection is
@@ -1178,10 +1216,14 @@ async fn connected(
         };
         let step = tokio::select! {
             _ = stopped(shutdown) => Err(Exit::Shutdown),
-            _ = unanswered => Err(Exit::Down(format!(
-                "etcd answered no watch creation for {:?}",
-                live.step
-            ))),
+            _ = unanswered => if live.creates_overdue() {
+                Err(Exit::Down(format!(
+                    "etcd answered no watch creation for {:?}",
+                    live.step
+                )))
+            } else {
+                Ok(())
+            },
             m = live.keep_alive_rx.recv() => match m {
                 Some(KeepAlive::Renewed) => {
                     flags.renewed = Instant::now();
