@@ -305,7 +305,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
     let mut need_auth = false;
     // Failures in a row; each moves to the next member, at once until every member failed.
     let mut failures: usize = 0;
-    let mut reads = Reads::new();
+    let mut reads = Reads::new(&inner);
     let mut resync_all = false;
     loop {
         if *shutdown.borrow() {
@@ -332,7 +332,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                         reads.spawn(&inner, *id, w, Purpose::Resync, Duration::ZERO);
                     }
                 }
-                if let Err(reason) = arm_all(&inner, &mut live, generation).await {
+                if let Err(reason) = arm_all(&inner, &mut live, &mut reads, generation).await {
                     Failure::Down(reason)
                 } else {
                     inner.available.store(true, Ordering::Release);
@@ -773,7 +773,14 @@ async fn put_sentinel(
 
 /// Creates every watch not yet created on stream `generation`, each from its revision + 1
 /// (a watch whose prefix is being read again is created when that read is done).
-async fn arm_all(inner: &Inner, live: &mut Live, generation: u64) -> Result<(), String> {
+/// A refused watch is created again here too: its pending retry is stopped (a refusal starts
+/// a new one), so a watch has one retry at most however often the stream is opened again.
+async fn arm_all(
+    inner: &Inner,
+    live: &mut Live,
+    reads: &mut Reads,
+    generation: u64,
+) -> Result<(), String> {
     let requests: Vec<(i64, String, i64)> = {
         let mut watches = lock(&inner.watches);
         watches
@@ -786,6 +793,9 @@ async fn arm_all(inner: &Inner, live: &mut Live, generation: u64) -> Result<(), 
             })
             .collect()
     };
+    for (id, ..) in &requests {
+        reads.stop_retry(*id);
+    }
     for (id, prefix, from) in requests {
         tracing::debug!(registry = %inner.label, id, prefix, from, "watching");
         live.create_watch(id, prefix, from).await?;
@@ -1118,6 +1128,12 @@ enum Purpose {
 struct ReadDone {
     id: i64,
     purpose: Purpose,
+    /// The retry's sequence number ([`Purpose::Retry`]; 0 otherwise).
+    seq: u64,
+    /// Whether it was read again after a failure (a delayed retry).
+    again: bool,
+    /// A retry counts as pending until its read is applied (or it is aborted).
+    _pending: Option<AliveGuard>,
     result: Result<(Entries, i64), (Error, Kind)>,
 }
 
@@ -1131,13 +1147,39 @@ pub(crate) struct Reads {
     rereads: usize,
     /// Failed resync reads of a watch in a row (for the delay before the next).
     retries: HashMap<i64, u32>,
+    /// The one pending retry of each refused watch: its sequence number (a reported read of
+    /// an older one is stale and dropped) and its task (aborted when the watch is created
+    /// again, cancelled, retried anew, or the session ends).
+    refused: HashMap<i64, (u64, tokio::task::AbortHandle)>,
+    /// The sequence number of the last retry started.
+    refused_seq: u64,
+    /// Retries of refused watches pending: started, and their read not yet applied (for
+    /// tests: each chain of retries of a watch counts one).
+    alive_retries: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Reads {
+    fn drop(&mut self) {
+        for (_, (_, task)) in self.refused.drain() {
+            task.abort();
+        }
+    }
+}
+
+/// Counts a retry as pending until dropped (its task aborted, or its read applied).
+struct AliveGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How many prefixes are read at once by resyncs and the periodic re-read.
 const READ_CONCURRENCY: usize = 4;
 
 impl Reads {
-    fn new() -> Reads {
+    fn new(inner: &Inner) -> Reads {
         let (tx, rx) = mpsc::unbounded_channel();
         Reads {
             tx,
@@ -1145,6 +1187,29 @@ impl Reads {
             limit: Arc::new(Semaphore::new(READ_CONCURRENCY)),
             rereads: 0,
             retries: HashMap::new(),
+            refused: HashMap::new(),
+            refused_seq: 0,
+            alive_retries: inner.refused_retries.clone(),
+        }
+    }
+
+    /// Stops the pending retry of refused watch `id`, if any (the watch was created again,
+    /// cancelled, or gets a new retry).
+    fn stop_retry(&mut self, id: i64) {
+        if let Some((_, task)) = self.refused.remove(&id) {
+            task.abort();
+        }
+    }
+
+    /// Whether `done` is the report of the current retry of its watch (and forgets that
+    /// retry); a stale one (its retry was stopped after it read) is to be dropped.
+    fn current_retry(&mut self, done: &ReadDone) -> bool {
+        match self.refused.get(&done.id) {
+            Some((seq, _)) if *seq == done.seq => {
+                self.refused.remove(&done.id);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1160,9 +1225,18 @@ impl Reads {
         if purpose == Purpose::Reread {
             self.rereads += 1;
         }
+        let seq = if purpose == Purpose::Retry {
+            self.stop_retry(id);
+            self.refused_seq += 1;
+            self.alive_retries.fetch_add(1, Ordering::AcqRel);
+            self.refused_seq
+        } else {
+            0
+        };
+        let alive = (purpose == Purpose::Retry).then(|| AliveGuard(self.alive_retries.clone()));
         let (inner, tx, limit) = (inner.clone(), self.tx.clone(), self.limit.clone());
         let (prefix, scope) = (w.prefix.clone(), w.scope.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
@@ -1182,9 +1256,15 @@ impl Reads {
             let _ = tx.send(ReadDone {
                 id,
                 purpose,
+                seq,
+                again: !delay.is_zero(),
+                _pending: alive,
                 result,
             });
         });
+        if purpose == Purpose::Retry {
+            self.refused.insert(id, (seq, task.abort_handle()));
+        }
     }
 }
 
@@ -1253,8 +1333,9 @@ async fn connected(
                 None => Ok(()),
             },
             cmd = cmds.recv() => match cmd {
-                Some(Cmd::Arm) => arm_all(inner, live, generation).await.map_err(Exit::Down),
+                Some(Cmd::Arm) => arm_all(inner, live, reads, generation).await.map_err(Exit::Down),
                 Some(Cmd::Cancel(id, armed)) => {
+                    reads.stop_retry(id);
                     if armed == generation && let Err(e) = live.cancel(id).await {
                         Err(Exit::Down(e))
                     } else {
@@ -1422,6 +1503,7 @@ async fn on_refused(
     id: Option<i64>,
     reason: String,
 ) -> Result<(), Exit> {
+    inner.refusals.fetch_add(1, Ordering::AcqRel);
     if token_refusal(&reason) && inner.opts.user.is_some() {
         tracing::info!(registry = %inner.label, ?id, reason, "etcd refused a watch: the auth token is bad; authenticating again");
         return Err(Exit::Reauthenticate);
@@ -1486,6 +1568,12 @@ async fn on_read(
 ) -> Result<(), Exit> {
     if done.purpose == Purpose::Reread {
         reads.rereads = reads.rereads.saturating_sub(1);
+    }
+    if done.purpose == Purpose::Retry && !reads.current_retry(&done) {
+        return Ok(()); // a retry stopped after its read: a newer one (or none) goes on
+    }
+    if done.again {
+        inner.reads_again.fetch_add(1, Ordering::AcqRel);
     }
     let create = {
         let mut watches = lock(&inner.watches);

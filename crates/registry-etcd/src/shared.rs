@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, KvClient, LeaseClient, WatchClient};
@@ -89,6 +89,12 @@ pub(crate) struct Inner {
     pub shutdown: watch::Sender<bool>,
     /// The session task, joined by `destroy`.
     pub session: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Retry tasks of refused watches alive (at most one per watch).
+    pub refused_retries: Arc<AtomicUsize>,
+    /// Reads done again after a failure (a refused watch's, a failed or too large resync's).
+    pub reads_again: AtomicU64,
+    /// Watch creations etcd refused.
+    pub refusals: AtomicU64,
 }
 
 impl Inner {
@@ -111,6 +117,9 @@ impl Inner {
             cmds,
             shutdown: watch::channel(false).0,
             session: Mutex::new(None),
+            refused_retries: Arc::new(AtomicUsize::new(0)),
+            reads_again: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
             opts,
         }
     }

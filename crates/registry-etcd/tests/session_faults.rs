@@ -11,8 +11,8 @@ use common::{DEADLINE, EventLog, OwnEtcd, Proxy, lease_of, raw, raw_as, registry
 use etcd_client::{Permission, RoleRevokePermissionOptions};
 use registry_core::testkit::{Recorder, consumer, provider, unique_service, wait_until};
 use registry_core::url::PROVIDERS_CATEGORY;
-use registry_core::{Error, RegistryEvent, RegistryManager, Url, encode};
-use registry_etcd as _;
+use registry_core::{Error, Registry, RegistryEvent, RegistryManager, Url, encode};
+use registry_etcd::EtcdRegistry;
 use registry_test_servers::{Kind, shared_address};
 
 fn entry_key(group: &str, service: &str, u: &Url) -> String {
@@ -487,6 +487,97 @@ async fn a_refused_watch_is_tried_again_until_etcd_accepts_it() {
         granted.elapsed(),
         log.events()
     );
+    r.destroy().await;
+}
+
+/// A registry without the failback layer, with its handle for the background counters.
+async fn typed(url: &str) -> (std::sync::Arc<EtcdRegistry>, std::sync::Arc<dyn Registry>) {
+    let url: Url = url.parse().expect("url");
+    let typed = std::sync::Arc::new(EtcdRegistry::new(url).await.expect("registry"));
+    let r: std::sync::Arc<dyn Registry> = typed.clone();
+    (typed, r)
+}
+
+/// A watch etcd refuses, then the stream opened again three times (each time the watch is
+/// created again and refused again): the watch has one retry, not one more per reopened
+/// stream, and its subscription is served once the permission is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_watch_has_one_retry_however_often_the_stream_is_opened_again() {
+    let Some(etcd) = OwnEtcd::start("refused_watch_one_retry", &[]) else {
+        return;
+    };
+    let addr = etcd.address();
+    let b = unique_service("oneretry");
+    let group = "oneretry";
+    app_user(&addr, group, &[&b]).await;
+    let proxy = Proxy::start(&addr).await.expect("proxy");
+    let (typed, r) = typed(&format!(
+        "etcd://app:apppw@{}?session=6000&group={group}&etcd.reread.period=0",
+        proxy.address()
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let seen = Recorder::new();
+    r.subscribe(&consumer(&b, "category=providers"), seen.listener())
+        .await
+        .expect("subscribe");
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let prefix = format!("/{group}/{}/", encode(&b));
+    admin
+        .role_revoke_permission(
+            "app",
+            prefix.clone(),
+            Some(RoleRevokePermissionOptions::new().with_prefix()),
+        )
+        .await
+        .expect("revoke");
+    for round in 1..=3 {
+        let (_, refusals, _) = typed.retry_counts();
+        let cut = Instant::now();
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.restore();
+        log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
+            .await;
+        wait_until("etcd refuses the watch again", DEADLINE, || async {
+            typed.retry_counts().1 > refusals
+        })
+        .await;
+        // The refusal is counted before its retry starts and an aborted retry ends a moment
+        // later: the count settles at one (every stale retry sleeps longer than this wait).
+        wait_until(
+            "one retry of the refused watch",
+            Duration::from_millis(400),
+            || async { typed.retry_counts().0 == 1 },
+        )
+        .await;
+        eprintln!("round {round}: one retry of the refused watch");
+    }
+    admin
+        .role_grant_permission("app", Permission::read_write(prefix).with_prefix())
+        .await
+        .expect("grant again");
+    let p1 = provider(&b, 1, "");
+    admin
+        .put(entry_key(group, &b, &p1), p1.to_full_string(), None)
+        .await
+        .expect("put");
+    seen.wait_for_entries(
+        &b,
+        PROVIDERS_CATEGORY,
+        std::slice::from_ref(&p1),
+        Duration::from_secs(40),
+    )
+    .await;
+    wait_until(
+        "the retry ends once etcd accepts the watch",
+        DEADLINE,
+        || async { typed.retry_counts().0 == 0 },
+    )
+    .await;
+    r.unsubscribe(&consumer(&b, "category=providers"), &seen.listener())
+        .await
+        .expect("unsubscribe");
     r.destroy().await;
 }
 
