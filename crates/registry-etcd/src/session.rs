@@ -32,7 +32,9 @@
 //!   no other watch: its prefix is read again after a jittered delay growing from 1 s to 60 s
 //!   (whether or not the periodic re-read is on) and the watch created again after that read,
 //!   until etcd accepts it; only a refusal that says the auth token is bad leads to
-//!   authenticating again, paced by a jittered, growing backoff.
+//!   authenticating again, paced by a jittered, growing backoff. A "permission denied" on a
+//!   prefix one small read shows readable says the stream's token went stale: the streams
+//!   are opened again (paced too).
 //! - A broken stream (server down, network) is `Disconnected`; the task then reconnects,
 //!   renews the same lease and re-creates every watch from its last revision + 1, and reports
 //!   `Reconnected` (or `NewSession` when the lease did not survive).
@@ -138,8 +140,13 @@ struct AuthPace {
 
 impl AuthPace {
     fn new() -> AuthPace {
+        AuthPace::between(AUTH_MIN, AUTH_MAX)
+    }
+
+    /// Gaps growing from `min` to `max` (starting over after [`AUTH_STABLE`] without one).
+    fn between(min: Duration, max: Duration) -> AuthPace {
         AuthPace {
-            backoff: Backoff::new(AUTH_MIN, AUTH_MAX),
+            backoff: Backoff::new(min, max),
             next_at: None,
             last: None,
         }
@@ -175,6 +182,10 @@ enum Exit {
     LeaseLost,
     /// The auth token is bad: authenticate again and open new streams.
     Reauthenticate,
+    /// etcd refused a watch on a prefix the registry may read: the watch stream's auth token
+    /// is stale (etcd checks the token the stream was opened with, and the same permission
+    /// for a watch as for a read). Open the streams again, with the client's token.
+    Reopen,
     /// A watch response was over the decoding limit (the stream is dead, and which watch it
     /// was for is unknown): open a new stream and read every watched prefix again, creating
     /// each watch after the read, so the oversized response is skipped instead of being
@@ -300,6 +311,10 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
     let mut generation: u64 = 0;
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut auth = AuthPace::new();
+    // Streams opened again for a refused watch on a readable prefix (a stale stream token):
+    // the first at once, then at growing gaps, so a refusal that is something else after all
+    // cannot make a loop of them.
+    let mut reopen = AuthPace::between(REFUSED_MIN, REFUSED_MAX);
     // Authenticate again only when an error said the token is bad: not at every reconnection
     // (Authenticate is costly for etcd, and a fleet reconnecting at once would stampede it).
     let mut need_auth = false;
@@ -358,6 +373,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                         generation,
                         &mut flags,
                         &mut auth,
+                        &mut reopen,
                     )
                     .await;
                     drop(live);
@@ -381,6 +397,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                             continue;
                         }
                         Exit::Reauthenticate => Failure::Token { down: None },
+                        // Paced where it is decided (`on_refused`).
+                        Exit::Reopen => continue,
                     }
                 }
             }
@@ -1278,6 +1296,7 @@ async fn connected(
     generation: u64,
     flags: &mut Flags,
     auth: &mut AuthPace,
+    reopen: &mut AuthPace,
 ) -> Exit {
     let reread_period = inner
         .opts
@@ -1318,7 +1337,7 @@ async fn connected(
                 Some(Ok(Some(r))) => match on_watch_response(inner, reads, live, r).inspect(|_| live.stream_progress()) {
                     Ok(Seen::Nothing) => Ok(()),
                     Ok(Seen::SentinelDeleted) => live.replace_lease(inner, flags, true).await,
-                    Ok(Seen::Refused(id, reason)) => on_refused(inner, reads, live, generation, id, reason).await,
+                    Ok(Seen::Refused(id, reason)) => on_refused(inner, reads, live, reopen, generation, id, reason).await,
                     Err(exit) => Err(exit),
                 },
                 Some(Ok(None)) | None => Err(Exit::Down("the watch stream ended".to_owned())),
@@ -1493,12 +1512,17 @@ fn on_watch_response(
 /// etcd refused to create watch `id`. A bad token: authenticate again (paced) and open a new
 /// stream. Anything else (a missing permission on the prefix): the others are not disturbed,
 /// and that watch is tried again (its prefix read, then the watch created) after a jittered
-/// delay that grows with its refusals in a row. etcd 3.4 says "permission denied" for a bad
-/// token too: with credentials, one small read of the prefix tells the two apart.
+/// delay that grows with its refusals in a row. etcd says "permission denied" for a bad or
+/// expired token of the stream too: with credentials, one small read of the prefix tells
+/// them apart. A bad client token fails the read too: authenticate again. A read that
+/// succeeds says the stream's token is stale while the client's is good (authenticated
+/// again in place since the stream was opened): the streams are opened again with it
+/// (paced by `reopen`; between two, the refusal is taken for a missing permission).
 async fn on_refused(
     inner: &Arc<Inner>,
     reads: &mut Reads,
     live: &mut Live,
+    reopen: &mut AuthPace,
     generation: u64,
     id: Option<i64>,
     reason: String,
@@ -1527,9 +1551,17 @@ async fn on_refused(
         let mut kv = live.clients.kv.clone();
         let probe =
             crate::shared::probe(&inner.label, &mut kv, &prefix, inner.step_timeout()).await;
-        if let Err((e, Kind::TokenInvalid)) = probe {
-            tracing::info!(registry = %inner.label, id, error = %e, "etcd refused a watch: the auth token is bad; authenticating again");
-            return Err(Exit::Reauthenticate);
+        match probe {
+            Err((e, Kind::TokenInvalid)) => {
+                tracing::info!(registry = %inner.label, id, error = %e, "etcd refused a watch: the auth token is bad; authenticating again");
+                return Err(Exit::Reauthenticate);
+            }
+            Ok(()) if reopen.due() => {
+                reopen.schedule();
+                tracing::info!(registry = %inner.label, id, prefix, reason, "etcd refused the watch of a prefix the registry may read: the watch stream's auth token is stale; opening the streams again");
+                return Err(Exit::Reopen);
+            }
+            _ => {}
         }
     }
     let mut watches = lock(&inner.watches);

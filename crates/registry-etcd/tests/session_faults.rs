@@ -581,6 +581,107 @@ async fn a_refused_watch_has_one_retry_however_often_the_stream_is_opened_again(
     r.destroy().await;
 }
 
+/// The auth token expires while the registry is idle (etcd drops a simple token
+/// `--auth-token-ttl` seconds after its last use; keep-alives and watch events do not use
+/// it). A subscription then meets the stale token, the registry authenticates again in place
+/// (the watch stream stays), and the new watch, created on the stream opened with the old
+/// token, is refused: the registry opens its streams again with a good token, and the
+/// subscription gets its changes, without a `Disconnected`. etcd 3.4.23 refuses that watch
+/// with "invalid auth token" (authenticate again); releases that say "permission denied"
+/// instead are told apart by the probe read, which succeeds, and the streams are opened
+/// again without authenticating (that answer cannot be produced with the server here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_refused_for_the_streams_stale_token_is_created_on_new_streams() {
+    let Some(etcd) = OwnEtcd::start("stale_stream_token", &["--auth-token-ttl", "2"]) else {
+        return;
+    };
+    let addr = etcd.address();
+    common::enable_auth(&addr).await;
+    let (first, second) = (unique_service("stale1"), unique_service("stale2"));
+    let (_typed, r) = typed(&format!(
+        "etcd://root:rootpw@{addr}?session=60000&timeout=2000&etcd.reread.period=0"
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let (seen1, seen2) = (Recorder::new(), Recorder::new());
+    r.subscribe(&consumer(&first, "category=providers"), seen1.listener())
+        .await
+        .expect("subscribe");
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    let p1 = provider(&first, 1, "");
+    admin
+        .put(entry_key("dubbo", &first, &p1), p1.to_full_string(), None)
+        .await
+        .expect("put");
+    seen1
+        .wait_for_entries(
+            &first,
+            PROVIDERS_CATEGORY,
+            std::slice::from_ref(&p1),
+            DEADLINE,
+        )
+        .await;
+
+    // The fault: idle for longer than the token's TTL (etcd checks token deadlines every
+    // second).
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let since = Instant::now();
+    let failures = std::sync::atomic::AtomicUsize::new(0);
+    wait_until("a subscription with a fresh token", DEADLINE, || async {
+        let ok = r
+            .subscribe(&consumer(&second, "category=providers"), seen2.listener())
+            .await
+            .is_ok();
+        if !ok {
+            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        ok
+    })
+    .await;
+    assert!(
+        failures.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "precondition: the token had expired (the first subscribe met it)"
+    );
+    let p2 = provider(&second, 1, "");
+    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
+    admin
+        .put(entry_key("dubbo", &second, &p2), p2.to_full_string(), None)
+        .await
+        .expect("put");
+    seen2
+        .wait_for_entries(
+            &second,
+            PROVIDERS_CATEGORY,
+            std::slice::from_ref(&p2),
+            DEADLINE,
+        )
+        .await;
+    let p3 = provider(&first, 3, "");
+    admin
+        .put(entry_key("dubbo", &first, &p3), p3.to_full_string(), None)
+        .await
+        .expect("put");
+    seen1
+        .wait_for_entries(
+            &first,
+            PROVIDERS_CATEGORY,
+            &[p1.clone(), p3.clone()],
+            DEADLINE,
+        )
+        .await;
+    eprintln!(
+        "stale stream token: the new subscription served {:?} after the token expired; events {:?}",
+        since.elapsed(),
+        log.events()
+    );
+    assert!(
+        !log.events().contains(&RegistryEvent::Disconnected),
+        "opening the streams again is no disconnection: {:?}",
+        log.events()
+    );
+    r.destroy().await;
+}
+
 /// A reconnection does not authenticate again while the token is good (Authenticate costs
 /// etcd a bcrypt; a fleet reconnecting at once would stampede it): three breaks, no
 /// authentication. A token made bad by a restart of etcd still leads to one.
