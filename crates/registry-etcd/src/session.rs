@@ -471,14 +471,23 @@ async fn wait_renewing(
     let _renewer = clients.filter(|_| lease != 0).map(|c| {
         AbortOnDrop(tokio::spawn(renew_while_waiting(inner.clone(), c, lease, tx)).abort_handle())
     });
+    // Whether the expiry was checked since the last renewal: a check that reports nothing
+    // (no lease, or destroyed) is not done again until a renewal moves the expiry.
+    let mut checked = false;
     loop {
         let reported = !flags.ever_up || flags.lost;
         let expiry = flags.renewed + inner.ttl() + Duration::from_millis(5);
         tokio::select! {
             _ = tokio::time::sleep_until(end) => return *shutdown.borrow(),
             _ = stopped(shutdown) => return true,
-            Some(()) = renewed.recv() => flags.renewed = Instant::now(),
-            _ = tokio::time::sleep_until(expiry), if !reported => check_expiry(inner, flags),
+            Some(()) = renewed.recv() => {
+                flags.renewed = Instant::now();
+                checked = false;
+            }
+            _ = tokio::time::sleep_until(expiry), if !reported && !checked => {
+                check_expiry(inner, flags);
+                checked = true;
+            }
         }
     }
 }
@@ -1805,6 +1814,45 @@ mod tests {
             third >= second + Duration::from_secs(1),
             "{third:?} after {second:?}"
         );
+    }
+
+    /// Past the lease's expiry with no lease to report lost, the wait still ends when it
+    /// should (the expiry branch fired at once again and again: with the clock paused, time
+    /// never moved on).
+    #[test]
+    fn a_wait_past_the_lease_expiry_with_no_lease_ends_on_time() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let inner = Arc::new(inner("etcd://h?session=6000", 3));
+                assert_eq!(inner.lease.load(Ordering::Acquire), 0);
+                let mut flags = Flags {
+                    ever_up: true,
+                    down: true,
+                    lost: false,
+                    renewed: Instant::now(),
+                    denied: None,
+                    sentinel_denied: None,
+                    revoke: None,
+                };
+                let (_stop, mut shutdown) = tokio::sync::watch::channel(false);
+                let start = Instant::now();
+                let wait = Duration::from_secs(30);
+                let stopped = wait_renewing(&inner, &mut flags, None, wait, &mut shutdown).await;
+                assert!(!stopped);
+                assert!(start.elapsed() >= wait);
+                assert!(!flags.lost, "no lease: nothing to report");
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the wait ended (no busy loop past the expiry)");
     }
 
     #[test]
