@@ -235,13 +235,13 @@ impl Inner {
         let mut from: Vec<u8> = prefix.as_bytes().to_vec();
         let mut revision = 0i64;
         let mut entries = Entries::new();
-        let mut page = FIRST_PAGE;
+        let mut pages = Pages::new();
         let target = self.page_time();
         loop {
             let mut options = GetOptions::new()
                 .with_range(end.clone())
                 .with_keys_only()
-                .with_limit(page);
+                .with_limit(pages.page);
             if revision > 0 {
                 options = options.with_revision(revision);
             }
@@ -257,13 +257,10 @@ impl Inner {
                 Ok(resp) => resp,
                 // A page over the decoding limit (long keys, or a small
                 // `etcd.max-message-size`): the same page in halves.
-                Err((Error::TooLarge { .. }, _)) if page > 1 => {
-                    page /= 2;
-                    continue;
-                }
+                Err((Error::TooLarge { .. }, _)) if pages.too_large() => continue,
                 Err(e) => return Err(e),
             };
-            page = next_page(page, sent.elapsed(), target);
+            pages.took(sent.elapsed(), target);
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -332,6 +329,40 @@ fn next_page(page: i64, took: Duration, target: Duration) -> i64 {
         (page * 2).min(READ_PAGE)
     } else {
         page
+    }
+}
+
+/// The page size of one list read.
+struct Pages {
+    /// Keys in the next page.
+    page: i64,
+    /// The most keys a page may have: lowered to the halved size when a page was over the
+    /// decoding limit, so that a fast page does not double it over the limit again.
+    ceiling: i64,
+}
+
+impl Pages {
+    fn new() -> Pages {
+        Pages {
+            page: FIRST_PAGE,
+            ceiling: READ_PAGE,
+        }
+    }
+
+    /// A page of `page` keys was over the decoding limit: the same page in halves, and no
+    /// page larger than that for the rest of the read. `false` when it was a single key.
+    fn too_large(&mut self) -> bool {
+        if self.page <= 1 {
+            return false;
+        }
+        self.page /= 2;
+        self.ceiling = self.page;
+        true
+    }
+
+    /// A page came back after `took`: the next one sized for pages of about `target`.
+    fn took(&mut self, took: Duration, target: Duration) {
+        self.page = next_page(self.page, took, target).min(self.ceiling);
     }
 }
 
@@ -450,7 +481,7 @@ pub(crate) async fn grant(
 
 #[cfg(test)]
 mod tests {
-    use super::{FIRST_PAGE, MIN_PAGE, READ_PAGE, next_page, prefix_end};
+    use super::{FIRST_PAGE, MIN_PAGE, Pages, READ_PAGE, next_page, prefix_end};
     use std::time::Duration;
 
     #[test]
@@ -467,6 +498,40 @@ mod tests {
         assert_eq!(next_page(512, Duration::from_millis(200), target), 512);
         assert_eq!(next_page(100, Duration::from_secs(10), target), MIN_PAGE);
         assert_eq!(next_page(10, Duration::from_secs(10), target), 10);
+    }
+
+    #[test]
+    fn a_page_over_the_limit_is_halved_and_stays_under_it_for_the_rest_of_the_read() {
+        let target = Duration::from_millis(250);
+        let fast = Duration::from_millis(10);
+        let mut pages = Pages::new();
+        for _ in 0..10 {
+            pages.took(fast, target);
+        }
+        assert_eq!(pages.page, READ_PAGE);
+        assert!(pages.too_large());
+        assert!(pages.too_large());
+        assert_eq!(pages.page, READ_PAGE / 4);
+        // Fast pages after that: no doubling back over the limit.
+        for _ in 0..10 {
+            pages.took(fast, target);
+            assert_eq!(pages.page, READ_PAGE / 4);
+        }
+        // A slow page still makes the next one smaller, and fast ones grow it back up to the
+        // ceiling only.
+        pages.took(Duration::from_secs(1), target);
+        assert_eq!(pages.page, READ_PAGE / 16);
+        for _ in 0..10 {
+            pages.took(fast, target);
+        }
+        assert_eq!(pages.page, READ_PAGE / 4);
+        // Down to one key, then no further.
+        while pages.page > 1 {
+            assert!(pages.too_large());
+        }
+        assert!(!pages.too_large());
+        pages.took(fast, target);
+        assert_eq!(pages.page, 1);
     }
 
     #[test]
