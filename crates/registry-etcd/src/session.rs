@@ -29,8 +29,8 @@
 //!   DELETE that revoke causes is never seen here.
 //! - Every watch of the registry is created on one watch stream with a watch id of our own, so
 //!   responses are routed by id. A watch etcd refuses (no permission on its prefix) disturbs
-//!   no other watch: its prefix is read again after a jittered delay growing from 1 s to 60 s
-//!   (whether or not the periodic re-read is on) and the watch created again after that read,
+//!   no other watch: its prefix is read again after a jittered delay (0.5–1 s, doubling up to
+//!   30–60 s; whether or not the periodic re-read is on) and the watch created again after that read,
 //!   until etcd accepts it; only a refusal that says the auth token is bad leads to
 //!   authenticating again, paced by a jittered, growing backoff. A "permission denied" on a
 //!   prefix one small read shows readable says the stream's token went stale: the streams
@@ -1203,7 +1203,7 @@ impl Drop for AliveGuard {
 }
 
 /// How many prefixes are read at once by resyncs and the periodic re-read.
-const READ_CONCURRENCY: usize = 4;
+pub(crate) const READ_CONCURRENCY: usize = 4;
 
 impl Reads {
     fn new(inner: &Inner) -> Reads {

@@ -145,10 +145,13 @@ impl Inner {
         (self.ttl() / 3).max(Duration::from_millis(100))
     }
 
-    /// How long one page of a list read should take: half a step, so that what waits behind
-    /// a page on a slow link (a keep-alive answer, a step) still meets its deadline.
+    /// How long one page of a list read should take: half a step shared by the background
+    /// reads that may run at once ([`crate::session::READ_CONCURRENCY`]), so that what waits
+    /// behind one page of each on a slow link (a keep-alive answer, a step) still meets its
+    /// deadline.
     pub fn page_time(&self) -> Duration {
-        self.step_timeout() / 2
+        let reads = u32::try_from(crate::session::READ_CONCURRENCY).unwrap_or(u32::MAX);
+        self.step_timeout() / 2 / reads
     }
 
     /// The deadline of one step of (re-)establishing the session (connect, authenticate,
@@ -222,8 +225,10 @@ impl Inner {
     /// and a stalled read still fails within one `timeout`. Pages start at [`FIRST_PAGE`] keys
     /// and double up to [`READ_PAGE`] while they come back within a quarter of
     /// [`Self::page_time`]; a slower page makes the next one smaller so that it would take
-    /// about that time. Only one page is in flight, so on a slow link a keep-alive answer or a
-    /// step of the session waits behind at most one page, well within its deadline.
+    /// about that time. Only one page of a read is in flight, and the background reads run at
+    /// most [`crate::session::READ_CONCURRENCY`] at once, so on a slow link a keep-alive
+    /// answer or a step of the session waits behind at most one page of each (half a step
+    /// together), within its deadline; reads of subscriptions being made add their pages.
     pub async fn read(
         &self,
         clients: &Clients,
