@@ -12,7 +12,7 @@ use common::{DEADLINE, EventLog, Proxy, keys_under, lease_of, raw, raw_as, regis
 use registry_core::testkit::{Recorder, consumer, provider, unique_service, wait_until};
 use registry_core::url::PROVIDERS_CATEGORY;
 use registry_core::{Error, Registry, RegistryEvent, RegistryManager, Url, encode};
-use registry_etcd as _;
+use registry_etcd::EtcdRegistry;
 use registry_test_servers::{Server, required};
 
 fn private_server(test: &str) -> Option<Server> {
@@ -896,10 +896,12 @@ async fn a_key_over_the_size_limit_leaves_its_subscription_served_once_it_is_gon
     };
     let addr = server.address();
     let s = unique_service("overlimit");
-    let r = registry(&format!(
-        "etcd://{addr}?etcd.max-message-size=4096&timeout=5000"
-    ))
-    .await;
+    // Without the failback layer: the registry's own handle counts its reads done again.
+    let url: Url = format!("etcd://{addr}?etcd.max-message-size=4096&timeout=5000")
+        .parse()
+        .expect("url");
+    let typed = Arc::new(EtcdRegistry::new(url).await.expect("registry"));
+    let r: Arc<dyn Registry> = typed.clone();
     let rec = Recorder::new();
     r.subscribe(&consumer(&s, ""), rec.listener())
         .await
@@ -915,8 +917,15 @@ async fn a_key_over_the_size_limit_leaves_its_subscription_served_once_it_is_gon
     rawc.put(entry_key(&s, &huge), huge.to_full_string(), None)
         .await
         .expect("put the huge entry");
-    // Let the registry meet it (the watch response over the limit, then the read).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The registry meets it (the watch response over the limit, then a read, too large
+    // too) and reads the prefix again later, too large again.
+    let (.., again) = typed.retry_counts();
+    wait_until(
+        "the prefix read again after a read too large",
+        DEADLINE,
+        || async { typed.retry_counts().2 > again },
+    )
+    .await;
     assert_eq!(
         rec.latest_entries(&s, PROVIDERS_CATEGORY),
         Some(vec![p1.clone()]),

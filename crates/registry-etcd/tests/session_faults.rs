@@ -420,7 +420,7 @@ async fn a_refused_watch_is_tried_again_until_etcd_accepts_it() {
     let group = "retry";
     app_user(&addr, group, &[&b]).await;
     let proxy = Proxy::start(&addr).await.expect("proxy");
-    let r = registry(&format!(
+    let (typed, r) = typed(&format!(
         "etcd://app:apppw@{}?session=6000&group={group}&etcd.reread.period=0",
         proxy.address()
     ))
@@ -447,6 +447,7 @@ async fn a_refused_watch_is_tried_again_until_etcd_accepts_it() {
         )
         .await
         .expect("revoke");
+    let (_, refusals, again) = typed.retry_counts();
     let cut = Instant::now();
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -457,8 +458,17 @@ async fn a_refused_watch_is_tried_again_until_etcd_accepts_it() {
     let p2 = provider(&b, 2, "");
     let (k, v) = put(&p2);
     admin.put(k, v, None).await.expect("put");
-    // The watch was created again on the new stream and refused: the change does not arrive.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The watch was created again on the new stream and refused, and its prefix read again
+    // (refused too): the change does not arrive.
+    wait_until(
+        "a refusal, then a read again of the prefix",
+        DEADLINE,
+        || async {
+            let (_, r, a) = typed.retry_counts();
+            r > refusals && a > again
+        },
+    )
+    .await;
     assert_eq!(
         seen.latest_entries(&b, PROVIDERS_CATEGORY),
         Some(vec![p1.clone()]),
