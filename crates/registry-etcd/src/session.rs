@@ -830,6 +830,31 @@ async fn arm_all(
     Ok(())
 }
 
+/// When the unanswered creates are due, as the deadline the session task had set passed at
+/// `now`: never when none waits (`waiting`); a step from now when messages of the stream wait
+/// to be handled (`queued`: the session task was busy elsewhere, the answers may be among
+/// them); else a step after the stream's `last` message taken off it by the reader task (the
+/// deadline counts from the stream's last message, not from when the session task looked),
+/// which is `now` or earlier when the stream stayed silent for a step.
+fn creates_due(
+    waiting: bool,
+    queued: bool,
+    last: Option<Instant>,
+    step: Duration,
+    now: Instant,
+) -> Option<Instant> {
+    if !waiting {
+        return None;
+    }
+    if queued {
+        return Some(now + step);
+    }
+    match last {
+        Some(last) if last + step > now => Some(last + step),
+        _ => Some(now),
+    }
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::AbortHandle);
 
@@ -965,29 +990,18 @@ impl Live {
     }
 
     /// The deadline of the unanswered creates passed as the session task saw it: whether it
-    /// really did. The stream may have delivered since (its messages, the answers perhaps
-    /// among them, wait in `watch_rx` while the session task was busy elsewhere): the
-    /// deadline counts from the stream's last message, so it is pushed back and the waiting
-    /// messages are handled first. `false`: nothing came for a step, the member is left.
+    /// really did ([`creates_due`]). `false`: the deadline was pushed back (or nothing waits).
     fn creates_overdue(&mut self) -> bool {
-        if self.pending.is_empty() {
-            self.create_due = None;
-            return false;
-        }
-        let now = Instant::now();
-        if !self.watch_rx.is_empty() {
-            self.create_due = Some(now + self.step);
-            return false;
-        }
         let last = self.last_message.load(Ordering::Acquire);
-        if last > 0 {
-            let due = self.started + Duration::from_millis(last) + self.step;
-            if due > now {
-                self.create_due = Some(due);
-                return false;
-            }
-        }
-        true
+        let last = (last > 0).then(|| self.started + Duration::from_millis(last));
+        self.create_due = creates_due(
+            !self.pending.is_empty(),
+            !self.watch_rx.is_empty(),
+            last,
+            self.step,
+            Instant::now(),
+        );
+        self.create_due.is_some_and(|due| due <= Instant::now())
     }
 
     /// The lease is gone (or its sentinel was deleted by hand, `revoke`), the connection is
@@ -1853,6 +1867,29 @@ mod tests {
         finished
             .recv_timeout(Duration::from_secs(10))
             .expect("the wait ended (no busy loop past the expiry)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_creations_are_due_a_step_after_the_streams_last_message() {
+        let step = Duration::from_millis(500);
+        let now = Instant::now() + Duration::from_secs(10);
+        // Nothing waits: no deadline.
+        assert_eq!(creates_due(false, true, None, step, now), None);
+        // Messages wait to be handled (the session task was busy): a step from now.
+        assert_eq!(
+            creates_due(true, true, Some(now - Duration::from_secs(5)), step, now),
+            Some(now + step)
+        );
+        // The reader took a message off the stream 200 ms ago: due a step after it.
+        let last = now - Duration::from_millis(200);
+        assert_eq!(
+            creates_due(true, false, Some(last), step, now),
+            Some(last + step)
+        );
+        // The stream silent for a step or longer (or never spoke): due now, the member is left.
+        for last in [Some(now - step), Some(now - Duration::from_secs(3)), None] {
+            assert_eq!(creates_due(true, false, last, step, now), Some(now));
+        }
     }
 
     #[test]

@@ -794,6 +794,57 @@ async fn many_watches_catching_up_after_a_reconnect_do_not_deadlock() {
     a.destroy().await;
 }
 
+/// Many watches created at once (one subscription of 3,000 categories) with `timeout=250`:
+/// a watch creation is due within 250 ms of its request or of the stream's last message.
+/// The session task spends a while sending the create requests while etcd's answers arrive
+/// and wait for it; the answers that waited keep the member: no `Disconnected` (the session
+/// left the healthy member about half the time when it took longer than 250 ms, the deadline
+/// firing before the waiting answers were looked at).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_creations_answered_while_the_session_is_busy_keep_the_member() {
+    const CATEGORIES: usize = 3000;
+    let Some(server) = private_server("creations_while_busy") else {
+        return;
+    };
+    let addr = server.address();
+    let s = unique_service("busycreate");
+    let categories: Vec<String> = (0..CATEGORIES).map(|c| format!("c{c}")).collect();
+    let r = registry(&format!(
+        "etcd://{addr}?session=60000&timeout=250&etcd.reread.period=0"
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let rec = Recorder::new();
+    let t = Instant::now();
+    r.subscribe(
+        &consumer(&s, &format!("category={}", categories.join(","))),
+        rec.listener(),
+    )
+    .await
+    .expect("subscribe");
+    // Every watch created: a change in the last category arrives.
+    let mut rawc = raw(&addr).await;
+    let last = categories.last().expect("categories");
+    let p = provider(&s, 1, &format!("category={last}"));
+    rawc.put(entry_key(&s, &p), p.to_full_string(), None)
+        .await
+        .expect("put");
+    rec.wait_for_entries(&s, last, std::slice::from_ref(&p), Duration::from_secs(60))
+        .await;
+    eprintln!(
+        "{CATEGORIES} watches created: a change in the last one arrived {:?} after the \
+         subscribe started; events {:?}",
+        t.elapsed(),
+        log.events()
+    );
+    assert!(
+        !log.events().contains(&RegistryEvent::Disconnected),
+        "the member answered every creation: {:?}",
+        log.events()
+    );
+    r.destroy().await;
+}
+
 /// `destroy` racing the background connection of a `check=false` registry (connect, grant
 /// the lease): when it returns, no lease of the registry is left on the server (a grant that
 /// was in flight is revoked too), and a subscribe afterwards is `Destroyed`.
