@@ -1709,6 +1709,8 @@ async fn on_read(
         let again = (done.purpose == Purpose::Resync && w.resyncing) || w.refused;
         if again {
             reads.retries.remove(&done.id);
+            // Created again under a new id: a retry of the old one has nothing left to do.
+            reads.stop_retry(done.id);
             let Some(mut w) = watches.remove(&done.id) else {
                 return Ok(());
             };
