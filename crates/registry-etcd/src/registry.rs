@@ -154,6 +154,19 @@ impl EtcdRegistry {
         Some(self.inner.lease.load(Ordering::Acquire)).filter(|l| *l != 0)
     }
 
+    /// What the session does in the background, for tests: how many refused watches wait to
+    /// be tried again (at most one retry per watch), how many watch creations etcd refused,
+    /// and how many reads were done again after a failure (a refused watch's prefix, a resync
+    /// that failed or was too large).
+    #[doc(hidden)]
+    pub fn retry_counts(&self) -> (usize, u64, u64) {
+        (
+            self.inner.refused_retries.load(Ordering::Acquire),
+            self.inner.refusals.load(Ordering::Acquire),
+            self.inner.reads_again.load(Ordering::Acquire),
+        )
+    }
+
     /// The key prefix of this registry (`/` + group).
     pub fn root(&self) -> &str {
         &self.inner.opts.root

@@ -29,10 +29,12 @@
 //!   DELETE that revoke causes is never seen here.
 //! - Every watch of the registry is created on one watch stream with a watch id of our own, so
 //!   responses are routed by id. A watch etcd refuses (no permission on its prefix) disturbs
-//!   no other watch: its prefix is read again after a jittered delay growing from 1 s to 60 s
-//!   (whether or not the periodic re-read is on) and the watch created again after that read,
+//!   no other watch: its prefix is read again after a jittered delay (0.5–1 s, doubling up to
+//!   30–60 s; whether or not the periodic re-read is on) and the watch created again after that read,
 //!   until etcd accepts it; only a refusal that says the auth token is bad leads to
-//!   authenticating again, paced by a jittered, growing backoff.
+//!   authenticating again, paced by a jittered, growing backoff. A "permission denied" on a
+//!   prefix one small read shows readable says the stream's token went stale: the streams
+//!   are opened again (paced too).
 //! - A broken stream (server down, network) is `Disconnected`; the task then reconnects,
 //!   renews the same lease and re-creates every watch from its last revision + 1, and reports
 //!   `Reconnected` (or `NewSession` when the lease did not survive).
@@ -49,7 +51,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -138,8 +140,13 @@ struct AuthPace {
 
 impl AuthPace {
     fn new() -> AuthPace {
+        AuthPace::between(AUTH_MIN, AUTH_MAX)
+    }
+
+    /// Gaps growing from `min` to `max` (starting over after [`AUTH_STABLE`] without one).
+    fn between(min: Duration, max: Duration) -> AuthPace {
         AuthPace {
-            backoff: Backoff::new(AUTH_MIN, AUTH_MAX),
+            backoff: Backoff::new(min, max),
             next_at: None,
             last: None,
         }
@@ -175,6 +182,10 @@ enum Exit {
     LeaseLost,
     /// The auth token is bad: authenticate again and open new streams.
     Reauthenticate,
+    /// etcd refused a watch on a prefix the registry may read: the watch stream's auth token
+    /// is stale (etcd checks the token the stream was opened with, and the same permission
+    /// for a watch as for a read). Open the streams again, with the client's token.
+    Reopen,
     /// A watch response was over the decoding limit (the stream is dead, and which watch it
     /// was for is unknown): open a new stream and read every watched prefix again, creating
     /// each watch after the read, so the oversized response is skipped instead of being
@@ -300,12 +311,16 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
     let mut generation: u64 = 0;
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut auth = AuthPace::new();
+    // Streams opened again for a refused watch on a readable prefix (a stale stream token):
+    // the first at once, then at growing gaps, so a refusal that is something else after all
+    // cannot make a loop of them.
+    let mut reopen = AuthPace::between(REFUSED_MIN, REFUSED_MAX);
     // Authenticate again only when an error said the token is bad: not at every reconnection
     // (Authenticate is costly for etcd, and a fleet reconnecting at once would stampede it).
     let mut need_auth = false;
     // Failures in a row; each moves to the next member, at once until every member failed.
     let mut failures: usize = 0;
-    let mut reads = Reads::new();
+    let mut reads = Reads::new(&inner);
     let mut resync_all = false;
     loop {
         if *shutdown.borrow() {
@@ -332,7 +347,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                         reads.spawn(&inner, *id, w, Purpose::Resync, Duration::ZERO);
                     }
                 }
-                if let Err(reason) = arm_all(&inner, &mut live, generation).await {
+                if let Err(reason) = arm_all(&inner, &mut live, &mut reads, generation).await {
                     Failure::Down(reason)
                 } else {
                     inner.available.store(true, Ordering::Release);
@@ -358,6 +373,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                         generation,
                         &mut flags,
                         &mut auth,
+                        &mut reopen,
                     )
                     .await;
                     drop(live);
@@ -381,6 +397,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut cmds: mpsc::UnboundedReceiver<Cmd
                             continue;
                         }
                         Exit::Reauthenticate => Failure::Token { down: None },
+                        // Paced where it is decided (`on_refused`).
+                        Exit::Reopen => continue,
                     }
                 }
             }
@@ -453,14 +471,23 @@ async fn wait_renewing(
     let _renewer = clients.filter(|_| lease != 0).map(|c| {
         AbortOnDrop(tokio::spawn(renew_while_waiting(inner.clone(), c, lease, tx)).abort_handle())
     });
+    // Whether the expiry was checked since the last renewal: a check that reports nothing
+    // (no lease, or destroyed) is not done again until a renewal moves the expiry.
+    let mut checked = false;
     loop {
         let reported = !flags.ever_up || flags.lost;
         let expiry = flags.renewed + inner.ttl() + Duration::from_millis(5);
         tokio::select! {
             _ = tokio::time::sleep_until(end) => return *shutdown.borrow(),
             _ = stopped(shutdown) => return true,
-            Some(()) = renewed.recv() => flags.renewed = Instant::now(),
-            _ = tokio::time::sleep_until(expiry), if !reported => check_expiry(inner, flags),
+            Some(()) = renewed.recv() => {
+                flags.renewed = Instant::now();
+                checked = false;
+            }
+            _ = tokio::time::sleep_until(expiry), if !reported && !checked => {
+                check_expiry(inner, flags);
+                checked = true;
+            }
         }
     }
 }
@@ -773,7 +800,14 @@ async fn put_sentinel(
 
 /// Creates every watch not yet created on stream `generation`, each from its revision + 1
 /// (a watch whose prefix is being read again is created when that read is done).
-async fn arm_all(inner: &Inner, live: &mut Live, generation: u64) -> Result<(), String> {
+/// A refused watch is created again here too: its pending retry is stopped (a refusal starts
+/// a new one), so a watch has one retry at most however often the stream is opened again.
+async fn arm_all(
+    inner: &Inner,
+    live: &mut Live,
+    reads: &mut Reads,
+    generation: u64,
+) -> Result<(), String> {
     let requests: Vec<(i64, String, i64)> = {
         let mut watches = lock(&inner.watches);
         watches
@@ -786,11 +820,39 @@ async fn arm_all(inner: &Inner, live: &mut Live, generation: u64) -> Result<(), 
             })
             .collect()
     };
+    for (id, ..) in &requests {
+        reads.stop_retry(*id);
+    }
     for (id, prefix, from) in requests {
         tracing::debug!(registry = %inner.label, id, prefix, from, "watching");
         live.create_watch(id, prefix, from).await?;
     }
     Ok(())
+}
+
+/// When the unanswered creates are due, as the deadline the session task had set passed at
+/// `now`: never when none waits (`waiting`); a step from now when messages of the stream wait
+/// to be handled (`queued`: the session task was busy elsewhere, the answers may be among
+/// them); else a step after the stream's `last` message taken off it by the reader task (the
+/// deadline counts from the stream's last message, not from when the session task looked),
+/// which is `now` or earlier when the stream stayed silent for a step.
+fn creates_due(
+    waiting: bool,
+    queued: bool,
+    last: Option<Instant>,
+    step: Duration,
+    now: Instant,
+) -> Option<Instant> {
+    if !waiting {
+        return None;
+    }
+    if queued {
+        return Some(now + step);
+    }
+    match last {
+        Some(last) if last + step > now => Some(last + step),
+        _ => Some(now),
+    }
 }
 
 /// Aborts a task when dropped.
@@ -833,6 +895,11 @@ struct Live {
     create_due: Option<Instant>,
     /// The deadline of one step ([`Inner::step_timeout`]) when the connection was made.
     step: Duration,
+    /// When the reader task took the stream's last message off the stream, in milliseconds
+    /// after `started` (0: none yet): the stream's progress, also while the session task is
+    /// busy elsewhere and that message waits in `watch_rx`.
+    last_message: Arc<AtomicU64>,
+    started: Instant,
     _reader: AbortOnDrop,
     keeper: AbortOnDrop,
 }
@@ -841,9 +908,14 @@ impl Live {
     fn start(inner: &Arc<Inner>, s: Streams) -> Live {
         let (watch_tx, watch_rx) = mpsc::unbounded_channel();
         let mut watch = s.watch;
+        let started = Instant::now();
+        let last_message = Arc::new(AtomicU64::new(0));
+        let last = last_message.clone();
         let reader = tokio::spawn(async move {
             loop {
                 let m = watch.message().await;
+                let at = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                last.store(at.max(1), Ordering::Release);
                 let end = !matches!(m, Ok(Some(_)));
                 if watch_tx.send(m).is_err() || end {
                     return;
@@ -864,6 +936,8 @@ impl Live {
             pending: VecDeque::new(),
             create_due: None,
             step: inner.step_timeout(),
+            last_message,
+            started,
             _reader: AbortOnDrop(reader.abort_handle()),
             keeper,
         }
@@ -913,6 +987,21 @@ impl Live {
     /// The watch stream delivered a message: the creates still unanswered get a new step.
     fn stream_progress(&mut self) {
         self.create_due = (!self.pending.is_empty()).then(|| Instant::now() + self.step);
+    }
+
+    /// The deadline of the unanswered creates passed as the session task saw it: whether it
+    /// really did ([`creates_due`]). `false`: the deadline was pushed back (or nothing waits).
+    fn creates_overdue(&mut self) -> bool {
+        let last = self.last_message.load(Ordering::Acquire);
+        let last = (last > 0).then(|| self.started + Duration::from_millis(last));
+        self.create_due = creates_due(
+            !self.pending.is_empty(),
+            !self.watch_rx.is_empty(),
+            last,
+            self.step,
+            Instant::now(),
+        );
+        self.create_due.is_some_and(|due| due <= Instant::now())
     }
 
     /// The lease is gone (or its sentinel was deleted by hand, `revoke`), the connection is
@@ -1080,6 +1169,12 @@ enum Purpose {
 struct ReadDone {
     id: i64,
     purpose: Purpose,
+    /// The retry's sequence number ([`Purpose::Retry`]; 0 otherwise).
+    seq: u64,
+    /// Whether it was read again after a failure (a delayed retry).
+    again: bool,
+    /// A retry counts as pending until its read is applied (or it is aborted).
+    _pending: Option<AliveGuard>,
     result: Result<(Entries, i64), (Error, Kind)>,
 }
 
@@ -1093,13 +1188,39 @@ pub(crate) struct Reads {
     rereads: usize,
     /// Failed resync reads of a watch in a row (for the delay before the next).
     retries: HashMap<i64, u32>,
+    /// The one pending retry of each refused watch: its sequence number (a reported read of
+    /// an older one is stale and dropped) and its task (aborted when the watch is created
+    /// again, cancelled, retried anew, or the session ends).
+    refused: HashMap<i64, (u64, tokio::task::AbortHandle)>,
+    /// The sequence number of the last retry started.
+    refused_seq: u64,
+    /// Retries of refused watches pending: started, and their read not yet applied (for
+    /// tests: each chain of retries of a watch counts one).
+    alive_retries: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Reads {
+    fn drop(&mut self) {
+        for (_, (_, task)) in self.refused.drain() {
+            task.abort();
+        }
+    }
+}
+
+/// Counts a retry as pending until dropped (its task aborted, or its read applied).
+struct AliveGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How many prefixes are read at once by resyncs and the periodic re-read.
-const READ_CONCURRENCY: usize = 4;
+pub(crate) const READ_CONCURRENCY: usize = 4;
 
 impl Reads {
-    fn new() -> Reads {
+    fn new(inner: &Inner) -> Reads {
         let (tx, rx) = mpsc::unbounded_channel();
         Reads {
             tx,
@@ -1107,6 +1228,29 @@ impl Reads {
             limit: Arc::new(Semaphore::new(READ_CONCURRENCY)),
             rereads: 0,
             retries: HashMap::new(),
+            refused: HashMap::new(),
+            refused_seq: 0,
+            alive_retries: inner.refused_retries.clone(),
+        }
+    }
+
+    /// Stops the pending retry of refused watch `id`, if any (the watch was created again,
+    /// cancelled, or gets a new retry).
+    fn stop_retry(&mut self, id: i64) {
+        if let Some((_, task)) = self.refused.remove(&id) {
+            task.abort();
+        }
+    }
+
+    /// Whether `done` is the report of the current retry of its watch (and forgets that
+    /// retry); a stale one (its retry was stopped after it read) is to be dropped.
+    fn current_retry(&mut self, done: &ReadDone) -> bool {
+        match self.refused.get(&done.id) {
+            Some((seq, _)) if *seq == done.seq => {
+                self.refused.remove(&done.id);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1122,9 +1266,18 @@ impl Reads {
         if purpose == Purpose::Reread {
             self.rereads += 1;
         }
+        let seq = if purpose == Purpose::Retry {
+            self.stop_retry(id);
+            self.refused_seq += 1;
+            self.alive_retries.fetch_add(1, Ordering::AcqRel);
+            self.refused_seq
+        } else {
+            0
+        };
+        let alive = (purpose == Purpose::Retry).then(|| AliveGuard(self.alive_retries.clone()));
         let (inner, tx, limit) = (inner.clone(), self.tx.clone(), self.limit.clone());
         let (prefix, scope) = (w.prefix.clone(), w.scope.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
@@ -1144,9 +1297,15 @@ impl Reads {
             let _ = tx.send(ReadDone {
                 id,
                 purpose,
+                seq,
+                again: !delay.is_zero(),
+                _pending: alive,
                 result,
             });
         });
+        if purpose == Purpose::Retry {
+            self.refused.insert(id, (seq, task.abort_handle()));
+        }
     }
 }
 
@@ -1160,6 +1319,7 @@ async fn connected(
     generation: u64,
     flags: &mut Flags,
     auth: &mut AuthPace,
+    reopen: &mut AuthPace,
 ) -> Exit {
     let reread_period = inner
         .opts
@@ -1178,10 +1338,14 @@ async fn connected(
         };
         let step = tokio::select! {
             _ = stopped(shutdown) => Err(Exit::Shutdown),
-            _ = unanswered => Err(Exit::Down(format!(
-                "etcd answered no watch creation for {:?}",
-                live.step
-            ))),
+            _ = unanswered => if live.creates_overdue() {
+                Err(Exit::Down(format!(
+                    "etcd answered no watch creation for {:?}",
+                    live.step
+                )))
+            } else {
+                Ok(())
+            },
             m = live.keep_alive_rx.recv() => match m {
                 Some(KeepAlive::Renewed) => {
                     flags.renewed = Instant::now();
@@ -1196,7 +1360,7 @@ async fn connected(
                 Some(Ok(Some(r))) => match on_watch_response(inner, reads, live, r).inspect(|_| live.stream_progress()) {
                     Ok(Seen::Nothing) => Ok(()),
                     Ok(Seen::SentinelDeleted) => live.replace_lease(inner, flags, true).await,
-                    Ok(Seen::Refused(id, reason)) => on_refused(inner, reads, live, generation, id, reason).await,
+                    Ok(Seen::Refused(id, reason)) => on_refused(inner, reads, live, reopen, generation, id, reason).await,
                     Err(exit) => Err(exit),
                 },
                 Some(Ok(None)) | None => Err(Exit::Down("the watch stream ended".to_owned())),
@@ -1211,8 +1375,9 @@ async fn connected(
                 None => Ok(()),
             },
             cmd = cmds.recv() => match cmd {
-                Some(Cmd::Arm) => arm_all(inner, live, generation).await.map_err(Exit::Down),
+                Some(Cmd::Arm) => arm_all(inner, live, reads, generation).await.map_err(Exit::Down),
                 Some(Cmd::Cancel(id, armed)) => {
+                    reads.stop_retry(id);
                     if armed == generation && let Err(e) = live.cancel(id).await {
                         Err(Exit::Down(e))
                     } else {
@@ -1370,16 +1535,22 @@ fn on_watch_response(
 /// etcd refused to create watch `id`. A bad token: authenticate again (paced) and open a new
 /// stream. Anything else (a missing permission on the prefix): the others are not disturbed,
 /// and that watch is tried again (its prefix read, then the watch created) after a jittered
-/// delay that grows with its refusals in a row. etcd 3.4 says "permission denied" for a bad
-/// token too: with credentials, one small read of the prefix tells the two apart.
+/// delay that grows with its refusals in a row. etcd says "permission denied" for a bad or
+/// expired token of the stream too: with credentials, one small read of the prefix tells
+/// them apart. A bad client token fails the read too: authenticate again. A read that
+/// succeeds says the stream's token is stale while the client's is good (authenticated
+/// again in place since the stream was opened): the streams are opened again with it
+/// (paced by `reopen`; between two, the refusal is taken for a missing permission).
 async fn on_refused(
     inner: &Arc<Inner>,
     reads: &mut Reads,
     live: &mut Live,
+    reopen: &mut AuthPace,
     generation: u64,
     id: Option<i64>,
     reason: String,
 ) -> Result<(), Exit> {
+    inner.refusals.fetch_add(1, Ordering::AcqRel);
     if token_refusal(&reason) && inner.opts.user.is_some() {
         tracing::info!(registry = %inner.label, ?id, reason, "etcd refused a watch: the auth token is bad; authenticating again");
         return Err(Exit::Reauthenticate);
@@ -1403,9 +1574,17 @@ async fn on_refused(
         let mut kv = live.clients.kv.clone();
         let probe =
             crate::shared::probe(&inner.label, &mut kv, &prefix, inner.step_timeout()).await;
-        if let Err((e, Kind::TokenInvalid)) = probe {
-            tracing::info!(registry = %inner.label, id, error = %e, "etcd refused a watch: the auth token is bad; authenticating again");
-            return Err(Exit::Reauthenticate);
+        match probe {
+            Err((e, Kind::TokenInvalid)) => {
+                tracing::info!(registry = %inner.label, id, error = %e, "etcd refused a watch: the auth token is bad; authenticating again");
+                return Err(Exit::Reauthenticate);
+            }
+            Ok(()) if reopen.due() => {
+                reopen.schedule();
+                tracing::info!(registry = %inner.label, id, prefix, reason, "etcd refused the watch of a prefix the registry may read: the watch stream's auth token is stale; opening the streams again");
+                return Err(Exit::Reopen);
+            }
+            _ => {}
         }
     }
     let mut watches = lock(&inner.watches);
@@ -1444,6 +1623,12 @@ async fn on_read(
 ) -> Result<(), Exit> {
     if done.purpose == Purpose::Reread {
         reads.rereads = reads.rereads.saturating_sub(1);
+    }
+    if done.purpose == Purpose::Retry && !reads.current_retry(&done) {
+        return Ok(()); // a retry stopped after its read: a newer one (or none) goes on
+    }
+    if done.again {
+        inner.reads_again.fetch_add(1, Ordering::AcqRel);
     }
     let create = {
         let mut watches = lock(&inner.watches);
@@ -1524,6 +1709,8 @@ async fn on_read(
         let again = (done.purpose == Purpose::Resync && w.resyncing) || w.refused;
         if again {
             reads.retries.remove(&done.id);
+            // Created again under a new id: a retry of the old one has nothing left to do.
+            reads.stop_retry(done.id);
             let Some(mut w) = watches.remove(&done.id) else {
                 return Ok(());
             };
@@ -1643,6 +1830,68 @@ mod tests {
             third >= second + Duration::from_secs(1),
             "{third:?} after {second:?}"
         );
+    }
+
+    /// Past the lease's expiry with no lease to report lost, the wait still ends when it
+    /// should (the expiry branch fired at once again and again: with the clock paused, time
+    /// never moved on).
+    #[test]
+    fn a_wait_past_the_lease_expiry_with_no_lease_ends_on_time() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let inner = Arc::new(inner("etcd://h?session=6000", 3));
+                assert_eq!(inner.lease.load(Ordering::Acquire), 0);
+                let mut flags = Flags {
+                    ever_up: true,
+                    down: true,
+                    lost: false,
+                    renewed: Instant::now(),
+                    denied: None,
+                    sentinel_denied: None,
+                    revoke: None,
+                };
+                let (_stop, mut shutdown) = tokio::sync::watch::channel(false);
+                let start = Instant::now();
+                let wait = Duration::from_secs(30);
+                let stopped = wait_renewing(&inner, &mut flags, None, wait, &mut shutdown).await;
+                assert!(!stopped);
+                assert!(start.elapsed() >= wait);
+                assert!(!flags.lost, "no lease: nothing to report");
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the wait ended (no busy loop past the expiry)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_creations_are_due_a_step_after_the_streams_last_message() {
+        let step = Duration::from_millis(500);
+        let now = Instant::now() + Duration::from_secs(10);
+        // Nothing waits: no deadline.
+        assert_eq!(creates_due(false, true, None, step, now), None);
+        // Messages wait to be handled (the session task was busy): a step from now.
+        assert_eq!(
+            creates_due(true, true, Some(now - Duration::from_secs(5)), step, now),
+            Some(now + step)
+        );
+        // The reader took a message off the stream 200 ms ago: due a step after it.
+        let last = now - Duration::from_millis(200);
+        assert_eq!(
+            creates_due(true, false, Some(last), step, now),
+            Some(last + step)
+        );
+        // The stream silent for a step or longer (or never spoke): due now, the member is left.
+        for last in [Some(now - step), Some(now - Duration::from_secs(3)), None] {
+            assert_eq!(creates_due(true, false, last, step, now), Some(now));
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, KvClient, LeaseClient, WatchClient};
@@ -89,6 +89,12 @@ pub(crate) struct Inner {
     pub shutdown: watch::Sender<bool>,
     /// The session task, joined by `destroy`.
     pub session: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Retry tasks of refused watches alive (at most one per watch).
+    pub refused_retries: Arc<AtomicUsize>,
+    /// Reads done again after a failure (a refused watch's, a failed or too large resync's).
+    pub reads_again: AtomicU64,
+    /// Watch creations etcd refused.
+    pub refusals: AtomicU64,
 }
 
 impl Inner {
@@ -111,6 +117,9 @@ impl Inner {
             cmds,
             shutdown: watch::channel(false).0,
             session: Mutex::new(None),
+            refused_retries: Arc::new(AtomicUsize::new(0)),
+            reads_again: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
             opts,
         }
     }
@@ -136,10 +145,13 @@ impl Inner {
         (self.ttl() / 3).max(Duration::from_millis(100))
     }
 
-    /// How long one page of a list read should take: half a step, so that what waits behind
-    /// a page on a slow link (a keep-alive answer, a step) still meets its deadline.
+    /// How long one page of a list read should take: half a step shared by the background
+    /// reads that may run at once ([`crate::session::READ_CONCURRENCY`]), so that what waits
+    /// behind one page of each on a slow link (a keep-alive answer, a step) still meets its
+    /// deadline.
     pub fn page_time(&self) -> Duration {
-        self.step_timeout() / 2
+        let reads = u32::try_from(crate::session::READ_CONCURRENCY).unwrap_or(u32::MAX);
+        self.step_timeout() / 2 / reads
     }
 
     /// The deadline of one step of (re-)establishing the session (connect, authenticate,
@@ -213,8 +225,10 @@ impl Inner {
     /// and a stalled read still fails within one `timeout`. Pages start at [`FIRST_PAGE`] keys
     /// and double up to [`READ_PAGE`] while they come back within a quarter of
     /// [`Self::page_time`]; a slower page makes the next one smaller so that it would take
-    /// about that time. Only one page is in flight, so on a slow link a keep-alive answer or a
-    /// step of the session waits behind at most one page, well within its deadline.
+    /// about that time. Only one page of a read is in flight, and the background reads run at
+    /// most [`crate::session::READ_CONCURRENCY`] at once, so on a slow link a keep-alive
+    /// answer or a step of the session waits behind at most one page of each (half a step
+    /// together), within its deadline; reads of subscriptions being made add their pages.
     pub async fn read(
         &self,
         clients: &Clients,
@@ -226,13 +240,13 @@ impl Inner {
         let mut from: Vec<u8> = prefix.as_bytes().to_vec();
         let mut revision = 0i64;
         let mut entries = Entries::new();
-        let mut page = FIRST_PAGE;
+        let mut pages = Pages::new();
         let target = self.page_time();
         loop {
             let mut options = GetOptions::new()
                 .with_range(end.clone())
                 .with_keys_only()
-                .with_limit(page);
+                .with_limit(pages.page);
             if revision > 0 {
                 options = options.with_revision(revision);
             }
@@ -248,13 +262,10 @@ impl Inner {
                 Ok(resp) => resp,
                 // A page over the decoding limit (long keys, or a small
                 // `etcd.max-message-size`): the same page in halves.
-                Err((Error::TooLarge { .. }, _)) if page > 1 => {
-                    page /= 2;
-                    continue;
-                }
+                Err((Error::TooLarge { .. }, _)) if pages.too_large() => continue,
                 Err(e) => return Err(e),
             };
-            page = next_page(page, sent.elapsed(), target);
+            pages.took(sent.elapsed(), target);
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -323,6 +334,40 @@ fn next_page(page: i64, took: Duration, target: Duration) -> i64 {
         (page * 2).min(READ_PAGE)
     } else {
         page
+    }
+}
+
+/// The page size of one list read.
+struct Pages {
+    /// Keys in the next page.
+    page: i64,
+    /// The most keys a page may have: lowered to the halved size when a page was over the
+    /// decoding limit, so that a fast page does not double it over the limit again.
+    ceiling: i64,
+}
+
+impl Pages {
+    fn new() -> Pages {
+        Pages {
+            page: FIRST_PAGE,
+            ceiling: READ_PAGE,
+        }
+    }
+
+    /// A page of `page` keys was over the decoding limit: the same page in halves, and no
+    /// page larger than that for the rest of the read. `false` when it was a single key.
+    fn too_large(&mut self) -> bool {
+        if self.page <= 1 {
+            return false;
+        }
+        self.page /= 2;
+        self.ceiling = self.page;
+        true
+    }
+
+    /// A page came back after `took`: the next one sized for pages of about `target`.
+    fn took(&mut self, took: Duration, target: Duration) {
+        self.page = next_page(self.page, took, target).min(self.ceiling);
     }
 }
 
@@ -441,7 +486,7 @@ pub(crate) async fn grant(
 
 #[cfg(test)]
 mod tests {
-    use super::{FIRST_PAGE, MIN_PAGE, READ_PAGE, next_page, prefix_end};
+    use super::{FIRST_PAGE, MIN_PAGE, Pages, READ_PAGE, next_page, prefix_end};
     use std::time::Duration;
 
     #[test]
@@ -458,6 +503,40 @@ mod tests {
         assert_eq!(next_page(512, Duration::from_millis(200), target), 512);
         assert_eq!(next_page(100, Duration::from_secs(10), target), MIN_PAGE);
         assert_eq!(next_page(10, Duration::from_secs(10), target), 10);
+    }
+
+    #[test]
+    fn a_page_over_the_limit_is_halved_and_stays_under_it_for_the_rest_of_the_read() {
+        let target = Duration::from_millis(250);
+        let fast = Duration::from_millis(10);
+        let mut pages = Pages::new();
+        for _ in 0..10 {
+            pages.took(fast, target);
+        }
+        assert_eq!(pages.page, READ_PAGE);
+        assert!(pages.too_large());
+        assert!(pages.too_large());
+        assert_eq!(pages.page, READ_PAGE / 4);
+        // Fast pages after that: no doubling back over the limit.
+        for _ in 0..10 {
+            pages.took(fast, target);
+            assert_eq!(pages.page, READ_PAGE / 4);
+        }
+        // A slow page still makes the next one smaller, and fast ones grow it back up to the
+        // ceiling only.
+        pages.took(Duration::from_secs(1), target);
+        assert_eq!(pages.page, READ_PAGE / 16);
+        for _ in 0..10 {
+            pages.took(fast, target);
+        }
+        assert_eq!(pages.page, READ_PAGE / 4);
+        // Down to one key, then no further.
+        while pages.page > 1 {
+            assert!(pages.too_large());
+        }
+        assert!(!pages.too_large());
+        pages.took(fast, target);
+        assert_eq!(pages.page, 1);
     }
 
     #[test]

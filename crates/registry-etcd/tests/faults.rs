@@ -12,7 +12,7 @@ use common::{DEADLINE, EventLog, Proxy, keys_under, lease_of, raw, raw_as, regis
 use registry_core::testkit::{Recorder, consumer, provider, unique_service, wait_until};
 use registry_core::url::PROVIDERS_CATEGORY;
 use registry_core::{Error, Registry, RegistryEvent, RegistryManager, Url, encode};
-use registry_etcd as _;
+use registry_etcd::EtcdRegistry;
 use registry_test_servers::{Server, required};
 
 fn private_server(test: &str) -> Option<Server> {
@@ -794,6 +794,58 @@ async fn many_watches_catching_up_after_a_reconnect_do_not_deadlock() {
     a.destroy().await;
 }
 
+/// Many watches created at once (one subscription of 3,000 categories) with `timeout=500`:
+/// a watch creation is due within 500 ms of its request or of the stream's last message.
+/// The session task spends a while sending the create requests while etcd's answers arrive
+/// and wait for it; the answers that waited keep the member: no `Disconnected` (the session
+/// left the healthy member about half the time when it took longer than 500 ms, the deadline
+/// firing before the waiting answers were looked at; here the requests are sent faster than
+/// that, so this guards the behaviour without reproducing the early exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_creations_answered_while_the_session_is_busy_keep_the_member() {
+    const CATEGORIES: usize = 3000;
+    let Some(server) = private_server("creations_while_busy") else {
+        return;
+    };
+    let addr = server.address();
+    let s = unique_service("busycreate");
+    let categories: Vec<String> = (0..CATEGORIES).map(|c| format!("c{c}")).collect();
+    let r = registry(&format!(
+        "etcd://{addr}?session=60000&timeout=500&etcd.reread.period=0"
+    ))
+    .await;
+    let log = EventLog::attach(&r);
+    let rec = Recorder::new();
+    let t = Instant::now();
+    r.subscribe(
+        &consumer(&s, &format!("category={}", categories.join(","))),
+        rec.listener(),
+    )
+    .await
+    .expect("subscribe");
+    // Every watch created: a change in the last category arrives.
+    let mut rawc = raw(&addr).await;
+    let last = categories.last().expect("categories");
+    let p = provider(&s, 1, &format!("category={last}"));
+    rawc.put(entry_key(&s, &p), p.to_full_string(), None)
+        .await
+        .expect("put");
+    rec.wait_for_entries(&s, last, std::slice::from_ref(&p), Duration::from_secs(60))
+        .await;
+    eprintln!(
+        "{CATEGORIES} watches created: a change in the last one arrived {:?} after the \
+         subscribe started; events {:?}",
+        t.elapsed(),
+        log.events()
+    );
+    assert!(
+        !log.events().contains(&RegistryEvent::Disconnected),
+        "the member answered every creation: {:?}",
+        log.events()
+    );
+    r.destroy().await;
+}
+
 /// `destroy` racing the background connection of a `check=false` registry (connect, grant
 /// the lease): when it returns, no lease of the registry is left on the server (a grant that
 /// was in flight is revoked too), and a subscribe afterwards is `Destroyed`.
@@ -896,10 +948,12 @@ async fn a_key_over_the_size_limit_leaves_its_subscription_served_once_it_is_gon
     };
     let addr = server.address();
     let s = unique_service("overlimit");
-    let r = registry(&format!(
-        "etcd://{addr}?etcd.max-message-size=4096&timeout=5000"
-    ))
-    .await;
+    // Without the failback layer: the registry's own handle counts its reads done again.
+    let url: Url = format!("etcd://{addr}?etcd.max-message-size=4096&timeout=5000")
+        .parse()
+        .expect("url");
+    let typed = Arc::new(EtcdRegistry::new(url).await.expect("registry"));
+    let r: Arc<dyn Registry> = typed.clone();
     let rec = Recorder::new();
     r.subscribe(&consumer(&s, ""), rec.listener())
         .await
@@ -915,8 +969,15 @@ async fn a_key_over_the_size_limit_leaves_its_subscription_served_once_it_is_gon
     rawc.put(entry_key(&s, &huge), huge.to_full_string(), None)
         .await
         .expect("put the huge entry");
-    // Let the registry meet it (the watch response over the limit, then the read).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The registry meets it (the watch response over the limit, then a read, too large
+    // too) and reads the prefix again later, too large again.
+    let (.., again) = typed.retry_counts();
+    wait_until(
+        "the prefix read again after a read too large",
+        DEADLINE,
+        || async { typed.retry_counts().2 > again },
+    )
+    .await;
     assert_eq!(
         rec.latest_entries(&s, PROVIDERS_CATEGORY),
         Some(vec![p1.clone()]),
