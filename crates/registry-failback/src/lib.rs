@@ -225,7 +225,9 @@ struct Shared<R: Registry> {
     call_timeout: Duration,
     state: Mutex<State>,
     key_locks: Vec<tokio::sync::Mutex<()>>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Spreads the keys over `key_locks`; fixed, so which keys share a lock is the same in
+    /// every run (a run on a paused clock can be repeated).
+    hasher: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
     cache: Arc<Cache>,
     destroyed: AtomicBool,
     /// Set when `destroy` has finished (what [`Registry::is_destroyed`] reports, so a manager
@@ -239,6 +241,9 @@ struct Shared<R: Registry> {
     events: broadcast::Sender<RegistryEvent>,
     background: Mutex<Vec<AbortHandle>>,
     generation: AtomicU64,
+    /// The jitter of every wait (seeded from [`FailbackConfig::jitter_seed`] when set, so a
+    /// run on a paused clock can be repeated).
+    rng: Mutex<rand::rngs::StdRng>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -282,13 +287,12 @@ impl<R: Registry> FailbackRegistry<R> {
             ),
             scheme,
             raw,
-            config,
             call_timeout,
             state: Mutex::new(State::default()),
             key_locks: (0..KEY_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: Default::default(),
             cache,
             destroyed: AtomicBool::new(false),
             destroy_finished: AtomicBool::new(false),
@@ -297,6 +301,11 @@ impl<R: Registry> FailbackRegistry<R> {
             events: broadcast::channel(64).0,
             background: Mutex::new(writer.into_iter().collect()),
             generation: AtomicU64::new(0),
+            rng: Mutex::new(match config.jitter_seed {
+                Some(seed) => rand::SeedableRng::seed_from_u64(seed),
+                None => rand::SeedableRng::from_os_rng(),
+            }),
+            config,
         });
         let weak = Arc::downgrade(&shared);
         let events = tokio::spawn(async move {
@@ -959,8 +968,13 @@ async fn retry_loop<R: Registry>(
                 let left = p.late_until.map_or(Duration::ZERO, |u| {
                     u.saturating_duration_since(TokioInstant::now())
                 });
-                let wait = confirm_wait(confirms + 1, s.config.retry_base, s.config.retry_period)
-                    .min(left);
+                let wait = confirm_wait(
+                    &mut *lock(&s.rng),
+                    confirms + 1,
+                    s.config.retry_base,
+                    s.config.retry_period,
+                )
+                .min(left);
                 (wait, s.config.retry_base, true)
             } else {
                 if let Some(max) = s.config.retry_times
@@ -983,7 +997,12 @@ async fn retry_loop<R: Registry>(
                     st.given_up.insert(key.clone(), (attempt, p));
                     return;
                 }
-                let delay = backoff(attempt + 1, s.config.retry_base, s.config.retry_period);
+                let delay = backoff(
+                    &mut *lock(&s.rng),
+                    attempt + 1,
+                    s.config.retry_base,
+                    s.config.retry_period,
+                );
                 p.next_attempt_at = Some(SystemTime::now() + delay);
                 (delay, s.config.retry_base, false)
             }
@@ -993,16 +1012,22 @@ async fn retry_loop<R: Registry>(
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = woken => {
-                // The backend is back: go soon, but not in step with every other task
-                // (and every other process) that was waiting for it.
-                let window = base.min(Duration::from_millis(500));
-                tokio::time::sleep(backoff(1, window, window)).await;
-            }
+        let kicked = tokio::select! {
+            // Polled in this order, so a run on a paused clock is the same every time.
+            biased;
             // The key failed again: start over from a short wait.
             () = wake.notified() => continue,
+            () = woken => true,
+            () = tokio::time::sleep(delay) => false,
+        };
+        if kicked {
+            // The backend is back: go soon, but not in step with every other task (and
+            // every other process) that was waiting for it.
+            let window = base.min(Duration::from_millis(500));
+            let Some(s) = weak.upgrade() else { return };
+            let wait = backoff(&mut *lock(&s.rng), 1, window, window);
+            drop(s);
+            tokio::time::sleep(wait).await;
         }
         if !confirming {
             attempt += 1;
