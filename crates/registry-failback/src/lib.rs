@@ -25,9 +25,10 @@
 //!   every backend call is bounded by `timeout`;
 //! - a retry queue with one pending task per key that applies the current intent, exponential
 //!   backoff from about 100 ms to `retry.period` with full jitter, `retry.times` (-1: never give
-//!   up), and exhausted tasks that leave the queue; after a call whose outcome is unknown, the
-//!   task confirms the intent (applies it again, at most `retry.period` apart) until a late
-//!   write can no longer land, and a new failure of the key wakes it from any wait;
+//!   up), and exhausted tasks that leave the queue; after a registration call whose outcome is
+//!   unknown ([`Error::may_have_applied`]), the task confirms the intent (applies it again, at
+//!   most `retry.period` apart, at most `recovery.concurrency` passes at once) until a late
+//!   write can no longer land, and a new failure of the key wakes it from a confirmation wait;
 //! - recovery: on a new session every registration and subscription is restored at once, with
 //!   bounded concurrency (`recovery.concurrency`); a reconnect of the same session restores
 //!   nothing and wakes pending retries;
@@ -180,15 +181,16 @@ struct Pending {
     last_error: String,
     /// The intent changed after the task started: its `retry.times` budget starts again.
     reset: bool,
-    /// A call of this key failed in a way that may still take effect (a time-out, a lost
-    /// reply): until this instant such a write may still land, so the task keeps applying
-    /// the intent now and then, and once more after it.
+    /// A registration call of this key failed in a way that may still take effect (a
+    /// time-out, a lost reply; [`Error::may_have_applied`]): until this instant such a write
+    /// may still land, so the task keeps applying the intent now and then, and once more
+    /// after it. Never set for a subscription.
     late_until: Option<TokioInstant>,
     /// The intent is in place; the task only confirms it (applies it again) until
     /// `late_until` has passed.
     confirming: bool,
-    /// Wakes the task when a call of the key failed again, whatever it is waiting for (a
-    /// backoff or a confirmation pass): it starts over from a short wait.
+    /// Wakes a confirming task when a call of the key failed again: it starts over from a
+    /// short wait (a task still retrying keeps its backoff).
     wake: Arc<tokio::sync::Notify>,
 }
 
@@ -241,6 +243,9 @@ struct Shared<R: Registry> {
     events: broadcast::Sender<RegistryEvent>,
     background: Mutex<Vec<AbortHandle>>,
     generation: AtomicU64,
+    /// Bounds the confirmation passes running at once (`recovery.concurrency`), so the
+    /// confirmations after many unknown-outcome calls do not add a burst of their own.
+    confirm_permits: tokio::sync::Semaphore,
     /// The jitter of every wait (seeded from [`FailbackConfig::jitter_seed`] when set, so a
     /// run on a paused clock can be repeated).
     rng: Mutex<rand::rngs::StdRng>,
@@ -301,6 +306,7 @@ impl<R: Registry> FailbackRegistry<R> {
             events: broadcast::channel(64).0,
             background: Mutex::new(writer.into_iter().collect()),
             generation: AtomicU64::new(0),
+            confirm_permits: tokio::sync::Semaphore::new(config.recovery_concurrency.max(1)),
             rng: Mutex::new(match config.jitter_seed {
                 Some(seed) => rand::SeedableRng::seed_from_u64(seed),
                 None => rand::SeedableRng::from_os_rng(),
@@ -811,9 +817,9 @@ impl<R: Registry> Shared<R> {
         metrics::record_retry(&self.scheme, Self::operation(&st, &key));
         // A failed call may still have been applied, or may be applied late (a request sent
         // before a time-out, a lost reply): the intent is confirmed until that could no longer
-        // have happened.
+        // have happened. A call refused before it was sent (not connected) cannot land.
         let late = error
-            .is_retryable()
+            .may_have_applied()
             .then(|| TokioInstant::now() + self.late_grace());
         if let Some(p) = st.tasks.get_mut(&key) {
             p.last_error = error.to_string();
@@ -932,11 +938,12 @@ fn same_form(a: &Url, b: &Url) -> bool {
 /// The life of one pending retry: wait (backoff with full jitter; when the backend is back,
 /// a short jittered wait), bring the key to its current intent, and repeat until that
 /// succeeds for the intent current afterwards, the intent is gone, it is cancelled, or
-/// `retry.times` is exhausted. When a call of the key failed in a way that may still take
-/// effect (`late_until`), the task then confirms the intent: it applies it again after
-/// short, growing waits (at most `retry.period` apart, sooner when the backend comes back)
+/// `retry.times` is exhausted. When a registration call of the key failed in a way that may
+/// still take effect (`late_until`), the task then confirms the intent: it applies it again
+/// after short, growing waits (at most `retry.period` apart; a reconnect does not hurry it)
 /// until such a late write can no longer land, and once more after that. A new failure of
-/// the key wakes it from any wait. The task holds the registry weakly.
+/// the key wakes it from a confirmation wait (a task still retrying keeps its backoff). The
+/// task holds the registry weakly.
 async fn retry_loop<R: Registry>(
     weak: Weak<Shared<R>>,
     mut kick: tokio::sync::watch::Receiver<u64>,
@@ -1007,8 +1014,15 @@ async fn retry_loop<R: Registry>(
                 (delay, s.config.retry_base, false)
             }
         };
+        // A reconnect hurries pending retries only: a confirming task's intent is in place,
+        // and its next pass is due within `retry.period` anyway (and would fail again while
+        // the backend is away). What happened meanwhile is marked seen, so a task that later
+        // falls back to retrying is not woken by an old reconnect.
+        if confirming {
+            kick.borrow_and_update();
+        }
         let woken = async {
-            if kick.changed().await.is_err() {
+            if confirming || kick.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
         };
@@ -1033,8 +1047,15 @@ async fn retry_loop<R: Registry>(
             attempt += 1;
         }
         let Some(s) = weak.upgrade() else { return };
+        // Confirmation passes run a bounded number at a time.
+        let permit = if confirming {
+            s.confirm_permits.acquire().await.ok()
+        } else {
+            None
+        };
         let started = TokioInstant::now();
         let result = s.reconcile(&key).await;
+        drop(permit);
         let mut st = lock(&s.state);
         if st
             .tasks
@@ -1114,7 +1135,11 @@ async fn retry_loop<R: Registry>(
                     p.attempt = attempt;
                     p.last_error = e.to_string();
                     p.confirming = false;
-                    p.late_until = p.late_until.max(Some(TokioInstant::now() + s.late_grace()));
+                    // Only a call that may have been sent can land late: the task's own fast
+                    // failures during an outage (not connected) do not extend the window.
+                    if e.may_have_applied() {
+                        p.late_until = p.late_until.max(Some(TokioInstant::now() + s.late_grace()));
+                    }
                 }
             }
         }

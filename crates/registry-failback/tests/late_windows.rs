@@ -1,0 +1,154 @@
+//! What the confirmation of unknown-outcome writes (CONTRACT §6.1) costs and bounds, on a
+//! paused tokio clock over the memory backend and the kit's fault wrapper: which failures
+//! open a late window, how many calls an outage costs after it, `retry.times` with
+//! confirmations, how long `destroy` waits, backoff while the application keeps calling, and
+//! how soon a key that fails again while its task waits for a far confirmation pass is
+//! corrected.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use registry_core::testkit::{Fault, FaultyRegistry, Op, wait_until};
+use registry_core::{MemoryRegistry, Registry, Url};
+use registry_failback::{FailbackConfig, FailbackRegistry};
+use tokio::time::Instant;
+
+type Fb = Arc<FailbackRegistry<Arc<FaultyRegistry>>>;
+
+static STORE: AtomicU64 = AtomicU64::new(0);
+
+/// A memory store of its own (`timeout` 5 s unless `params` says otherwise), the fault
+/// wrapper over it, the layer over that, and another registry on the store to inspect it.
+fn setup(params: &str) -> (Fb, Arc<FaultyRegistry>, MemoryRegistry) {
+    let n = STORE.fetch_add(1, Ordering::Relaxed);
+    let url: Url = format!(
+        "memory://late-windows-{}-{n}?file=false&{params}",
+        std::process::id()
+    )
+    .parse()
+    .unwrap();
+    let faulty = FaultyRegistry::new(Arc::new(MemoryRegistry::new(url.clone())));
+    let config = FailbackConfig::from_url(&url).unwrap();
+    let fb = FailbackRegistry::with_config(faulty.clone(), config);
+    (fb, faulty, MemoryRegistry::new(url))
+}
+
+const SERVICE: &str = "org.late.Windows";
+
+fn provider(i: usize) -> Url {
+    format!(
+        "dubbo://10.2.{}.{}:20880/{SERVICE}?interface={SERVICE}&side=provider",
+        i / 250,
+        i % 250 + 1
+    )
+    .parse()
+    .unwrap()
+}
+
+fn consumer() -> Url {
+    format!("consumer://10.2.255.1/{SERVICE}?interface={SERVICE}&category=providers")
+        .parse()
+        .unwrap()
+}
+
+async fn held(inspect: &MemoryRegistry) -> usize {
+    inspect.lookup(&consumer()).await.unwrap().len()
+}
+
+// An outage during which every call fails before it is sent (not connected) opens no late
+// window: after the reconnect each URL costs one register, not a dozen confirmations over
+// the next 30 s.
+#[tokio::test(start_paused = true)]
+async fn an_outage_of_unsent_calls_costs_one_call_per_url_after_it() {
+    const URLS: usize = 200;
+    let (fb, faulty, inspect) = setup("check=false&timeout=5000");
+    faulty.disconnect();
+    for i in 0..URLS {
+        fb.register(&provider(i)).await.unwrap();
+    }
+    assert_eq!(fb.pending_retries(), URLS);
+    // A minute of outage: every retry fails at once.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let before = faulty.calls(Op::Register);
+    faulty.reconnect();
+    let start = Instant::now();
+    wait_until(
+        "every URL in the store",
+        Duration::from_secs(10),
+        || async { held(&inspect).await == URLS },
+    )
+    .await;
+    wait_until("no retry task left", Duration::from_secs(120), || {
+        let n = fb.retry_tasks();
+        async move { n == 0 }
+    })
+    .await;
+    let after = faulty.calls(Op::Register) - before;
+    eprintln!(
+        "{URLS} URLs after a 60 s outage of unsent calls: {after} register calls after the reconnect ({:.2} per URL), tasks gone {:?} after it",
+        after as f64 / URLS as f64,
+        start.elapsed()
+    );
+    assert!(
+        after <= 2 * URLS as u64,
+        "{after} register calls after the reconnect for {URLS} URLs"
+    );
+    fb.destroy().await;
+}
+
+// Confirmation passes run at most `recovery.concurrency` at a time, and a reconnect does not
+// send every confirming task to the backend at once.
+#[tokio::test(start_paused = true)]
+async fn confirmation_passes_are_bounded_and_a_reconnect_does_not_hurry_them() {
+    const URLS: usize = 100;
+    let (fb, faulty, inspect) =
+        setup("check=false&timeout=5000&retry.period=5000&recovery.concurrency=4");
+    // Each first register reaches the store but its reply is lost: a window opens.
+    faulty.inject(Op::Register, Fault::LoseReply, URLS as u32);
+    for i in 0..URLS {
+        fb.register(&provider(i)).await.unwrap();
+    }
+    wait_until("every task confirming", Duration::from_secs(5), || {
+        let n = fb.pending_retries();
+        async move { n == 0 }
+    })
+    .await;
+    assert_eq!(fb.retry_tasks(), URLS, "confirming tasks");
+    let status = fb.status();
+    assert!(status.is_healthy(), "confirming intents are in place");
+    // Slow calls: 100 tasks with a pass every few seconds would overlap by the dozen.
+    faulty.inject(Op::Register, Fault::Delay(Duration::from_secs(1)), 100_000);
+    let mut peak = 0;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(5) {
+        let in_flight = faulty.calls(Op::Register) - faulty.returned(Op::Register);
+        peak = peak.max(in_flight);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(peak >= 1, "confirmation passes ran");
+    assert!(peak <= 4, "{peak} confirmation passes at once");
+    // Quick calls again; a reconnect in the middle of the windows hurries no pass.
+    faulty.clear_all_faults();
+    faulty.inject(
+        Op::Register,
+        Fault::Delay(Duration::from_millis(10)),
+        100_000,
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = faulty.calls(Op::Register);
+    faulty.disconnect();
+    faulty.reconnect();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let hurried = faulty.calls(Op::Register) - before;
+    // Passes are 2.5 to 5 s apart now: about 15 fall due in 600 ms; all 100 would run if
+    // the reconnect woke them.
+    eprintln!("register calls within 600 ms of a reconnect, 100 confirming tasks: {hurried}");
+    assert!(
+        hurried < URLS as u64 / 2,
+        "{hurried} register calls within 600 ms of a reconnect"
+    );
+    assert_eq!(held(&inspect).await, URLS);
+    faulty.clear_all_faults();
+    fb.destroy().await;
+}
