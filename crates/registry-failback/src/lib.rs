@@ -818,8 +818,10 @@ impl<R: Registry> Shared<R> {
         // A failed call may still have been applied, or may be applied late (a request sent
         // before a time-out, a lost reply): the intent is confirmed until that could no longer
         // have happened. A call refused before it was sent (not connected) cannot land.
-        let late = error
-            .may_have_applied()
+        // A subscription needs none: each subscribe hands the backend a listener of its own,
+        // so a late subscribe cannot undo a later call (after an unsubscribe it reaches a
+        // closed listener).
+        let late = (error.may_have_applied() && matches!(key, TaskKey::Reg(_)))
             .then(|| TokioInstant::now() + self.late_grace());
         if let Some(p) = st.tasks.get_mut(&key) {
             p.last_error = error.to_string();
@@ -1137,7 +1139,7 @@ async fn retry_loop<R: Registry>(
                     p.confirming = false;
                     // Only a call that may have been sent can land late: the task's own fast
                     // failures during an outage (not connected) do not extend the window.
-                    if e.may_have_applied() {
+                    if e.may_have_applied() && matches!(key, TaskKey::Reg(_)) {
                         p.late_until = p.late_until.max(Some(TokioInstant::now() + s.late_grace()));
                     }
                 }

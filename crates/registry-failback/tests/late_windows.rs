@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use registry_core::testkit::{Fault, FaultyRegistry, Op, wait_until};
+use registry_core::testkit::{Fault, FaultyRegistry, Op, Recorder, wait_until};
 use registry_core::{MemoryRegistry, Registry, Url};
 use registry_failback::{FailbackConfig, FailbackRegistry};
 use tokio::time::Instant;
@@ -150,5 +150,37 @@ async fn confirmation_passes_are_bounded_and_a_reconnect_does_not_hurry_them() {
     );
     assert_eq!(held(&inspect).await, URLS);
     faulty.clear_all_faults();
+    fb.destroy().await;
+}
+
+// A subscription opens no late window: a subscribe or unsubscribe whose reply was lost is
+// retried once and is done (the backend's subscription is the listener's own, so a late one
+// cannot undo a later call; a late one after an unsubscribe reaches a closed listener).
+#[tokio::test(start_paused = true)]
+async fn a_subscription_whose_reply_was_lost_is_not_confirmed() {
+    let (fb, faulty, inspect) = setup("check=false&timeout=5000");
+    inspect.register(&provider(0)).await.unwrap();
+    faulty.inject(Op::Subscribe, Fault::LoseReply, 1);
+    let rec = Recorder::new();
+    fb.subscribe(&consumer(), rec.listener()).await.unwrap();
+    rec.wait_for_entries(SERVICE, "providers", &[provider(0)], Duration::from_secs(5))
+        .await;
+    wait_until("no retry task left", Duration::from_secs(5), || {
+        let n = fb.retry_tasks();
+        async move { n == 0 }
+    })
+    .await;
+    assert_eq!(faulty.calls(Op::Subscribe), 2, "the call and one retry");
+    faulty.inject(Op::Unsubscribe, Fault::LoseReply, 1);
+    fb.unsubscribe(&consumer(), &rec.listener()).await.unwrap();
+    wait_until("no retry task left", Duration::from_secs(5), || {
+        let n = fb.retry_tasks();
+        async move { n == 0 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(faulty.calls(Op::Subscribe), 2);
+    assert_eq!(faulty.calls(Op::Unsubscribe), 2, "the call and one retry");
+    assert_eq!(faulty.subscription_count(), 0);
     fb.destroy().await;
 }
