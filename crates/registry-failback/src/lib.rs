@@ -953,6 +953,8 @@ async fn retry_loop<R: Registry>(
     key: TaskKey,
     generation: u64,
 ) {
+    // Attempts counted against `retry.times` (started again when the intent changes, or
+    // when a confirmation pass fails).
     let mut attempt: u32 = 0;
     // Confirmation passes since the intent was last put in place.
     let mut confirms: u32 = 0;
@@ -1107,8 +1109,11 @@ async fn retry_loop<R: Registry>(
                 }
             }
             Ok(_) => {
-                // The intent changed while this attempt ran: apply the new one.
-                attempt = attempt.saturating_sub(1);
+                // The intent changed while this attempt ran: apply the new one (a retry
+                // does not count it; a confirmation pass was never counted).
+                if !confirming {
+                    attempt = attempt.saturating_sub(1);
+                }
             }
             Err(e) if !e.is_retryable() => {
                 st.tasks.remove(&key);
@@ -1133,6 +1138,10 @@ async fn retry_loop<R: Registry>(
                     "retry failed"
                 );
                 metrics::record_retry(&s.scheme, Shared::<R>::operation(&st, &key));
+                if confirming {
+                    // The intent was in place: the retries it needs now are new ones.
+                    attempt = 0;
+                }
                 if let Some(p) = st.tasks.get_mut(&key) {
                     p.attempt = attempt;
                     p.last_error = e.to_string();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use registry_core::testkit::{Fault, FaultyRegistry, Op, Recorder, wait_until};
 use registry_core::{MemoryRegistry, Registry, Url};
-use registry_failback::{FailbackConfig, FailbackRegistry};
+use registry_failback::{FailbackConfig, FailbackRegistry, Health};
 use tokio::time::Instant;
 
 type Fb = Arc<FailbackRegistry<Arc<FaultyRegistry>>>;
@@ -182,5 +182,42 @@ async fn a_subscription_whose_reply_was_lost_is_not_confirmed() {
     assert_eq!(faulty.calls(Op::Subscribe), 2);
     assert_eq!(faulty.calls(Op::Unsubscribe), 2, "the call and one retry");
     assert_eq!(faulty.subscription_count(), 0);
+    fb.destroy().await;
+}
+
+// With a finite `retry.times`, a confirmation pass that fails starts the budget again: the
+// intent was in place, so the retries it needs now are new ones.
+#[tokio::test(start_paused = true)]
+async fn a_failed_confirmation_starts_the_retry_budget_again() {
+    let (fb, faulty, inspect) = setup("check=false&timeout=5000&retry.times=3");
+    let p = provider(0);
+    // The call's reply is lost (a window opens), two retries fail, the third works, then
+    // the first confirmation pass fails.
+    faulty.inject(Op::Register, Fault::LoseReply, 1);
+    faulty.inject(Op::Register, Fault::Fail, 2);
+    faulty.inject(Op::Register, Fault::Delay(Duration::from_millis(1)), 1);
+    faulty.inject(Op::Register, Fault::Fail, 1);
+    fb.register(&p).await.unwrap();
+    wait_until(
+        "the confirmation pass failed",
+        Duration::from_secs(10),
+        || {
+            let n = faulty.calls(Op::Register);
+            async move { n >= 5 }
+        },
+    )
+    .await;
+    wait_until("the task ends", Duration::from_secs(60), || {
+        let n = fb.retry_tasks();
+        async move { n == 0 }
+    })
+    .await;
+    let status = fb.status();
+    assert_eq!(
+        status.registrations[0].health,
+        Health::Ok,
+        "not given up: {status:?}"
+    );
+    assert_eq!(held(&inspect).await, 1);
     fb.destroy().await;
 }
