@@ -826,11 +826,14 @@ impl<R: Registry> Shared<R> {
         if let Some(p) = st.tasks.get_mut(&key) {
             p.last_error = error.to_string();
             p.reset = true;
-            p.confirming = false;
             p.late_until = p.late_until.max(late);
-            // Whatever the task waits for (a backoff, a confirmation pass far off), the key
-            // failed again: it tries again soon.
-            p.wake.notify_one();
+            // A task confirming an intent in place may be far from its next pass: the key
+            // failed again, so it tries again soon. A task still retrying keeps its backoff
+            // (an application that keeps calling during an outage does not make it retry at
+            // the shortest wait).
+            if std::mem::replace(&mut p.confirming, false) {
+                p.wake.notify_one();
+            }
             return;
         }
         tracing::warn!(
@@ -956,6 +959,9 @@ async fn retry_loop<R: Registry>(
     // Attempts counted against `retry.times` (started again when the intent changes, or
     // when a confirmation pass fails).
     let mut attempt: u32 = 0;
+    // Backoff steps since the task last had a short wait: a change of the intent restarts
+    // the budget above, not the backoff.
+    let mut step: u32 = 0;
     // Confirmation passes since the intent was last put in place.
     let mut confirms: u32 = 0;
     loop {
@@ -1010,7 +1016,7 @@ async fn retry_loop<R: Registry>(
                 }
                 let delay = backoff(
                     &mut *lock(&s.rng),
-                    attempt + 1,
+                    step + 1,
                     s.config.retry_base,
                     s.config.retry_period,
                 );
@@ -1034,7 +1040,10 @@ async fn retry_loop<R: Registry>(
             // Polled in this order, so a run on a paused clock is the same every time.
             biased;
             // The key failed again: start over from a short wait.
-            () = wake.notified() => continue,
+            () = wake.notified() => {
+                step = 0;
+                continue;
+            }
             () = woken => true,
             () = tokio::time::sleep(delay) => false,
         };
@@ -1049,6 +1058,7 @@ async fn retry_loop<R: Registry>(
         }
         if !confirming {
             attempt += 1;
+            step += 1;
         }
         let Some(s) = weak.upgrade() else { return };
         // Confirmation passes run a bounded number at a time.
@@ -1081,6 +1091,7 @@ async fn retry_loop<R: Registry>(
                         } else {
                             p.confirming = true;
                             confirms = 0;
+                            step = 0;
                         }
                         tracing::debug!(
                             registry = %s.label(),
@@ -1139,8 +1150,10 @@ async fn retry_loop<R: Registry>(
                 );
                 metrics::record_retry(&s.scheme, Shared::<R>::operation(&st, &key));
                 if confirming {
-                    // The intent was in place: the retries it needs now are new ones.
+                    // The intent was in place: the retries it needs now are new ones, from
+                    // a short wait.
                     attempt = 0;
+                    step = 0;
                 }
                 if let Some(p) = st.tasks.get_mut(&key) {
                     p.attempt = attempt;

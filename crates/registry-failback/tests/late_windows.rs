@@ -221,3 +221,79 @@ async fn a_failed_confirmation_starts_the_retry_budget_again() {
     assert_eq!(held(&inspect).await, 1);
     fb.destroy().await;
 }
+
+// An application that keeps calling during an outage does not make the key's task retry at
+// the shortest wait: it keeps its backoff.
+#[tokio::test(start_paused = true)]
+async fn application_calls_during_an_outage_keep_the_backoff() {
+    let (fb, faulty, _inspect) = setup("check=false&timeout=5000&retry.period=5000");
+    let p = provider(0);
+    faulty.disconnect();
+    let start = Instant::now();
+    let mut app_calls = 0u64;
+    while start.elapsed() < Duration::from_secs(20) {
+        fb.register(&p).await.unwrap();
+        app_calls += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retries = faulty.calls(Op::Register) - app_calls;
+    eprintln!("20 s outage, the application calling every 100 ms: {retries} retries");
+    // Backoff 0.1, 0.2, 0.4 ... 5 s (full jitter): about a dozen in 20 s, not 200.
+    assert!(retries <= 30, "{retries} retries in 20 s");
+    faulty.reconnect();
+    fb.destroy().await;
+}
+
+// A key that fails again while its task waits for a confirmation pass far off
+// (`retry.period` 60 s) is corrected at once: a late register that lands after the
+// application's unregister is undone within a few hundred milliseconds.
+#[tokio::test(start_paused = true)]
+async fn a_new_failure_while_confirming_is_corrected_at_once() {
+    let (fb, faulty, inspect) = setup("check=false&timeout=30000&retry.period=60000");
+    let p = provider(0);
+    // A lost reply: the task confirms the intent for 180 s, at growing waits.
+    faulty.inject(Op::Register, Fault::LoseReply, 1);
+    fb.register(&p).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fb.pending_retries(), 0);
+    assert_eq!(
+        fb.retry_tasks(),
+        1,
+        "confirming, the next pass tens of seconds off"
+    );
+    // The application registers again and the write is applied 100 ms late, after its
+    // unregister.
+    faulty.inject(
+        Op::Register,
+        Fault::ApplyLate(Duration::from_millis(100)),
+        1,
+    );
+    fb.register(&p).await.unwrap();
+    fb.unregister(&p).await.unwrap();
+    // Watch the store every 5 ms: the late register lands, then is undone.
+    let watch = Instant::now();
+    let mut landed = None;
+    let mut undone = None;
+    while watch.elapsed() < Duration::from_secs(120) {
+        let n = held(&inspect).await;
+        if n == 1 && landed.is_none() {
+            landed = Some(Instant::now());
+        }
+        if n == 0 && landed.is_some() {
+            undone = Some(Instant::now());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let landed = landed.expect("the late register landed");
+    let took = undone.map(|u| u - landed);
+    eprintln!("a late register undone {took:?} after it landed");
+    assert!(
+        took.is_some_and(|t| t <= Duration::from_millis(500)),
+        "undone after {took:?} (retry.period is 60 s)"
+    );
+    // And it stays undone.
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    assert_eq!(held(&inspect).await, 0);
+    fb.destroy().await;
+}
