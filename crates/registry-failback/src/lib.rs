@@ -175,7 +175,8 @@ struct SubSlot {
 
 struct Pending {
     generation: u64,
-    abort: AbortHandle,
+    /// The task; `destroy` aborts it and waits for it to end.
+    task: tokio::task::JoinHandle<()>,
     attempt: u32,
     next_attempt_at: Option<SystemTime>,
     last_error: String,
@@ -675,7 +676,7 @@ impl<R: Registry> Shared<R> {
             Some(p) if p.late_until.is_some() || p.confirming => p.confirming = true,
             Some(_) => {
                 if let Some(p) = st.tasks.remove(key) {
-                    p.abort.abort();
+                    p.task.abort();
                 }
                 Self::forget_if_done(&mut st, key);
             }
@@ -856,7 +857,7 @@ impl<R: Registry> Shared<R> {
             key,
             Pending {
                 generation,
-                abort: task.abort_handle(),
+                task,
                 attempt: 0,
                 next_attempt_at: None,
                 last_error: error.to_string(),
@@ -1524,7 +1525,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         let s = &self.shared;
         // A second call returns when the first has finished.
         let _destroying = s.destroying.lock().await;
-        let (regs, subs, late) = {
+        let (regs, subs, late, tasks) = {
             let mut st = lock(&s.state);
             if st.destroyed {
                 return;
@@ -1533,8 +1534,10 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
             s.destroyed.store(true, Ordering::Release);
             // When a failed write of a key may still land (see `late_until`).
             let mut late: HashMap<Url, TokioInstant> = HashMap::new();
+            let mut tasks = Vec::new();
             for (key, p) in st.tasks.drain() {
-                p.abort.abort();
+                p.task.abort();
+                tasks.push(p.task);
                 if let (TaskKey::Reg(id), Some(at)) = (key, p.late_until) {
                     late.insert(id, at);
                 }
@@ -1544,21 +1547,29 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 std::mem::take(&mut st.regs),
                 std::mem::take(&mut st.subs),
                 late,
+                tasks,
             )
         };
+        // The aborted tasks end at their next await (a call in flight is dropped): none of
+        // them sends anything after the calls below.
+        let _ = tokio::time::timeout(s.call_timeout, futures_util::future::join_all(tasks)).await;
         let n = s.config.recovery_concurrency;
+        // A failed write may still land until its `late_until`: pending unregistrations are
+        // carried out after that, waiting no longer than one `timeout` in all (the limit is
+        // set once, for every URL), and not at all when the backend is away (nothing can be
+        // removed then).
+        let late_limit = TokioInstant::now() + s.call_timeout;
+        let wait_late = s.raw.is_available();
         // Registrations: dynamic ones go; pending unregistrations (persistent ones included)
         // and earlier forms are tried once; persistent registrations stay.
         let late = &late;
         futures_util::stream::iter(regs.iter())
             .for_each_concurrent(n, |(id, r)| async move {
-                if !r.present
+                if wait_late
+                    && !r.present
                     && let Some(at) = late.get(id)
                 {
-                    // A failed write of this URL may still land: remove it after that could
-                    // have happened (waiting no longer than one `timeout`).
-                    let until = (*at).min(TokioInstant::now() + s.call_timeout);
-                    tokio::time::sleep_until(until).await;
+                    tokio::time::sleep_until((*at).min(late_limit)).await;
                 }
                 let _turn = s.key_lock(&TaskKey::Reg(id.clone())).lock().await;
                 let mut gone: Vec<&Url> = r.old.iter().collect();

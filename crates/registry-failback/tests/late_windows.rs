@@ -222,6 +222,59 @@ async fn a_failed_confirmation_starts_the_retry_budget_again() {
     fb.destroy().await;
 }
 
+// `destroy` waits for late writes of pending unregistrations at most one `timeout` in all,
+// not one per batch of `recovery.concurrency` URLs.
+#[tokio::test(start_paused = true)]
+async fn destroy_waits_at_most_one_timeout_for_late_writes() {
+    const URLS: usize = 100;
+    let (fb, faulty, inspect) = setup("check=false&timeout=5000");
+    for i in 0..URLS {
+        fb.register(&provider(i)).await.unwrap();
+    }
+    // Each unregister reaches the store but its reply is lost: a window opens per URL.
+    faulty.inject(Op::Unregister, Fault::LoseReply, URLS as u32);
+    for i in 0..URLS {
+        fb.unregister(&provider(i)).await.unwrap();
+    }
+    wait_until("every task confirming", Duration::from_secs(5), || {
+        let n = fb.pending_retries();
+        async move { n == 0 }
+    })
+    .await;
+    assert_eq!(fb.retry_tasks(), URLS);
+    let start = Instant::now();
+    fb.destroy().await;
+    let took = start.elapsed();
+    eprintln!("destroy with {URLS} unregistrations in their late window: {took:?}");
+    assert!(
+        took <= Duration::from_millis(5000 + 500),
+        "destroy took {took:?}"
+    );
+    assert_eq!(held(&inspect).await, 0);
+}
+
+// `destroy` with the backend down does not wait for late writes (its calls fail anyway).
+#[tokio::test(start_paused = true)]
+async fn destroy_with_the_backend_down_does_not_wait() {
+    let (fb, faulty, _inspect) = setup("check=false&timeout=5000");
+    fb.register(&provider(0)).await.unwrap();
+    faulty.inject(Op::Unregister, Fault::LoseReply, 1);
+    fb.unregister(&provider(0)).await.unwrap();
+    wait_until("the task confirming", Duration::from_secs(5), || {
+        let n = fb.pending_retries();
+        async move { n == 0 }
+    })
+    .await;
+    faulty.disconnect();
+    let start = Instant::now();
+    fb.destroy().await;
+    assert!(
+        start.elapsed() < Duration::from_millis(100),
+        "destroy took {:?}",
+        start.elapsed()
+    );
+}
+
 // An application that keeps calling during an outage does not make the key's task retry at
 // the shortest wait: it keeps its backoff.
 #[tokio::test(start_paused = true)]
