@@ -1554,16 +1554,16 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 tasks,
             )
         };
+        // A failed write may still land until its `late_until`: pending unregistrations are
+        // carried out after that, waiting no longer than one `timeout` in all (the limit is
+        // set once, for every URL, and counts the wait for the tasks below), and not at all
+        // when the backend is away (nothing can be removed then).
+        let late_limit = TokioInstant::now() + s.call_timeout;
+        let wait_late = s.raw.is_available();
         // The aborted tasks end at their next await (a call in flight is dropped): none of
         // them sends anything after the calls below.
         let _ = tokio::time::timeout(s.call_timeout, futures_util::future::join_all(tasks)).await;
         let n = s.config.recovery_concurrency;
-        // A failed write may still land until its `late_until`: pending unregistrations are
-        // carried out after that, waiting no longer than one `timeout` in all (the limit is
-        // set once, for every URL), and not at all when the backend is away (nothing can be
-        // removed then).
-        let late_limit = TokioInstant::now() + s.call_timeout;
-        let wait_late = s.raw.is_available();
         // Registrations: dynamic ones go; pending unregistrations (persistent ones included)
         // and earlier forms are tried once; persistent registrations stay.
         let late = &late;
