@@ -356,3 +356,40 @@ async fn a_new_failure_while_confirming_is_corrected_at_once() {
     assert_eq!(held(&inspect).await, 0);
     fb.destroy().await;
 }
+
+// Every confirmation pass is counted in `registry_confirmations_total`; a window of 30 s (the
+// default `timeout`) costs about a dozen.
+#[tokio::test(start_paused = true)]
+async fn confirmation_passes_are_counted() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let (fb, faulty, inspect) = setup("check=false&timeout=5000&retry.period=5000");
+    faulty.inject(Op::Register, Fault::LoseReply, 1);
+    fb.register(&provider(0)).await.unwrap();
+    wait_until("the task ends", Duration::from_secs(60), || {
+        let n = fb.retry_tasks();
+        async move { n == 0 }
+    })
+    .await;
+    let series = format!(
+        "{}{{scheme=\"memory\",operation=\"register\"}} ",
+        registry_failback::metrics::CONFIRMATIONS
+    );
+    let text = recorder.handle().render();
+    let counted: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .unwrap();
+    // The call whose reply was lost, the retry that put the intent in place, then the passes.
+    let calls = faulty.calls(Op::Register);
+    eprintln!("one lost reply: {calls} register calls, {counted} confirmation passes");
+    assert_eq!(counted, calls - 2);
+    assert!(
+        (8..=20).contains(&counted),
+        "{counted} passes in a 30 s window"
+    );
+    assert_eq!(held(&inspect).await, 1);
+    fb.destroy().await;
+}
