@@ -247,9 +247,6 @@ struct Shared<R: Registry> {
     /// Bounds the confirmation passes running at once (`recovery.concurrency`), so the
     /// confirmations after many unknown-outcome calls do not add a burst of their own.
     confirm_permits: tokio::sync::Semaphore,
-    /// The jitter of every wait (seeded from [`FailbackConfig::jitter_seed`] when set, so a
-    /// run on a paused clock can be repeated).
-    rng: Mutex<rand::rngs::StdRng>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -308,10 +305,6 @@ impl<R: Registry> FailbackRegistry<R> {
             background: Mutex::new(writer.into_iter().collect()),
             generation: AtomicU64::new(0),
             confirm_permits: tokio::sync::Semaphore::new(config.recovery_concurrency.max(1)),
-            rng: Mutex::new(match config.jitter_seed {
-                Some(seed) => rand::SeedableRng::seed_from_u64(seed),
-                None => rand::SeedableRng::from_os_rng(),
-            }),
             config,
         });
         let weak = Arc::downgrade(&shared);
@@ -846,12 +839,23 @@ impl<R: Registry> Shared<R> {
         );
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let wake = Arc::new(tokio::sync::Notify::new());
+        // The jitter of the task's waits: its own generator, so the waits do not depend on
+        // the order in which tasks woken at the same instant run; seeded from
+        // `jitter_seed`, the key and the task's number when the seed is set (a run on a
+        // paused clock can be repeated).
+        let rng = match self.config.jitter_seed {
+            Some(seed) => rand::SeedableRng::seed_from_u64(
+                seed ^ self.hasher.hash_one(&key) ^ generation.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ),
+            None => rand::SeedableRng::from_rng(&mut rand::rng()),
+        };
         let task = tokio::spawn(retry_loop(
             Arc::downgrade(self),
             self.kick.subscribe(),
             wake.clone(),
             key.clone(),
             generation,
+            rng,
         ));
         st.tasks.insert(
             key,
@@ -957,6 +961,7 @@ async fn retry_loop<R: Registry>(
     wake: Arc<tokio::sync::Notify>,
     key: TaskKey,
     generation: u64,
+    mut rng: rand::rngs::StdRng,
 ) {
     // Attempts counted against `retry.times` (started again when the intent changes, or
     // when a confirmation pass fails).
@@ -988,7 +993,7 @@ async fn retry_loop<R: Registry>(
                     u.saturating_duration_since(TokioInstant::now())
                 });
                 let wait = confirm_wait(
-                    &mut *lock(&s.rng),
+                    &mut rng,
                     confirms + 1,
                     s.config.retry_base,
                     s.config.retry_period,
@@ -1017,7 +1022,7 @@ async fn retry_loop<R: Registry>(
                     return;
                 }
                 let delay = backoff(
-                    &mut *lock(&s.rng),
+                    &mut rng,
                     step + 1,
                     s.config.retry_base,
                     s.config.retry_period,
@@ -1053,10 +1058,7 @@ async fn retry_loop<R: Registry>(
             // The backend is back: go soon, but not in step with every other task (and
             // every other process) that was waiting for it.
             let window = base.min(Duration::from_millis(500));
-            let Some(s) = weak.upgrade() else { return };
-            let wait = backoff(&mut *lock(&s.rng), 1, window, window);
-            drop(s);
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(backoff(&mut rng, 1, window, window)).await;
         }
         if !confirming {
             attempt += 1;

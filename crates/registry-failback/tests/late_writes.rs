@@ -14,10 +14,10 @@
 //! while its task waits for a confirmation pass is retried at once.
 //!
 //! Every case runs from a seed: `LATE_CASES` (default 300) cases from `LATE_SEED` (default
-//! 1). The layer's jitter is seeded from the case's seed too, and a case runs on one thread
-//! with a paused clock: a failing (or panicking) case prints
-//! its seed and its plan; rerun it with `LATE_SEED=<seed> LATE_CASES=1` (a rerun follows the
-//! same course in most runs, not all: the order of some wake-ups still varies). The bound here
+//! 1). The layer's jitter is seeded from the case's seed too (each retry task draws from a
+//! generator of its own, so tasks woken at the same instant may run in any order), and a case
+//! runs on one thread with a paused clock: a failing (or panicking) case prints its seed and
+//! its plan, and `LATE_SEED=<seed> LATE_CASES=1` reruns the same course. The bound here
 //! cannot tell whether a key's new failure wakes its task; `late_windows.rs` tests that.
 
 use std::collections::BTreeMap;
