@@ -88,6 +88,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The backend is not connected (no connection or session yet): the request was not
+    /// sent, so nothing of it was or will be applied; retrying may succeed.
+    #[error("the registry {registry} is unavailable: {reason}")]
+    NotConnected {
+        /// The registry URL.
+        registry: String,
+        /// Why.
+        reason: String,
+    },
     /// An operation took longer than allowed.
     #[error("{operation} timed out after {after:?}")]
     Timeout {
@@ -131,6 +140,9 @@ pub enum Error {
     Injected {
         /// The operation that was made to fail.
         operation: String,
+        /// Whether the call reached the wrapped registry (a lost reply, a late write), as
+        /// opposed to failing before it was sent.
+        reached: bool,
     },
     /// Any other backend failure.
     #[error("{registry}: {message}")]
@@ -152,10 +164,34 @@ impl Error {
     /// slow or failed transiently), as opposed to bad input or a destroyed registry.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unavailable { .. } | Error::Timeout { .. } | Error::Injected { .. } => true,
+            Error::Unavailable { .. }
+            | Error::NotConnected { .. }
+            | Error::Timeout { .. }
+            | Error::Injected { .. } => true,
             Error::Io { .. } => true,
             Error::Backend { retryable, .. } => *retryable,
             _ => false,
+        }
+    }
+
+    /// Whether a failed write may have been applied, or may still be applied later (a
+    /// time-out, a lost reply, a connection lost while the request was out): the caller
+    /// cannot tell. `false` for errors raised before the request was sent
+    /// ([`Error::NotConnected`], an injected failure that never reached the wrapped
+    /// registry) and for errors retrying cannot fix (bad input, refused by the server).
+    pub fn may_have_applied(&self) -> bool {
+        match self {
+            Error::NotConnected { .. } => false,
+            Error::Injected { reached, .. } => *reached,
+            e => e.is_retryable(),
+        }
+    }
+
+    /// An [`Error::NotConnected`] of the registry labelled `registry` (no password).
+    pub fn not_connected(registry: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::NotConnected {
+            registry: registry.into(),
+            reason: reason.into(),
         }
     }
 

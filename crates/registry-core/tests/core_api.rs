@@ -475,7 +475,7 @@ async fn faulty_wrapper_fails_counts_and_expires() {
     assert!(!f.is_available());
     assert!(matches!(
         f.lookup(&consumer(&s, "")).await,
-        Err(Error::Unavailable { .. })
+        Err(Error::NotConnected { .. })
     ));
     f.reconnect();
     assert_eq!(events.recv().await.unwrap(), RegistryEvent::Disconnected);

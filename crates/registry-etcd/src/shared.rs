@@ -174,7 +174,7 @@ impl Inner {
 
     pub fn connected(&self) -> Result<Clients> {
         self.alive()?;
-        self.clients().ok_or_else(|| Error::Unavailable {
+        self.clients().ok_or_else(|| Error::NotConnected {
             registry: self.label.clone(),
             reason: "not connected to etcd yet (connecting in the background)".to_owned(),
         })

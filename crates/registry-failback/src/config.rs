@@ -24,6 +24,10 @@ pub struct FailbackConfig {
     pub cache_file: Option<PathBuf>,
     /// `file.debounce` (ms, default 200): how long the cache writer gathers changes.
     pub cache_debounce: Duration,
+    /// Seeds the jitter of the retry and confirmation waits (`None`: from the operating
+    /// system). For tests that replay a run on a paused clock.
+    #[doc(hidden)]
+    pub jitter_seed: Option<u64>,
 }
 
 fn millis(url: &Url, key: &str, default: u64) -> Result<Duration> {
@@ -64,6 +68,7 @@ impl FailbackConfig {
             empty_protection: url.parameter_bool("enable-empty-protection", false),
             cache_file: cache_file(url),
             cache_debounce: millis(url, "file.debounce", 200)?,
+            jitter_seed: None,
         })
     }
 }

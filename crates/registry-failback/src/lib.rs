@@ -25,9 +25,10 @@
 //!   every backend call is bounded by `timeout`;
 //! - a retry queue with one pending task per key that applies the current intent, exponential
 //!   backoff from about 100 ms to `retry.period` with full jitter, `retry.times` (-1: never give
-//!   up), and exhausted tasks that leave the queue; after a call whose outcome is unknown, the
-//!   task confirms the intent (applies it again, at most `retry.period` apart) until a late
-//!   write can no longer land, and a new failure of the key wakes it from any wait;
+//!   up), and exhausted tasks that leave the queue; after a registration call whose outcome is
+//!   unknown ([`Error::may_have_applied`]), the task confirms the intent (applies it again, at
+//!   most `retry.period` apart, at most `recovery.concurrency` passes at once) until a late
+//!   write can no longer land, and a new failure of the key wakes it from a confirmation wait;
 //! - recovery: on a new session every registration and subscription is restored at once, with
 //!   bounded concurrency (`recovery.concurrency`); a reconnect of the same session restores
 //!   nothing and wakes pending retries;
@@ -174,21 +175,23 @@ struct SubSlot {
 
 struct Pending {
     generation: u64,
-    abort: AbortHandle,
+    /// The task; `destroy` aborts it and waits for it to end.
+    task: tokio::task::JoinHandle<()>,
     attempt: u32,
     next_attempt_at: Option<SystemTime>,
     last_error: String,
     /// The intent changed after the task started: its `retry.times` budget starts again.
     reset: bool,
-    /// A call of this key failed in a way that may still take effect (a time-out, a lost
-    /// reply): until this instant such a write may still land, so the task keeps applying
-    /// the intent now and then, and once more after it.
+    /// A registration call of this key failed in a way that may still take effect (a
+    /// time-out, a lost reply; [`Error::may_have_applied`]): until this instant such a write
+    /// may still land, so the task keeps applying the intent now and then, and once more
+    /// after it. Never set for a subscription.
     late_until: Option<TokioInstant>,
     /// The intent is in place; the task only confirms it (applies it again) until
     /// `late_until` has passed.
     confirming: bool,
-    /// Wakes the task when a call of the key failed again, whatever it is waiting for (a
-    /// backoff or a confirmation pass): it starts over from a short wait.
+    /// Wakes a confirming task when a call of the key failed again: it starts over from a
+    /// short wait (a task still retrying keeps its backoff).
     wake: Arc<tokio::sync::Notify>,
 }
 
@@ -225,7 +228,9 @@ struct Shared<R: Registry> {
     call_timeout: Duration,
     state: Mutex<State>,
     key_locks: Vec<tokio::sync::Mutex<()>>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Spreads the keys over `key_locks`; fixed, so which keys share a lock is the same in
+    /// every run (a run on a paused clock can be repeated).
+    hasher: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
     cache: Arc<Cache>,
     destroyed: AtomicBool,
     /// Set when `destroy` has finished (what [`Registry::is_destroyed`] reports, so a manager
@@ -239,6 +244,9 @@ struct Shared<R: Registry> {
     events: broadcast::Sender<RegistryEvent>,
     background: Mutex<Vec<AbortHandle>>,
     generation: AtomicU64,
+    /// Bounds the confirmation passes running at once (`recovery.concurrency`), so the
+    /// confirmations after many unknown-outcome calls do not add a burst of their own.
+    confirm_permits: tokio::sync::Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -282,13 +290,12 @@ impl<R: Registry> FailbackRegistry<R> {
             ),
             scheme,
             raw,
-            config,
             call_timeout,
             state: Mutex::new(State::default()),
             key_locks: (0..KEY_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: Default::default(),
             cache,
             destroyed: AtomicBool::new(false),
             destroy_finished: AtomicBool::new(false),
@@ -297,6 +304,8 @@ impl<R: Registry> FailbackRegistry<R> {
             events: broadcast::channel(64).0,
             background: Mutex::new(writer.into_iter().collect()),
             generation: AtomicU64::new(0),
+            confirm_permits: tokio::sync::Semaphore::new(config.recovery_concurrency.max(1)),
+            config,
         });
         let weak = Arc::downgrade(&shared);
         let events = tokio::spawn(async move {
@@ -660,7 +669,7 @@ impl<R: Registry> Shared<R> {
             Some(p) if p.late_until.is_some() || p.confirming => p.confirming = true,
             Some(_) => {
                 if let Some(p) = st.tasks.remove(key) {
-                    p.abort.abort();
+                    p.task.abort();
                 }
                 Self::forget_if_done(&mut st, key);
             }
@@ -802,18 +811,23 @@ impl<R: Registry> Shared<R> {
         metrics::record_retry(&self.scheme, Self::operation(&st, &key));
         // A failed call may still have been applied, or may be applied late (a request sent
         // before a time-out, a lost reply): the intent is confirmed until that could no longer
-        // have happened.
-        let late = error
-            .is_retryable()
+        // have happened. A call refused before it was sent (not connected) cannot land.
+        // A subscription needs none: each subscribe hands the backend a listener of its own,
+        // so a late subscribe cannot undo a later call (after an unsubscribe it reaches a
+        // closed listener).
+        let late = (error.may_have_applied() && matches!(key, TaskKey::Reg(_)))
             .then(|| TokioInstant::now() + self.late_grace());
         if let Some(p) = st.tasks.get_mut(&key) {
             p.last_error = error.to_string();
             p.reset = true;
-            p.confirming = false;
             p.late_until = p.late_until.max(late);
-            // Whatever the task waits for (a backoff, a confirmation pass far off), the key
-            // failed again: it tries again soon.
-            p.wake.notify_one();
+            // A task confirming an intent in place may be far from its next pass: the key
+            // failed again, so it tries again soon. A task still retrying keeps its backoff
+            // (an application that keeps calling during an outage does not make it retry at
+            // the shortest wait).
+            if std::mem::replace(&mut p.confirming, false) {
+                p.wake.notify_one();
+            }
             return;
         }
         tracing::warn!(
@@ -825,18 +839,29 @@ impl<R: Registry> Shared<R> {
         );
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let wake = Arc::new(tokio::sync::Notify::new());
+        // The jitter of the task's waits: its own generator, so the waits do not depend on
+        // the order in which tasks woken at the same instant run; seeded from
+        // `jitter_seed`, the key and the task's number when the seed is set (a run on a
+        // paused clock can be repeated).
+        let rng = match self.config.jitter_seed {
+            Some(seed) => rand::SeedableRng::seed_from_u64(
+                seed ^ self.hasher.hash_one(&key) ^ generation.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ),
+            None => rand::SeedableRng::from_rng(&mut rand::rng()),
+        };
         let task = tokio::spawn(retry_loop(
             Arc::downgrade(self),
             self.kick.subscribe(),
             wake.clone(),
             key.clone(),
             generation,
+            rng,
         ));
         st.tasks.insert(
             key,
             Pending {
                 generation,
-                abort: task.abort_handle(),
+                task,
                 attempt: 0,
                 next_attempt_at: None,
                 last_error: error.to_string(),
@@ -911,6 +936,7 @@ impl<R: Registry> Shared<R> {
             registrations,
             unregistrations,
             subscriptions,
+            confirming: st.tasks.values().filter(|p| p.confirming).count(),
         }
     }
 }
@@ -923,19 +949,26 @@ fn same_form(a: &Url, b: &Url) -> bool {
 /// The life of one pending retry: wait (backoff with full jitter; when the backend is back,
 /// a short jittered wait), bring the key to its current intent, and repeat until that
 /// succeeds for the intent current afterwards, the intent is gone, it is cancelled, or
-/// `retry.times` is exhausted. When a call of the key failed in a way that may still take
-/// effect (`late_until`), the task then confirms the intent: it applies it again after
-/// short, growing waits (at most `retry.period` apart, sooner when the backend comes back)
+/// `retry.times` is exhausted. When a registration call of the key failed in a way that may
+/// still take effect (`late_until`), the task then confirms the intent: it applies it again
+/// after short, growing waits (at most `retry.period` apart; a reconnect does not hurry it)
 /// until such a late write can no longer land, and once more after that. A new failure of
-/// the key wakes it from any wait. The task holds the registry weakly.
+/// the key wakes it from a confirmation wait (a task still retrying keeps its backoff). The
+/// task holds the registry weakly.
 async fn retry_loop<R: Registry>(
     weak: Weak<Shared<R>>,
     mut kick: tokio::sync::watch::Receiver<u64>,
     wake: Arc<tokio::sync::Notify>,
     key: TaskKey,
     generation: u64,
+    mut rng: rand::rngs::StdRng,
 ) {
+    // Attempts counted against `retry.times` (started again when the intent changes, or
+    // when a confirmation pass fails).
     let mut attempt: u32 = 0;
+    // Backoff steps since the task last had a short wait: a change of the intent restarts
+    // the budget above, not the backoff.
+    let mut step: u32 = 0;
     // Confirmation passes since the intent was last put in place.
     let mut confirms: u32 = 0;
     loop {
@@ -959,8 +992,13 @@ async fn retry_loop<R: Registry>(
                 let left = p.late_until.map_or(Duration::ZERO, |u| {
                     u.saturating_duration_since(TokioInstant::now())
                 });
-                let wait = confirm_wait(confirms + 1, s.config.retry_base, s.config.retry_period)
-                    .min(left);
+                let wait = confirm_wait(
+                    &mut rng,
+                    confirms + 1,
+                    s.config.retry_base,
+                    s.config.retry_period,
+                )
+                .min(left);
                 (wait, s.config.retry_base, true)
             } else {
                 if let Some(max) = s.config.retry_times
@@ -983,33 +1021,62 @@ async fn retry_loop<R: Registry>(
                     st.given_up.insert(key.clone(), (attempt, p));
                     return;
                 }
-                let delay = backoff(attempt + 1, s.config.retry_base, s.config.retry_period);
+                let delay = backoff(
+                    &mut rng,
+                    step + 1,
+                    s.config.retry_base,
+                    s.config.retry_period,
+                );
                 p.next_attempt_at = Some(SystemTime::now() + delay);
                 (delay, s.config.retry_base, false)
             }
         };
+        // A reconnect hurries pending retries only: a confirming task's intent is in place,
+        // and its next pass is due within `retry.period` anyway (and would fail again while
+        // the backend is away). What happened meanwhile is marked seen, so a task that later
+        // falls back to retrying is not woken by an old reconnect.
+        if confirming {
+            kick.borrow_and_update();
+        }
         let woken = async {
-            if kick.changed().await.is_err() {
+            if confirming || kick.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = woken => {
-                // The backend is back: go soon, but not in step with every other task
-                // (and every other process) that was waiting for it.
-                let window = base.min(Duration::from_millis(500));
-                tokio::time::sleep(backoff(1, window, window)).await;
-            }
+        let kicked = tokio::select! {
+            // Polled in this order, so a run on a paused clock is the same every time.
+            biased;
             // The key failed again: start over from a short wait.
-            () = wake.notified() => continue,
+            () = wake.notified() => {
+                step = 0;
+                continue;
+            }
+            () = woken => true,
+            () = tokio::time::sleep(delay) => false,
+        };
+        if kicked {
+            // The backend is back: go soon, but not in step with every other task (and
+            // every other process) that was waiting for it.
+            let window = base.min(Duration::from_millis(500));
+            tokio::time::sleep(backoff(&mut rng, 1, window, window)).await;
         }
         if !confirming {
             attempt += 1;
+            step += 1;
         }
         let Some(s) = weak.upgrade() else { return };
+        if confirming {
+            metrics::record_confirmation(&s.scheme, Shared::<R>::operation(&lock(&s.state), &key));
+        }
+        // Confirmation passes run a bounded number at a time.
+        let permit = if confirming {
+            s.confirm_permits.acquire().await.ok()
+        } else {
+            None
+        };
         let started = TokioInstant::now();
         let result = s.reconcile(&key).await;
+        drop(permit);
         let mut st = lock(&s.state);
         if st
             .tasks
@@ -1031,6 +1098,7 @@ async fn retry_loop<R: Registry>(
                         } else {
                             p.confirming = true;
                             confirms = 0;
+                            step = 0;
                         }
                         tracing::debug!(
                             registry = %s.label(),
@@ -1059,8 +1127,11 @@ async fn retry_loop<R: Registry>(
                 }
             }
             Ok(_) => {
-                // The intent changed while this attempt ran: apply the new one.
-                attempt = attempt.saturating_sub(1);
+                // The intent changed while this attempt ran: apply the new one (a retry
+                // does not count it; a confirmation pass was never counted).
+                if !confirming {
+                    attempt = attempt.saturating_sub(1);
+                }
             }
             Err(e) if !e.is_retryable() => {
                 st.tasks.remove(&key);
@@ -1085,11 +1156,21 @@ async fn retry_loop<R: Registry>(
                     "retry failed"
                 );
                 metrics::record_retry(&s.scheme, Shared::<R>::operation(&st, &key));
+                if confirming {
+                    // The intent was in place: the retries it needs now are new ones, from
+                    // a short wait.
+                    attempt = 0;
+                    step = 0;
+                }
                 if let Some(p) = st.tasks.get_mut(&key) {
                     p.attempt = attempt;
                     p.last_error = e.to_string();
                     p.confirming = false;
-                    p.late_until = p.late_until.max(Some(TokioInstant::now() + s.late_grace()));
+                    // Only a call that may have been sent can land late: the task's own fast
+                    // failures during an outage (not connected) do not extend the window.
+                    if e.may_have_applied() && matches!(key, TaskKey::Reg(_)) {
+                        p.late_until = p.late_until.max(Some(TokioInstant::now() + s.late_grace()));
+                    }
                 }
             }
         }
@@ -1450,7 +1531,7 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
         let s = &self.shared;
         // A second call returns when the first has finished.
         let _destroying = s.destroying.lock().await;
-        let (regs, subs, late) = {
+        let (regs, subs, late, tasks) = {
             let mut st = lock(&s.state);
             if st.destroyed {
                 return;
@@ -1459,8 +1540,10 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
             s.destroyed.store(true, Ordering::Release);
             // When a failed write of a key may still land (see `late_until`).
             let mut late: HashMap<Url, TokioInstant> = HashMap::new();
+            let mut tasks = Vec::new();
             for (key, p) in st.tasks.drain() {
-                p.abort.abort();
+                p.task.abort();
+                tasks.push(p.task);
                 if let (TaskKey::Reg(id), Some(at)) = (key, p.late_until) {
                     late.insert(id, at);
                 }
@@ -1470,21 +1553,29 @@ impl<R: Registry> Registry for FailbackRegistry<R> {
                 std::mem::take(&mut st.regs),
                 std::mem::take(&mut st.subs),
                 late,
+                tasks,
             )
         };
+        // A failed write may still land until its `late_until`: pending unregistrations are
+        // carried out after that, waiting no longer than one `timeout` in all (the limit is
+        // set once, for every URL, and counts the wait for the tasks below), and not at all
+        // when the backend is away (nothing can be removed then).
+        let late_limit = TokioInstant::now() + s.call_timeout;
+        let wait_late = s.raw.is_available();
+        // The aborted tasks end at their next await (a call in flight is dropped): none of
+        // them sends anything after the calls below.
+        let _ = tokio::time::timeout(s.call_timeout, futures_util::future::join_all(tasks)).await;
         let n = s.config.recovery_concurrency;
         // Registrations: dynamic ones go; pending unregistrations (persistent ones included)
         // and earlier forms are tried once; persistent registrations stay.
         let late = &late;
         futures_util::stream::iter(regs.iter())
             .for_each_concurrent(n, |(id, r)| async move {
-                if !r.present
+                if wait_late
+                    && !r.present
                     && let Some(at) = late.get(id)
                 {
-                    // A failed write of this URL may still land: remove it after that could
-                    // have happened (waiting no longer than one `timeout`).
-                    let until = (*at).min(TokioInstant::now() + s.call_timeout);
-                    tokio::time::sleep_until(until).await;
+                    tokio::time::sleep_until((*at).min(late_limit)).await;
                 }
                 let _turn = s.key_lock(&TaskKey::Reg(id.clone())).lock().await;
                 let mut gone: Vec<&Url> = r.old.iter().collect();

@@ -37,6 +37,9 @@ pub const RETRIES: &str = "registry_retries_total";
 /// Counter: retry tasks that gave up (`retry.times` exhausted or a non-retryable error), by
 /// `scheme` and `operation`.
 pub const GIVE_UPS: &str = "registry_give_ups_total";
+/// Counter: confirmation passes (an intent in place applied again while a write of unknown
+/// outcome may still land, CONTRACT §6.1), by `scheme` and `operation`.
+pub const CONFIRMATIONS: &str = "registry_confirmations_total";
 /// Counter: recoveries after a new backend session, by `scheme` and `outcome`.
 pub const RECOVERIES: &str = "registry_recoveries_total";
 /// Histogram, seconds: how long a recovery took to re-register and re-subscribe everything,
@@ -201,6 +204,12 @@ pub fn record_retry(scheme: &str, op: Operation) {
         .increment(1);
 }
 
+/// A confirmation pass of `op` (an intent in place applied again, CONTRACT §6.1).
+pub fn record_confirmation(scheme: &str, op: Operation) {
+    counter!(CONFIRMATIONS, LABEL_SCHEME => scheme.to_owned(), LABEL_OPERATION => op.as_str())
+        .increment(1);
+}
+
 /// A retry of `op` gave up.
 pub fn record_give_up(scheme: &str, op: Operation) {
     counter!(GIVE_UPS, LABEL_SCHEME => scheme.to_owned(), LABEL_OPERATION => op.as_str())
@@ -262,6 +271,11 @@ pub fn describe() {
         GIVE_UPS,
         Unit::Count,
         "Retries that gave up, by scheme and operation"
+    );
+    describe_counter!(
+        CONFIRMATIONS,
+        Unit::Count,
+        "Confirmation passes of intents in place while a write of unknown outcome may still land, by scheme and operation"
     );
     describe_counter!(
         RECOVERIES,

@@ -81,6 +81,10 @@ pub struct RegistryStatus {
     pub unregistrations: Vec<IntentStatus>,
     /// Every subscription.
     pub subscriptions: Vec<SubscriptionStatus>,
+    /// Intents in place whose retry task still confirms them (applies them again now and
+    /// then, while a write of unknown outcome may still land; CONTRACT §6.1). They are
+    /// [`Health::Ok`] and count as healthy.
+    pub confirming: usize,
 }
 
 impl RegistryStatus {

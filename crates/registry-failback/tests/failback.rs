@@ -73,18 +73,23 @@ async fn failed_operations_are_retried_until_they_work() {
         holds(&inner, &s, std::slice::from_ref(&p1))
     })
     .await;
-    // One success before, then 3 failures and a success; a failed call may still land, so
-    // the intent is then confirmed (applied again) a few times.
-    let calls = faulty.calls(Op::Register);
-    assert!(
-        calls >= 5,
-        "one success before, then 3 failures and 1 success: {calls} calls"
-    );
     wait_until("a healthy status", DEADLINE, || {
         let ok = fb.status().is_healthy();
         async move { ok }
     })
     .await;
+    wait_until("no retry task left", DEADLINE, || {
+        let n = fb.retry_tasks();
+        async move { n == 0 }
+    })
+    .await;
+    // One success before, then 3 failures and a success. The injected failures are refused
+    // before anything is sent, so no write can land late and nothing is confirmed.
+    let calls = faulty.calls(Op::Register);
+    assert_eq!(
+        calls, 5,
+        "one success before, then 3 failures and 1 success: {calls} calls"
+    );
     fb.destroy().await;
 }
 
@@ -128,6 +133,12 @@ async fn a_failed_subscribe_is_retried_and_then_notifies() {
         .unwrap();
     rec.wait_for_entries(&s, "providers", std::slice::from_ref(&p), DEADLINE)
         .await;
+    wait_until("no retry task left", DEADLINE, || {
+        let n = fb.retry_tasks();
+        async move { n == 0 }
+    })
+    .await;
+    // The call, a failed retry, the retry that worked; a subscription is never confirmed.
     assert_eq!(faulty.calls(Op::Subscribe), 3);
     fb.destroy().await;
 }

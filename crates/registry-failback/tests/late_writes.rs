@@ -14,8 +14,11 @@
 //! while its task waits for a confirmation pass is retried at once.
 //!
 //! Every case runs from a seed: `LATE_CASES` (default 300) cases from `LATE_SEED` (default
-//! 1). A failing case prints its seed and its plan; rerun it with
-//! `LATE_SEED=<seed> LATE_CASES=1`.
+//! 1). The layer's jitter is seeded from the case's seed too (each retry task draws from a
+//! generator of its own, so tasks woken at the same instant may run in any order), and a case
+//! runs on one thread with a paused clock: a failing (or panicking) case prints its seed and
+//! its plan, and `LATE_SEED=<seed> LATE_CASES=1` reruns the same course. The bound here
+//! cannot tell whether a key's new failure wakes its task; `late_windows.rs` tests that.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -172,7 +175,9 @@ async fn run_case(seed: u64) -> Result<(), String> {
     .parse()
     .unwrap();
     let faulty = FaultyRegistry::new(Arc::new(MemoryRegistry::new(store.clone())));
-    let config = FailbackConfig::from_url(&store).map_err(|e| e.to_string())?;
+    let mut config = FailbackConfig::from_url(&store).map_err(|e| e.to_string())?;
+    // The layer's jitter comes from the seed too, so a case runs the same every time.
+    config.jitter_seed = Some(seed);
     let fb = FailbackRegistry::with_config(faulty.clone(), config);
     let inspect = MemoryRegistry::new(store);
     let plan = plan(seed);
@@ -254,7 +259,20 @@ fn unknown_outcome_writes_converge_within_a_retry_period_of_the_last_fault() {
             .start_paused(true)
             .build()
             .unwrap();
-        if let Err(why) = rt.block_on(run_case(seed)) {
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(run_case(seed))));
+        let outcome = match outcome {
+            Ok(r) => r,
+            Err(panic) => Err(format!(
+                "panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            )),
+        };
+        if let Err(why) = outcome {
             let p = plan(seed);
             panic!(
                 "late-write case failed: seed {seed} (reproduce: LATE_SEED={seed} LATE_CASES=1)\n{why}\nplan:\n  urls: {:?}\n  tasks: {:#?}",

@@ -394,8 +394,13 @@ async fn a_failed_register_that_lands_late_is_undone() {
         1,
     );
     assert!(fb.register(&a).await.is_err());
-    // The late write lands ...
-    wait_held(&inspect, &s, &[&a], "the late write landed").await;
+    let failed_at = faulty.last_fault_at();
+    // The late write lands (the wrapper notes when; the entry may be undone before a poll of
+    // the store would see it) ...
+    wait_until("the late write landed", DEADLINE, || async {
+        faulty.last_fault_at() != failed_at
+    })
+    .await;
     // ... and is undone.
     wait_held(&inspect, &s, &[], "the late write is undone").await;
     wait_until("no task left", DEADLINE, || async { fb.retry_tasks() == 0 }).await;

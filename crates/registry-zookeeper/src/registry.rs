@@ -173,7 +173,7 @@ impl Inner {
 
     pub(crate) fn session(&self) -> Result<Session> {
         self.alive()?;
-        self.current().ok_or_else(|| Error::Unavailable {
+        self.current().ok_or_else(|| Error::NotConnected {
             registry: self.cfg.label.clone(),
             reason: format!(
                 "no ZooKeeper session with {} yet (connecting in the background)",

@@ -42,7 +42,8 @@ enum Pass {
 /// [`FaultyRegistry::inject`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// Fails with a retryable [`Error::Injected`] before reaching the wrapped registry.
+    /// Fails with a retryable [`Error::Injected`] before reaching the wrapped registry
+    /// (`reached: false`: nothing was sent).
     Fail,
     /// Reaches the wrapped registry (the change is applied), then fails with a retryable
     /// [`Error::Injected`]: the reply was lost, the outcome is unknown to the caller.
@@ -187,7 +188,7 @@ impl FaultyRegistry {
     }
 
     /// The connection drops: [`Registry::is_available`] turns false, every operation fails
-    /// with [`Error::Unavailable`], and `Disconnected` is emitted.
+    /// with [`Error::NotConnected`] (nothing is sent), and `Disconnected` is emitted.
     pub fn disconnect(&self) {
         self.down.store(true, Ordering::SeqCst);
         self.emit(RegistryEvent::Disconnected);
@@ -267,17 +268,18 @@ impl FaultyRegistry {
         *lock(&self.calls).entry(op).or_default() += 1;
         lock(&self.log).push((op, std::time::Instant::now()));
         if self.down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                registry: self.inner.url().to_identity_string_redacted(),
-                reason: "disconnected by the fault injector".to_owned(),
-            });
+            // Nothing is sent while disconnected.
+            return Err(Error::not_connected(
+                self.inner.url().to_identity_string_redacted(),
+                "disconnected by the fault injector",
+            ));
         }
         let fault = lock(&self.faults)
             .get_mut(&op)
             .and_then(VecDeque::pop_front);
         match fault {
             None => Ok(Pass::Through),
-            Some(Fault::Fail) => Err(self.injected(op)),
+            Some(Fault::Fail) => Err(self.injected(op, false)),
             Some(Fault::LoseReply) => Ok(Pass::Lose),
             Some(Fault::ApplyLate(d)) => Ok(Pass::Late(d)),
             Some(Fault::Delay(d)) => {
@@ -306,12 +308,13 @@ impl FaultyRegistry {
         });
         self.note_fault();
         self.mark_returned(op);
-        self.injected(op)
+        self.injected(op, true)
     }
 
-    fn injected(&self, op: Op) -> Error {
+    fn injected(&self, op: Op, reached: bool) -> Error {
         Error::Injected {
             operation: format!("{op:?}").to_lowercase(),
+            reached,
         }
     }
 
@@ -326,7 +329,7 @@ impl FaultyRegistry {
             }
             Pass::Lose | Pass::Late(_) => {
                 self.note_fault();
-                Err(self.injected(op))
+                Err(self.injected(op, true))
             }
         }
     }
