@@ -406,98 +406,156 @@ async fn a_refused_watch_disturbs_no_other_subscription_and_loops_nowhere() {
     root.destroy().await;
 }
 
+/// A registry of a user allowed one service's prefix, through a proxy, with the periodic
+/// re-read off (`etcd.reread.period=0`), subscribed to that service's providers: what the
+/// refused-watch tests share.
+struct OnePrefix {
+    _etcd: OwnEtcd,
+    addr: String,
+    service: String,
+    group: &'static str,
+    proxy: Proxy,
+    typed: std::sync::Arc<EtcdRegistry>,
+    r: std::sync::Arc<dyn Registry>,
+    log: EventLog,
+    seen: std::sync::Arc<Recorder>,
+}
+
+impl OnePrefix {
+    async fn start(name: &str, group: &'static str) -> Option<OnePrefix> {
+        let etcd = OwnEtcd::start(name, &[])?;
+        let addr = etcd.address();
+        let service = unique_service(group);
+        app_user(&addr, group, &[&service]).await;
+        let proxy = Proxy::start(&addr).await.expect("proxy");
+        let (typed, r) = typed(&format!(
+            "etcd://app:apppw@{}?session=6000&group={group}&etcd.reread.period=0",
+            proxy.address()
+        ))
+        .await;
+        let log = EventLog::attach(&r);
+        let seen = Recorder::new();
+        r.subscribe(&consumer(&service, "category=providers"), seen.listener())
+            .await
+            .expect("subscribe");
+        Some(OnePrefix {
+            _etcd: etcd,
+            addr,
+            service,
+            group,
+            proxy,
+            typed,
+            r,
+            log,
+            seen,
+        })
+    }
+
+    /// A new root client (each one authenticates anew: a client from before a cut may hold
+    /// a token the cut made it lose).
+    async fn admin(&self) -> etcd_client::Client {
+        raw_as(&self.addr, Some(("root", "rootpw"))).await
+    }
+
+    fn prefix(&self) -> String {
+        format!("/{}/{}/", self.group, encode(&self.service))
+    }
+
+    /// Puts provider `n` of the service (as root).
+    async fn put(&self, n: u8) -> Url {
+        let p = provider(&self.service, n, "");
+        self.admin()
+            .await
+            .put(
+                entry_key(self.group, &self.service, &p),
+                p.to_full_string(),
+                None,
+            )
+            .await
+            .expect("put");
+        p
+    }
+
+    async fn revoke(&self) {
+        self.admin()
+            .await
+            .role_revoke_permission(
+                "app",
+                self.prefix(),
+                Some(RoleRevokePermissionOptions::new().with_prefix()),
+            )
+            .await
+            .expect("revoke");
+    }
+
+    async fn grant(&self) {
+        self.admin()
+            .await
+            .role_grant_permission("app", Permission::read_write(self.prefix()).with_prefix())
+            .await
+            .expect("grant again");
+    }
+
+    /// Breaks the registry's connection (the watch is created again on a new stream) and
+    /// waits for it to reconnect.
+    async fn cut(&self) {
+        let cut = Instant::now();
+        self.proxy.cut();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.proxy.restore();
+        self.log
+            .wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
+            .await;
+    }
+}
+
 /// A watch etcd refused (the permission on its prefix revoked, then a broken connection so
 /// that it is created again) is tried again with a jittered, growing delay, also with the
 /// periodic re-read off (`etcd.reread.period=0`): once the permission is granted again, the
 /// subscription gets the list and later changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_watch_is_tried_again_until_etcd_accepts_it() {
-    let Some(etcd) = OwnEtcd::start("refused_watch_retried", &[]) else {
+    let Some(t) = OnePrefix::start("refused_watch_retried", "regranted").await else {
         return;
     };
-    let addr = etcd.address();
-    let b = unique_service("regranted");
-    let group = "retry";
-    app_user(&addr, group, &[&b]).await;
-    let proxy = Proxy::start(&addr).await.expect("proxy");
-    let (typed, r) = typed(&format!(
-        "etcd://app:apppw@{}?session=6000&group={group}&etcd.reread.period=0",
-        proxy.address()
-    ))
-    .await;
-    let log = EventLog::attach(&r);
-    let seen = Recorder::new();
-    r.subscribe(&consumer(&b, "category=providers"), seen.listener())
-        .await
-        .expect("subscribe");
-    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
-    let put = |p: &Url| (entry_key(group, &b, p), p.to_full_string());
-    let p1 = provider(&b, 1, "");
-    let (k, v) = put(&p1);
-    admin.put(k, v, None).await.expect("put");
-    seen.wait_for_entries(&b, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
+    let (b, seen) = (&t.service, &t.seen);
+    let p1 = t.put(1).await;
+    seen.wait_for_entries(b, PROVIDERS_CATEGORY, std::slice::from_ref(&p1), DEADLINE)
         .await;
 
-    let prefix = format!("/{group}/{}/", encode(&b));
-    admin
-        .role_revoke_permission(
-            "app",
-            prefix.clone(),
-            Some(RoleRevokePermissionOptions::new().with_prefix()),
-        )
-        .await
-        .expect("revoke");
-    let (_, refusals, again) = typed.retry_counts();
-    let cut = Instant::now();
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.restore();
-    log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
-        .await;
-    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
-    let p2 = provider(&b, 2, "");
-    let (k, v) = put(&p2);
-    admin.put(k, v, None).await.expect("put");
+    t.revoke().await;
+    let (_, refusals, again) = t.typed.retry_counts();
+    t.cut().await;
+    let p2 = t.put(2).await;
     // The watch was created again on the new stream and refused, and its prefix read again
     // (refused too): the change does not arrive.
     wait_until(
         "a refusal, then a read again of the prefix",
         DEADLINE,
         || async {
-            let (_, r, a) = typed.retry_counts();
+            let (_, r, a) = t.typed.retry_counts();
             r > refusals && a > again
         },
     )
     .await;
     assert_eq!(
-        seen.latest_entries(&b, PROVIDERS_CATEGORY),
+        seen.latest_entries(b, PROVIDERS_CATEGORY),
         Some(vec![p1.clone()]),
         "precondition: etcd refused the watch after the revocation"
     );
-    admin
-        .role_grant_permission("app", Permission::read_write(prefix).with_prefix())
-        .await
-        .expect("grant again");
+    t.grant().await;
     let granted = Instant::now();
-    seen.wait_for_entries(&b, PROVIDERS_CATEGORY, &[p1.clone(), p2.clone()], DEADLINE)
+    seen.wait_for_entries(b, PROVIDERS_CATEGORY, &[p1.clone(), p2.clone()], DEADLINE)
         .await;
-    let p3 = provider(&b, 3, "");
-    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
-    let (k, v) = put(&p3);
-    admin.put(k, v, None).await.expect("put");
-    seen.wait_for_entries(
-        &b,
-        PROVIDERS_CATEGORY,
-        &[p1.clone(), p2.clone(), p3.clone()],
-        DEADLINE,
-    )
-    .await;
+    let p3 = t.put(3).await;
+    seen.wait_for_entries(b, PROVIDERS_CATEGORY, &[p1, p2, p3], DEADLINE)
+        .await;
     eprintln!(
         "refused watch tried again: the list {:?} after the grant; events {:?}",
         granted.elapsed(),
-        log.events()
+        t.log.events()
     );
-    r.destroy().await;
+    t.r.destroy().await;
 }
 
 /// A registry without the failback layer, with its handle for the background counters.
@@ -513,44 +571,15 @@ async fn typed(url: &str) -> (std::sync::Arc<EtcdRegistry>, std::sync::Arc<dyn R
 /// stream, and its subscription is served once the permission is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_watch_has_one_retry_however_often_the_stream_is_opened_again() {
-    let Some(etcd) = OwnEtcd::start("refused_watch_one_retry", &[]) else {
+    let Some(t) = OnePrefix::start("refused_watch_one_retry", "oneretry").await else {
         return;
     };
-    let addr = etcd.address();
-    let b = unique_service("oneretry");
-    let group = "oneretry";
-    app_user(&addr, group, &[&b]).await;
-    let proxy = Proxy::start(&addr).await.expect("proxy");
-    let (typed, r) = typed(&format!(
-        "etcd://app:apppw@{}?session=6000&group={group}&etcd.reread.period=0",
-        proxy.address()
-    ))
-    .await;
-    let log = EventLog::attach(&r);
-    let seen = Recorder::new();
-    r.subscribe(&consumer(&b, "category=providers"), seen.listener())
-        .await
-        .expect("subscribe");
-    let mut admin = raw_as(&addr, Some(("root", "rootpw"))).await;
-    let prefix = format!("/{group}/{}/", encode(&b));
-    admin
-        .role_revoke_permission(
-            "app",
-            prefix.clone(),
-            Some(RoleRevokePermissionOptions::new().with_prefix()),
-        )
-        .await
-        .expect("revoke");
+    t.revoke().await;
     for round in 1..=3 {
-        let (_, refusals, _) = typed.retry_counts();
-        let cut = Instant::now();
-        proxy.cut();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        proxy.restore();
-        log.wait_for(RegistryEvent::Reconnected, cut, DEADLINE)
-            .await;
+        let (_, refusals, _) = t.typed.retry_counts();
+        t.cut().await;
         wait_until("etcd refuses the watch again", DEADLINE, || async {
-            typed.retry_counts().1 > refusals
+            t.typed.retry_counts().1 > refusals
         })
         .await;
         // The refusal is counted before its retry starts and an aborted retry ends a moment
@@ -558,37 +587,34 @@ async fn a_refused_watch_has_one_retry_however_often_the_stream_is_opened_again(
         wait_until(
             "one retry of the refused watch",
             Duration::from_millis(400),
-            || async { typed.retry_counts().0 == 1 },
+            || async { t.typed.retry_counts().0 == 1 },
         )
         .await;
         eprintln!("round {round}: one retry of the refused watch");
     }
-    admin
-        .role_grant_permission("app", Permission::read_write(prefix).with_prefix())
-        .await
-        .expect("grant again");
-    let p1 = provider(&b, 1, "");
-    admin
-        .put(entry_key(group, &b, &p1), p1.to_full_string(), None)
-        .await
-        .expect("put");
-    seen.wait_for_entries(
-        &b,
-        PROVIDERS_CATEGORY,
-        std::slice::from_ref(&p1),
-        Duration::from_secs(40),
-    )
-    .await;
+    t.grant().await;
+    let p1 = t.put(1).await;
+    t.seen
+        .wait_for_entries(
+            &t.service,
+            PROVIDERS_CATEGORY,
+            std::slice::from_ref(&p1),
+            Duration::from_secs(40),
+        )
+        .await;
     wait_until(
         "the retry ends once etcd accepts the watch",
         DEADLINE,
-        || async { typed.retry_counts().0 == 0 },
+        || async { t.typed.retry_counts().0 == 0 },
     )
     .await;
-    r.unsubscribe(&consumer(&b, "category=providers"), &seen.listener())
-        .await
-        .expect("unsubscribe");
-    r.destroy().await;
+    t.r.unsubscribe(
+        &consumer(&t.service, "category=providers"),
+        &t.seen.listener(),
+    )
+    .await
+    .expect("unsubscribe");
+    t.r.destroy().await;
 }
 
 /// The auth token expires while the registry is idle (etcd drops a simple token
