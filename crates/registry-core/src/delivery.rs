@@ -98,7 +98,7 @@ impl Lists {
 
     fn insert_many(&mut self, t: Tagged) {
         let key = (t.n.service.clone(), t.n.category.clone());
-        if t.n.is_empty() {
+        if t.n.is_empty() || t.protected {
             self.empties.push_back(key.clone());
         }
         self.many.insert(key, t);

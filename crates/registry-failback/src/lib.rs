@@ -1065,12 +1065,11 @@ async fn retry_loop<R: Registry>(
             step += 1;
         }
         let Some(s) = weak.upgrade() else { return };
-        if confirming {
-            metrics::record_confirmation(&s.scheme, Shared::<R>::operation(&lock(&s.state), &key));
-        }
-        // Confirmation passes run a bounded number at a time.
+        // Confirmation passes run a bounded number at a time; one is counted once it runs.
         let permit = if confirming {
-            s.confirm_permits.acquire().await.ok()
+            let permit = s.confirm_permits.acquire().await.ok();
+            metrics::record_confirmation(&s.scheme, Shared::<R>::operation(&lock(&s.state), &key));
+            permit
         } else {
             None
         };
