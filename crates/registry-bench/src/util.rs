@@ -10,18 +10,7 @@ use tokio::sync::watch;
 
 /// A Dubbo-style provider URL of about 300 bytes (the shape Dubbo 3 writes).
 pub fn provider(service: &str, i: u32) -> Url {
-    format!(
-        "dubbo://10.{}.{}.{}:20880/{service}?anyhost=true&application=bench-provider\
-         &deprecated=false&dubbo=2.0.2&dynamic=true&generic=false&interface={service}\
-         &methods=sayHello,sayHelloAsync,sayGoodbye&pid={}&release=3.2.0&side=provider\
-         &timestamp=1700000000000",
-        (i >> 16) & 0xff,
-        (i >> 8) & 0xff,
-        i & 0xff,
-        10_000 + i
-    )
-    .parse()
-    .unwrap_or_else(|e| panic!("bad provider URL: {e}"))
+    registry_core::testkit::dubbo_provider_of("bench-provider", service, i)
 }
 
 /// The consumer URL that subscribes to `service`'s providers.

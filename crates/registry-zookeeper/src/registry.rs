@@ -1011,14 +1011,9 @@ mod tests {
         let Some(addr) = shared_address(Kind::Zookeeper, "a_listing_a_newer_task_took_over") else {
             return;
         };
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         let url = format!(
-            "zookeeper://{addr}?group=zk-superseded-root-{}-{:x}",
-            std::process::id(),
-            t & 0xffff_ffff
+            "zookeeper://{addr}?group={}",
+            registry_core::testkit::unique_service("superseded-root")
         );
         let registry = ZookeeperRegistry::new(url.parse().expect("url"))
             .await

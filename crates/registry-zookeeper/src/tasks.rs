@@ -669,14 +669,9 @@ mod tests {
                 .await
                 .expect("connect"),
         );
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         let path = format!(
-            "/zk-superseded-{}-{:x}/com.foo.S/providers",
-            std::process::id(),
-            t & 0xffff_ffff
+            "/{}/com.foo.S/providers",
+            registry_core::testkit::unique_service("superseded")
         );
         let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
         client.mkdir(&path, &options).await.expect("mkdir");

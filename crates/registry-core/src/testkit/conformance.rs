@@ -31,8 +31,13 @@ pub trait Harness: Send + Sync {
 /// A Dubbo-style provider URL of about 300 bytes, the `i`th of a large list (host
 /// `10.<i>` spread over three octets, `pid` 10000 + `i`).
 pub fn dubbo_provider(service: &str, i: u32) -> Url {
+    dubbo_provider_of("large-list-provider", service, i)
+}
+
+/// [`dubbo_provider`] of the application `application`.
+pub fn dubbo_provider_of(application: &str, service: &str, i: u32) -> Url {
     format!(
-        "dubbo://10.{}.{}.{}:20880/{service}?anyhost=true&application=large-list-provider\
+        "dubbo://10.{}.{}.{}:20880/{service}?anyhost=true&application={application}\
          &deprecated=false&dubbo=2.0.2&dynamic=true&generic=false&interface={service}\
          &methods=sayHello,sayHelloAsync,sayGoodbye&pid={}&release=3.2.0&side=provider\
          &timestamp=1700000000000",
